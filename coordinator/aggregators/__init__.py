@@ -1,0 +1,41 @@
+"""Aggregation methods, one module each, registered by name.
+
+A new method is one module defining an :class:`Aggregator` subclass plus one line in ``_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from coordinator.aggregators.base import Aggregator, ClientInfo, ClientUpdate
+from export.spec import AdapterSpec
+
+# method name -> module defining it (imported lazily so one broken optional method never blocks others)
+_MODULES: dict[str, str] = {
+    "fedit": "coordinator.aggregators.fedit",
+}
+
+
+def available() -> list[str]:
+    """Registered method names."""
+    return list(_MODULES)
+
+
+def get(name: str) -> type[Aggregator]:
+    """The aggregator class registered under ``name``."""
+    if name not in _MODULES:
+        raise KeyError(f"unknown aggregation method {name!r}; choose from {', '.join(_MODULES)}")
+    module = importlib.import_module(_MODULES[name])
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, Aggregator) and getattr(obj, "name", None) == name:
+            return obj
+    raise KeyError(f"module {_MODULES[name]} defines no Aggregator named {name!r}")
+
+
+def create(name: str, spec: AdapterSpec, **params: Any) -> Aggregator:
+    """An aggregator instance; ``params`` are the method's documented parameters."""
+    return get(name)(spec, **params)
+
+
+__all__ = ["Aggregator", "ClientInfo", "ClientUpdate", "available", "create", "get"]

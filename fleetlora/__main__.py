@@ -1,0 +1,5 @@
+import sys
+
+from fleetlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""The ``fleetlora`` console script: one module per subcommand in this package, found at start-up.
+
+A subcommand module defines ``NAME``, ``HELP`` (one line), ``EXAMPLES`` (shown in ``--help``),
+``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports (torch, executorch, ray) belong
+inside ``run`` so that ``fleetlora --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+PROG = "fleetlora"
+
+
+class CliError(Exception):
+    """A user error: printed as one clear line, exit status 2."""
+
+
+def _subcommands() -> list[ModuleType]:
+    mods = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            mods.append(mod)
+    return sorted(mods, key=lambda m: (getattr(m, "ORDER", 50), m.NAME))
+
+
+def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Use a TOML run config's keys as defaults; keys match the long flags (dashes or underscores)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"config file not found: {path}")
+    try:
+        cfg = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CliError(f"config file {path} is not valid TOML: {e}") from e
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in cfg if k.replace("-", "_") not in dests)
+    if unknown:
+        raise CliError(f"config file {path}: unknown keys {unknown}; valid keys: {sorted(dests - {'help'})}")
+    parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    mods = _subcommands()
+    epilog = "examples:\n" + "\n".join(f"  {m.EXAMPLES.splitlines()[0]}" for m in mods)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Federated fine-tuning of a frozen foundation model across a fleet of edge devices.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {}
+    for m in mods:
+        p = sub.add_parser(
+            m.NAME,
+            help=m.HELP,
+            description=m.HELP,
+            epilog="examples:\n" + "\n".join(f"  {line}" for line in m.EXAMPLES.splitlines()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", metavar="TOML", help="run config whose keys match the flags")
+        m.add_arguments(p)
+        p.set_defaults(_module=m)
+        subparsers[m.NAME] = p
+    return parser, subparsers
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(0)
+    if args.config:
+        sp = subparsers[args.command]
+        _apply_config(sp, args.config)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return int(args._module.run(args) or 0)
+    except CliError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def as_list(value: Any) -> list[str]:
+    """Flags that take several values may come from TOML as a list or from the shell as 'a,b'."""
+    if isinstance(value, list | tuple):
+        out = [str(v) for v in value]
+    else:
+        out = [v for v in str(value).split(",")]
+    return [v.strip() for v in out if v.strip()]
