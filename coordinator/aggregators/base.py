@@ -63,11 +63,15 @@ class Aggregator(ABC):
     name: ClassVar[str] = ""
     family: ClassVar[str] = "lora"  # the adapter family this method aggregates
 
-    def __init__(self, spec: AdapterSpec, device: str | torch.device = "auto", weighting: Weighting = "examples"):
+    def __init__(
+        self, spec: AdapterSpec, device: str | torch.device = "auto", weighting: Weighting = "examples"
+    ):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         self.spec = spec
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.weighting = weighting
         self.metrics: dict[str, float] = {}  # filled by aggregate(): divergence etc.
 

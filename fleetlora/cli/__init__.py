@@ -131,8 +131,5 @@ def non_negative_float(text: str) -> float:
 
 def as_list(value: Any) -> list[str]:
     """Flags that take several values may come from TOML as a list or from the shell as 'a,b'."""
-    if isinstance(value, list | tuple):
-        out = [str(v) for v in value]
-    else:
-        out = [v for v in str(value).split(",")]
+    out = [str(v) for v in value] if isinstance(value, list | tuple) else str(value).split(",")
     return [v.strip() for v in out if v.strip()]

@@ -1,0 +1,135 @@
+"""Trainer backends: what trains the adapter on a device.
+
+Every backend offers ``set_trainable(state)``, ``train(batches, budget) -> TrainMetrics`` and
+``get_trainable() -> state``. ``eager`` (this module) trains with torch and any optimizer;
+``executorch`` (``edge_client.executorch_trainer``) runs the exported training program with the
+runtime's SGD. Both compute the same numbers on the same inputs within float tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from export.state import State, load_trainable_state, trainable_state
+
+Batch = dict[str, torch.Tensor]
+
+
+class StepBudget(Protocol):
+    """The part of a device budget a trainer needs."""
+
+    @property
+    def local_steps(self) -> int: ...
+
+
+@dataclass
+class TrainMetrics:
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+class Trainer(Protocol):
+    def set_trainable(self, state: State) -> None: ...
+
+    def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics: ...
+
+    def get_trainable(self) -> State: ...
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Local optimizer. ``sgd`` matches what the ExecuTorch runtime offers (momentum, weight decay)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor | int]:
+    """The model's keyword arguments from a batch (raw tokens, or cached hidden states + start layer)."""
+    if "hidden" in batch:
+        return {
+            "hidden": batch["hidden"],
+            "attention_mask": batch["attention_mask"],
+            "start_layer": int(batch["start_layer"]),
+        }
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+class EagerTrainer:
+    """Trains a model's trainable parameters with torch.
+
+    A fresh optimizer is made for every ``train`` call: a round starts from the global adapter, and
+    momentum carried across rounds would leak one round's direction into the next global state.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerConfig | None = None):
+        self.model = model
+        self.opt_config = optimizer or OptimizerConfig()
+
+    def set_trainable(self, state: State) -> None:
+        load_trainable_state(self.model, state)
+
+    def get_trainable(self) -> State:
+        return trainable_state(self.model)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        c = self.opt_config
+        if c.name == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics:
+        opt = self._optimizer()
+        metrics = TrainMetrics()
+        start = time.perf_counter()
+        it: Iterator[Batch] = iter(batches)
+        for _ in range(budget.local_steps):
+            batch = next(it, None)
+            if batch is None:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(self.model(**model_inputs(batch)), batch["labels"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at local step {metrics.steps}")
+            loss.backward()
+            opt.step()
+            metrics.steps += 1
+            metrics.examples += int(batch["labels"].shape[0])
+            metrics.losses.append(float(loss.detach()))
+        metrics.seconds = time.perf_counter() - start
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
+    """(accuracy, mean loss) of ``model`` over ``batches``."""
+    correct, total, loss_sum = 0, 0, 0.0
+    for batch in batches:
+        logits = model(**model_inputs(batch))
+        loss_sum += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total += int(batch["labels"].shape[0])
+    if total == 0:
+        raise ValueError("cannot evaluate on zero examples")
+    return correct / total, loss_sum / total
