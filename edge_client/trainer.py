@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from export.ravan import set_trainable_heads
 from export.state import State, load_trainable_state, trainable_state
 
 Batch = dict[str, torch.Tensor]
@@ -42,6 +43,9 @@ class TrainMetrics:
 
 class Trainer(Protocol):
     def set_trainable(self, state: State) -> None: ...
+
+    def select_heads(self, heads: list[int] | None) -> None:
+        """Ravan: train only these heads this round (``None``: all)."""
 
     def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics: ...
 
@@ -91,6 +95,9 @@ class EagerTrainer:
 
     def get_trainable(self) -> State:
         return trainable_state(self.model)
+
+    def select_heads(self, heads: list[int] | None) -> None:
+        set_trainable_heads(self.model, heads)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

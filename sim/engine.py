@@ -1,0 +1,178 @@
+"""The simulator's main loop: one federated run of one method, round by round.
+
+Read top to bottom: build the world once (data, cached inputs, fleet, one base model per adapter
+family), then for each method: sample clients, charge the virtual clock, train the clients that
+make the deadline, aggregate with the real coordinator aggregator, evaluate on the held-out test split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator import aggregators
+from coordinator.aggregators import ClientInfo, ClientUpdate
+from edge_client.local_round import LocalPlan, start_state
+from edge_client.trainer import EagerTrainer, OptimizerConfig, evaluate
+from export.adapters import attach
+from export.data import load_text_dataset, tokenize_cached
+from export.models import build_model
+from export.spec import AdapterSpec
+from export.state import State, load_trainable_state, num_bytes, trainable_state
+from sim.config import SimConfig
+from sim.features import Inputs, prefix_inputs
+from sim.fleet import VirtualClient, build_fleet, model_cost
+from sim.transports import ClientJob, InProcTransport, Transport
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class World:
+    """Everything a comparison shares across methods: identical clients, data and budgets."""
+
+    config: SimConfig
+    classes: tuple[str, ...]
+    train: Inputs
+    test: Inputs
+    clients: list[VirtualClient]
+    deadline_s: float
+    models: dict[str, nn.Module] = field(default_factory=dict)  # adapter family -> adapted model
+
+    def model(self, family: str) -> nn.Module:
+        """The one shared adapted model of a family, built on first use."""
+        if family not in self.models:
+            base, _ = build_model(self.config.model, len(self.classes), seed=self.config.seed)
+            self.models[family] = attach(base, self.config.spec(family))
+        return self.models[family]
+
+
+def build_world(config: SimConfig) -> World:
+    dataset = load_text_dataset(config.dataset)
+    base, tokenizer = build_model(config.model, len(dataset.classes), seed=config.seed)
+    train_tok, test_tok = tokenize_cached(dataset, tokenizer, config.max_len)
+    start = min(config.layers) if config.layers else 0
+    key = f"{config.model}:{config.dataset}:{config.max_len}"
+    train = prefix_inputs(base, train_tok.input_ids, train_tok.attention_mask, train_tok.labels, start, key + ":train")
+    test = prefix_inputs(base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test")
+    enc = base.encoder.config
+    n_params = sum(p.numel() for p in base.parameters())
+    cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
+    clients, deadline = build_fleet(config, train.labels.numpy(), cost)
+    return World(config, dataset.classes, train, test, clients, deadline)
+
+
+def method_family(method: str) -> str:
+    return aggregators.get(method).family
+
+
+def make_transport(world: World, family: str, train: bool = True) -> Transport:
+    config = world.config
+    if config.transport != "inproc":
+        raise NotImplementedError(f"transport {config.transport!r} is not available in this build")
+    model = world.model(family)
+    trainer = EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
+    return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
+
+
+def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, rng: np.random.Generator) -> LocalPlan:
+    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3)."""
+    budget = client.budgets[spec.family]
+    if spec.family == "ravan":
+        heads = None if budget.heads >= spec.heads else tuple(sorted(rng.choice(spec.heads, budget.heads, replace=False)))
+        return LocalPlan(budget.local_steps, heads=heads)
+    rank = budget.rank if hetero_rank and budget.rank < spec.rank else None
+    return LocalPlan(budget.local_steps, rank=rank)
+
+
+def run_method(world: World, method: str, on_round: RoundCallback | None = None, train: bool = True) -> list[dict[str, Any]]:
+    """Run every round of one method; returns (and reports through ``on_round``) per-round metrics."""
+    config = world.config
+    family = method_family(method)
+    spec = config.spec(family)
+    params = dict(config.method_params.get(method, {}))
+    agg = aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
+    hetero = bool(getattr(agg, "heterogeneous_ranks", False))
+    transport = make_transport(world, family, train)
+    model = world.model(family)
+    template = trainable_state(model)
+    global_state = agg.init_global(template)
+    history: list[dict[str, Any]] = []
+    virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
+    try:
+        for rnd in range(config.rounds):
+            rng = np.random.default_rng([config.seed, rnd])  # same draws for every method
+            picked = sorted(rng.choice(len(world.clients), config.clients_per_round, replace=False))
+            drop_draws = rng.random(len(picked))
+            jobs, bytes_down, round_time, dropped, late = [], 0, 0.0, 0, 0
+            for i, draw in zip(picked, drop_draws, strict=True):
+                client = world.clients[i]
+                budget = client.budgets[family]
+                plan = plan_for(client, spec, hetero, np.random.default_rng([config.seed, rnd, i, 1]))
+                payload = agg.payload_for(ClientInfo(client.cid, plan.rank, plan.heads), global_state)
+                bytes_down += num_bytes(payload)
+                if draw < client.profile.dropout:  # vanishes mid-round: the server waits to the deadline
+                    dropped += 1
+                    round_time = world.deadline_s
+                    continue
+                if budget.round_s > world.deadline_s:  # misses the deadline: its update is not counted
+                    late += 1
+                    round_time = world.deadline_s
+                    continue
+                round_time = max(round_time, budget.round_s)
+                jobs.append(ClientJob(client, payload, plan, budget.batch_size, (config.seed, rnd, int(i))))
+            results = transport.run(spec, jobs)
+            updates = [
+                ClientUpdate(r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads})
+                for r, j in zip(results, jobs, strict=True)
+            ]
+            bytes_up = sum(num_bytes(u.state) for u in updates)
+            agg.metrics = {}
+            if updates:  # never aggregate from nothing: a round without updates keeps the global
+                global_state = agg.aggregate(global_state, updates)
+            accuracy, loss = evaluate_global(model, spec, agg, global_state, template, world.test, config.eval_examples)
+            virtual_time += round_time
+            bytes_up_total += bytes_up
+            bytes_down_total += bytes_down
+            train_losses = [loss for r in results for loss in r.metrics.losses]
+            record = {
+                "method": method,
+                "round": rnd + 1,
+                "accuracy": accuracy,
+                "loss": loss,
+                "train_loss": float(np.mean(train_losses)) if train_losses else None,
+                "participants": len(updates),
+                "dropped": dropped,
+                "late": late,
+                "bytes_up": bytes_up,
+                "bytes_down": bytes_down,
+                "bytes_up_total": bytes_up_total,
+                "bytes_down_total": bytes_down_total,
+                "virtual_time_s": virtual_time,
+                "wall_time_s": time.perf_counter() - wall_start,
+                "ranks": [j.plan.rank or spec.rank for j in jobs] if family == "lora" else None,
+                "heads": [len(j.plan.heads) if j.plan.heads else spec.heads for j in jobs] if family == "ravan" else None,
+                **{k: v for k, v in agg.metrics.items() if k == "divergence" or k.startswith("divergence/")},
+            }
+            history.append(record)
+            if on_round:
+                on_round(record)
+    finally:
+        transport.close()
+    return history
+
+
+@torch.no_grad()
+def evaluate_global(
+    model: nn.Module, spec: AdapterSpec, agg: aggregators.Aggregator, global_state: State, template: State, test: Inputs, limit: int
+) -> tuple[float, float]:
+    """Accuracy and loss of the global adapter on the held-out test split."""
+    view = agg.payload_for(ClientInfo("__eval__"), global_state)
+    load_trainable_state(model, start_state(spec, view, template))
+    return evaluate(model, test.eval_batches(limit=limit))

@@ -1,0 +1,90 @@
+"""Model inputs for the simulator, with the frozen lower layers computed once.
+
+When adapters sit only on blocks ``>= L``, the hidden states entering block ``L`` depend on the
+frozen base alone, so they are computed once per dataset (and cached on disk as safetensors) and
+every client of every method trains from them: the same numbers as running the full model, at a
+fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from edge_client.trainer import Batch
+
+
+@dataclass
+class Inputs:
+    """One split as model inputs: token ids, or cached hidden states entering ``start_layer``."""
+
+    x: torch.Tensor  # (N, L) int64 token ids, or (N, L, H) float hidden states
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    start_layer: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
+        idx_t = torch.as_tensor(idx, dtype=torch.int64)
+        out: Batch = {"attention_mask": self.attention_mask[idx_t], "labels": self.labels[idx_t]}
+        if self.start_layer:
+            out["hidden"] = self.x[idx_t]
+            out["start_layer"] = torch.tensor(self.start_layer)
+        else:
+            out["input_ids"] = self.x[idx_t]
+        return out
+
+    def client_batches(self, indices: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[Batch]:
+        """``steps`` shuffled mini-batches from a client's indices, reshuffling at each epoch."""
+        if len(indices) == 0:
+            return
+        order = rng.permutation(indices)
+        pos = 0
+        for _ in range(steps):
+            if pos + batch_size > len(order):
+                order, pos = rng.permutation(indices), 0
+            yield self.batch(order[pos : pos + batch_size])
+            pos += batch_size
+
+    def eval_batches(self, batch_size: int = 256, limit: int = 0) -> Iterator[Batch]:
+        n = min(len(self), limit) if limit else len(self)
+        for start in range(0, n, batch_size):
+            yield self.batch(np.arange(start, min(start + batch_size, n)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLEETLORA_CACHE", Path.home() / ".cache" / "fleetlora"))
+
+
+@torch.no_grad()
+def prefix_inputs(
+    base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, start_layer: int, key: str
+) -> Inputs:
+    """Inputs entering ``start_layer``: computed with the frozen ``base`` once, then read from disk."""
+    if start_layer == 0:
+        return Inputs(input_ids, attention_mask, labels, 0)
+    digest = hashlib.sha256(f"{key}:{start_layer}:{tuple(input_ids.shape)}".encode()).hexdigest()[:20]
+    digest += hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:12]
+    path = cache_dir() / f"prefix-{digest}.safetensors"
+    if path.is_file():
+        t = load_file(path)
+        return Inputs(t["hidden"], attention_mask, labels, start_layer)
+    chunks = []
+    for s in range(0, input_ids.shape[0], 128):
+        chunks.append(base.prefix(input_ids[s : s + 128], attention_mask[s : s + 128], start_layer))
+    hidden = torch.cat(chunks).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"hidden": hidden}, tmp)
+    os.replace(tmp, path)
+    return Inputs(hidden, attention_mask, labels, start_layer)

@@ -1,0 +1,88 @@
+"""The virtual fleet: who the clients are, what data they hold and what each can afford.
+
+A virtual client is a device profile, an array of example indices and a budget; it holds no model
+and no tensors, so a fleet of 10,000 costs a few MB. Its adapter exists only while it is in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from devices.profiles import load_mix, sample_devices
+from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
+from sim.config import SimConfig
+from sim.partition import dirichlet_partition, iid_partition
+
+
+@dataclass(frozen=True)
+class VirtualClient:
+    cid: str
+    profile: DeviceProfile
+    indices: np.ndarray
+    budgets: dict[str, Budget]  # adapter family -> budget (a Ravan budget counts heads, LoRA ranks)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+
+def model_cost(config: SimConfig, n_params: int, hidden: int, layers: int) -> ModelCost:
+    """What one training example costs on a device (the whole model runs there: no prefix cache)."""
+    adapted_layers = len(config.layers) or layers
+    per_rank = adapted_layers * len(config.target_modules) * 2 * hidden
+    return ModelCost.estimate(
+        n_params=n_params,
+        seq_len=config.max_len,
+        hidden=hidden,
+        layers=layers,
+        adapted_scalars_per_rank=per_rank,
+        ravan_rank=config.rank,
+        ravan_heads=config.heads,
+    )
+
+
+def policy(config: SimConfig, family: str, deadline_s: float) -> BudgetPolicy:
+    return BudgetPolicy(
+        max_steps=config.max_steps,
+        max_batch=config.batch_size,
+        max_rank=config.rank,
+        rank_choices=tuple(r for r in (1, 2, 4, 8, 16, 32, 64) if r <= config.rank) or (config.rank,),
+        max_heads=config.heads,
+        target_round_s=deadline_s,
+        family=family,  # type: ignore[arg-type]
+    )
+
+
+def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple[list[VirtualClient], float]:
+    """The clients of an experiment and the round deadline (virtual seconds).
+
+    Identical for every method of a comparison: they depend only on the config's seed.
+    """
+    if config.partition == "iid":
+        parts = iid_partition(len(labels), config.clients, config.seed)
+    else:
+        parts = dirichlet_partition(labels, config.clients, config.alpha, config.seed)
+    profiles = sample_devices(load_mix(config.device_mix), config.clients, config.seed)
+    deadline = config.deadline_s or default_deadline(profiles, cost, config)
+    clients = []
+    for i, (profile, idx) in enumerate(zip(profiles, parts, strict=True)):
+        budgets = {fam: compute_budget(profile, cost, policy(config, fam, deadline)) for fam in ("lora", "ravan")}
+        if config.local_steps:
+            budgets = {fam: _fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
+        clients.append(VirtualClient(f"c{i:05d}", profile, np.asarray(idx, dtype=np.int64), budgets))
+    return clients, deadline
+
+
+def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: SimConfig) -> float:
+    """A deadline at which the median device of the mix affords ``max_steps`` full batches."""
+    gflops = float(np.median([p.train_gflops for p in profiles]))
+    compute = config.max_steps * config.batch_size * cost.train_flops_per_example / (gflops * 1e9)
+    return float(round(compute * 1.5 + 5.0, 1))
+
+
+def _fixed_steps(budget: Budget, steps: int) -> Budget:
+    scale = steps / max(budget.local_steps, 1)
+    compute = budget.compute_s * scale
+    return replace(budget, local_steps=steps, compute_s=compute, round_s=compute + budget.upload_s + budget.download_s)

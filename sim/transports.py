@@ -1,0 +1,69 @@
+"""How a round's client work reaches the virtual clients.
+
+A transport takes the round's jobs (a client, its download, its plan) and returns their uploads.
+``inproc`` trains them one after another on the one shared model; ``mqtt`` (sim.mqtt_transport)
+sends them through a real broker to the real edge client code; ``ray`` spreads them over actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from torch import nn
+
+from edge_client.local_round import LocalPlan, run_local_round
+from edge_client.trainer import Trainer, TrainMetrics
+from export.spec import AdapterSpec
+from export.state import State
+from sim.features import Inputs
+from sim.fleet import VirtualClient
+
+
+@dataclass
+class ClientJob:
+    client: VirtualClient
+    payload: State
+    plan: LocalPlan
+    batch_size: int
+    data_seed: tuple[int, ...]  # seeds this client's batch order this round: same for every method
+
+
+@dataclass
+class ClientResult:
+    cid: str
+    upload: State
+    metrics: TrainMetrics = field(default_factory=TrainMetrics)
+
+
+class Transport(Protocol):
+    def run(self, spec: AdapterSpec, jobs: list[ClientJob]) -> list[ClientResult]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcTransport:
+    """Every client trains in this process, one after another, on the one shared base model.
+
+    A client costs its payload and its upload while it runs, nothing afterwards.
+    """
+
+    def __init__(self, model: nn.Module, trainer: Trainer, template: State, train: Inputs, train_fn: bool = True):
+        self.model, self.trainer, self.template, self.train_inputs = model, trainer, template, train
+        self.train_fn = train_fn
+
+    def run(self, spec: AdapterSpec, jobs: list[ClientJob]) -> list[ClientResult]:
+        results = []
+        for job in jobs:
+            if not self.train_fn:  # `bench sim --no-train`: measure everything but the training
+                results.append(ClientResult(job.client.cid, job.payload))
+                continue
+            rng = np.random.default_rng(job.data_seed)
+            batches = self.train_inputs.client_batches(job.client.indices, job.batch_size, job.plan.local_steps, rng)
+            upload, metrics = run_local_round(self.trainer, spec, job.payload, self.template, batches, job.plan)
+            results.append(ClientResult(job.client.cid, upload, metrics))
+        return results
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
