@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             epilog="examples:\n" + "\n".join(f"  {line}" for line in act.examples.splitlines()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        # Also accepted after the action; SUPPRESS keeps an absent one from hiding `devices --config X`.
+        p.add_argument(
+            "--config", metavar="TOML", default=argparse.SUPPRESS, help="run config (keys = flags)"
+        )
         for flags, kwargs in act.arguments:
             p.add_argument(*flags, **kwargs)
         p.set_defaults(_action=act.run)
