@@ -44,11 +44,26 @@ def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
         cfg = tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise CliError(f"config file {path} is not valid TOML: {e}") from e
-    dests = {a.dest for a in parser._actions}
+    keys = {k.replace("-", "_"): v for k, v in cfg.items()}
+    # A subcommand with nested actions (``devices budget``) takes the keys of all its actions' flags.
+    parsers = _parser_tree(parser)
+    dests = {a.dest for p in parsers for a in p._actions}
     unknown = sorted(k for k in cfg if k.replace("-", "_") not in dests)
     if unknown:
         raise CliError(f"config file {path}: unknown keys {unknown}; valid keys: {sorted(dests - {'help'})}")
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+    for p in parsers:
+        own = {a.dest for a in p._actions}
+        p.set_defaults(**{k: v for k, v in keys.items() if k in own})
+
+
+def _parser_tree(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and, recursively, the parsers of its sub-actions."""
+    found = [parser]
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for child in a.choices.values():
+                found += _parser_tree(child)
+    return found
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
