@@ -31,6 +31,7 @@ A, B = ".lora_A.default.weight", ".lora_B.default.weight"
 KEY = b"k" * 32
 LORA_SPEC = AdapterSpec(target_modules=("q", "v"), rank=4)
 RAVAN_SPEC = AdapterSpec(family="ravan", target_modules=("q", "v"), heads=4, head_rank=3)
+DENSE_SPEC = LORA_SPEC.with_(target_modules=("classifier",))
 DENSE = {"classifier.weight": (3, 5), "classifier.bias": (3,)}
 LORA_T = {"l0.q" + A: (4, 6), "l0.q" + B: (5, 4), "l0.v" + A: (4, 6), "l0.v" + B: (7, 4), **DENSE}
 FFA_T = {"l0.q" + B: (5, 4), "l0.v" + B: (7, 4), **DENSE}
@@ -156,9 +157,8 @@ def test_ravan_all_heads_without_indices() -> None:
 
 
 def test_dense_only_adapter() -> None:
-    spec = LORA_SPEC.with_(target_modules=("classifier",))
     state = random_state(DENSE)
-    got = dec(encode_update(state, spec=spec, **UPDATE_FIELDS), spec=spec, template=DENSE)
+    got = dec(encode_update(state, spec=DENSE_SPEC, **UPDATE_FIELDS), spec=DENSE_SPEC, template=DENSE)
     assert_same_state(got.state, state)
 
 
@@ -226,28 +226,68 @@ def test_global_sampling_rule_is_stable_and_near_the_fraction() -> None:
 # -- one test per rejection reason -----------------------------------------------------------------
 
 GOOD = enc(random_state(LORA_T))
+SIGNED = enc(random_state(LORA_T), key=KEY)
 
 
-def _raw_header(text: bytes) -> bytes:
-    return MAGIC + struct.pack(">I", len(text)) + text + blob_of(GOOD)
+def raw_header(text: bytes, payload: bytes = GOOD) -> bytes:
+    """``payload`` with its header bytes replaced verbatim (no new MAC)."""
+    return MAGIC + struct.pack(">I", len(text)) + text + blob_of(payload)
 
 
-def _state_with(**changes: torch.Tensor | None) -> dict:
+def edited_header(payload: bytes = GOOD, **changes: Any) -> bytes:
+    """``payload`` with header fields changed but the old MAC kept."""
+    return raw_header(json.dumps({**header_of(payload), **changes}).encode(), payload)
+
+
+def lora_with(changes: dict[str, torch.Tensor | None]) -> dict:
+    """A full-rank LoRA state with some tensors replaced (``None`` removes one)."""
     state = random_state(LORA_T)
     for k, v in changes.items():
-        name = k.replace("__", ".")
         if v is None:
-            del state[name]
+            del state[k]
         else:
-            state[name] = v
+            state[k] = v
     return state
 
 
-def _blob_with_header(header: dict, data: bytes) -> bytes:
-    text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + data
+def dec_ravan(state: dict, heads: list[int] | None = None, **fields: Any) -> DecodedUpdate:
+    return dec(enc(state, spec=RAVAN_SPEC, heads=heads, **fields), spec=RAVAN_SPEC, template=RAVAN_T)
 
 
+def ravan_upload(heads: list[int], template: dict = RAVAN_T, **changes: torch.Tensor | None) -> dict:
+    """A Ravan upload of ``heads`` with some tensors replaced (keys with '__' for '.')."""
+    state = ravan_slice(random_state(template), heads)
+    for k, v in changes.items():
+        if v is None:
+            del state[k.replace("__", ".")]
+        else:
+            state[k.replace("__", ".")] = v
+    return state
+
+
+def with_blob(entries: dict[str, Any], data: bytes) -> bytes:
+    """GOOD re-MACed around a hand-written safetensors blob."""
+    text = json.dumps(entries).encode()
+    return repack(GOOD, blob=struct.pack("<Q", len(text)) + text + data)
+
+
+def f32(shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+BIG_RANK_T = {**LORA_T, "l0.q" + A: (5, 6), "l0.q" + B: (5, 5), "l0.v" + A: (5, 6), "l0.v" + B: (7, 5)}
+EIGHT_HEADS_T = {
+    **RAVAN_T,
+    "l0.q.ravan_H": (8, 3, 3),
+    "l0.q.ravan_s": (8,),
+    "l0.v.ravan_H": (8, 3, 3),
+    "l0.v.ravan_s": (8,),
+}
+NAN, INF = float("nan"), float("inf")
+# JSON has no infinity, but Python's parser reads an overflowing literal as one.
+INF_COMPUTE_HEADER = json.dumps({**header_of(GOOD), "compute_s": 0.5}).replace(": 0.5", ": 1e999").encode()
+
+# fmt: off
 REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.TOO_LARGE, "over max_bytes", lambda: dec(GOOD, max_bytes=len(GOOD) - 1)),
     (Reason.TOO_LARGE, "header length over limit", lambda: dec(MAGIC + struct.pack(">I", 10**7) + b"{}")),
@@ -255,12 +295,12 @@ REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.TRUNCATED, "header cut", lambda: dec(GOOD[:40])),
     (Reason.BAD_MAGIC, "other magic", lambda: dec(b"XXXX" + GOOD[4:])),
     (Reason.BAD_MAGIC, "not bytes", lambda: dec("text")),  # type: ignore[arg-type]
-    (Reason.BAD_HEADER, "not JSON", lambda: dec(_raw_header(b"{nope"))),
-    (Reason.BAD_HEADER, "duplicate key", lambda: dec(_raw_header(b'{"v":1,"v":1}'))),
-    (Reason.BAD_HEADER, "NaN constant", lambda: dec(_raw_header(b'{"v":NaN}'))),
-    (Reason.BAD_HEADER, "deep nesting", lambda: dec(_raw_header(b"[" * 100_000))),
-    (Reason.BAD_HEADER, "not UTF-8", lambda: dec(_raw_header(b'{"v":"\xff"}'))),
-    (Reason.SCHEMA, "not an object", lambda: dec(_raw_header(b"[1]"))),
+    (Reason.BAD_HEADER, "not JSON", lambda: dec(raw_header(b"{nope"))),
+    (Reason.BAD_HEADER, "duplicate key", lambda: dec(raw_header(b'{"v":1,"v":1}'))),
+    (Reason.BAD_HEADER, "NaN constant", lambda: dec(raw_header(b'{"v":NaN}'))),
+    (Reason.BAD_HEADER, "deep nesting", lambda: dec(raw_header(b"[" * 100_000))),
+    (Reason.BAD_HEADER, "not UTF-8", lambda: dec(raw_header(b'{"v":"\xff"}'))),
+    (Reason.SCHEMA, "not an object", lambda: dec(raw_header(b"[1]"))),
     (Reason.SCHEMA, "missing field", lambda: dec(repack(GOOD, num_examples=_DELETE))),
     (Reason.SCHEMA, "unknown field", lambda: dec(repack(GOOD, extra=1))),
     (Reason.SCHEMA, "string round", lambda: dec(repack(GOOD, round="3"))),
@@ -268,267 +308,71 @@ REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.SCHEMA, "zero examples", lambda: dec(repack(GOOD, num_examples=0))),
     (Reason.SCHEMA, "negative compute", lambda: dec(repack(GOOD, compute_s=-1.0))),
     (Reason.SCHEMA, "huge int compute", lambda: dec(repack(GOOD, compute_s=10**400))),
-    (
-        Reason.SCHEMA,
-        "infinite float",
-        lambda: dec(
-            _raw_header(
-                json.dumps({**header_of(GOOD), "compute_s": 12345.5}).replace("12345.5", "1e999").encode()
-            )
-        ),
-    ),
+    (Reason.SCHEMA, "1e999 parses to inf", lambda: dec(raw_header(INF_COMPUTE_HEADER))),
     (Reason.SCHEMA, "bad client id", lambda: dec(repack(GOOD, client="a/b"))),
     (Reason.SCHEMA, "duplicate heads", lambda: dec(repack(GOOD, heads=[1, 1]))),
     (Reason.SCHEMA, "newer version", lambda: dec(repack(GOOD, v=2))),
     (Reason.SCHEMA, "global kind", lambda: dec(repack(GOOD, kind="global"))),
-    (
-        Reason.SCHEMA,
-        "uppercase mac",
-        lambda: dec(_raw_header(json.dumps({**header_of(GOOD), "mac": "A" * 64}).encode())),
-    ),
+    (Reason.SCHEMA, "uppercase mac", lambda: dec(edited_header(mac="A" * 64))),
     (Reason.SPEC_MISMATCH, "other spec", lambda: dec(GOOD, spec=LORA_SPEC.with_(rank=8))),
     (Reason.SPEC_MISMATCH, "other method", lambda: dec(GOOD, method="flora")),
     (Reason.TOPIC_MISMATCH, "other client", lambda: dec(GOOD, expected_client="dev-8")),
     (Reason.TOPIC_MISMATCH, "other run", lambda: dec(GOOD, expected_run="run2")),
     (Reason.WRONG_ROUND, "stale round", lambda: dec(GOOD, rounds={4, 5})),
     (Reason.BAD_MAC, "tensor byte flipped", lambda: dec(GOOD[:-1] + bytes([GOOD[-1] ^ 1]))),
-    (
-        Reason.BAD_MAC,
-        "header field changed without re-mac",
-        lambda: dec(_raw_header(json.dumps({**header_of(GOOD), "num_examples": 121}).encode())),
-    ),
-    (
-        Reason.BAD_MAC,
-        "forged hmac",
-        lambda: dec(
-            _raw_header(
-                json.dumps({**header_of(enc(random_state(LORA_T), key=KEY)), "mac": "0" * 64}).encode()
-            ),
-            key=KEY,
-        ),
-    ),
-    (Reason.BAD_MAC, "wrong key", lambda: dec(enc(random_state(LORA_T), key=KEY), key=b"x" * 32)),
+    (Reason.BAD_MAC, "header edited, old checksum", lambda: dec(edited_header(num_examples=121))),
+    (Reason.BAD_MAC, "header edited, old hmac",
+     lambda: dec(edited_header(SIGNED, num_examples=121), key=KEY)),
+    (Reason.BAD_MAC, "forged hmac", lambda: dec(edited_header(SIGNED, mac="0" * 64), key=KEY)),
+    (Reason.BAD_MAC, "wrong key", lambda: dec(SIGNED, key=b"x" * 32)),
     (Reason.BAD_MAC, "unsigned when key required", lambda: dec(GOOD, key=KEY)),
-    (Reason.BAD_MAC, "signed but no key", lambda: dec(enc(random_state(LORA_T), key=KEY), key=None)),
+    (Reason.BAD_MAC, "signed but no key", lambda: dec(SIGNED, key=None)),
     (Reason.BAD_TENSORS, "empty blob", lambda: dec(repack(GOOD, blob=b""))),
-    (
-        Reason.BAD_TENSORS,
-        "header length beyond blob",
-        lambda: dec(repack(GOOD, blob=struct.pack("<Q", 2**62) + b"{}")),
-    ),
+    (Reason.BAD_TENSORS, "header length beyond blob",
+     lambda: dec(repack(GOOD, blob=struct.pack("<Q", 2**62) + b"{}"))),
     (Reason.BAD_TENSORS, "not JSON", lambda: dec(repack(GOOD, blob=struct.pack("<Q", 3) + b"{x}"))),
-    (
-        Reason.BAD_TENSORS,
-        "metadata",
-        lambda: dec(repack(GOOD, blob=_blob_with_header({"__metadata__": {}}, b""))),
-    ),
-    (
-        Reason.BAD_TENSORS,
-        "gap in data",
-        lambda: dec(
-            repack(
-                GOOD,
-                blob=_blob_with_header(
-                    {"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8
-                ),
-            )
-        ),
-    ),
-    (
-        Reason.BAD_TENSORS,
-        "data overlap",
-        lambda: dec(
-            repack(
-                GOOD,
-                blob=_blob_with_header(
-                    {
-                        "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                        "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                    },
-                    b"\0" * 4,
-                ),
-            )
-        ),
-    ),
-    (
-        Reason.BAD_TENSORS,
-        "huge shape",
-        lambda: dec(
-            repack(
-                GOOD,
-                blob=_blob_with_header(
-                    {"l0.q" + A: {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, b"\0" * 4
-                ),
-            )
-        ),
-    ),
+    (Reason.BAD_TENSORS, "metadata", lambda: dec(with_blob({"__metadata__": {}}, b""))),
+    (Reason.BAD_TENSORS, "gap in data", lambda: dec(with_blob({"x": f32([1], 4, 8)}, b"\0" * 8))),
+    (Reason.BAD_TENSORS, "overlapping data",
+     lambda: dec(with_blob({"x": f32([1], 0, 4), "y": f32([1], 0, 4)}, b"\0" * 4))),
+    (Reason.BAD_TENSORS, "huge shape, 4 bytes",
+     lambda: dec(with_blob({"l0.q" + A: f32([2**40, 2**40], 0, 4)}, b"\0" * 4))),
     (Reason.BAD_TENSORS, "trailing bytes", lambda: dec(repack(GOOD, blob=blob_of(GOOD) + b"\0"))),
-    (
-        Reason.DTYPE,
-        "float64",
-        lambda: dec(enc(_state_with(classifier__bias=torch.zeros(3, dtype=torch.float64)))),
-    ),
-    (
-        Reason.DTYPE,
-        "int64 on a float key",
-        lambda: dec(enc(_state_with(classifier__bias=torch.zeros(3, dtype=torch.int64)))),
-    ),
-    (
-        Reason.DTYPE,
-        "int32 head indices",
-        lambda: dec(
-            enc(
-                {
-                    **ravan_slice(random_state(RAVAN_T), [1]),
-                    "l0.q.ravan_heads": torch.tensor([1], dtype=torch.int32),
-                },
-                spec=RAVAN_SPEC,
-                heads=[1],
-            ),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (Reason.UNKNOWN_KEY, "extra tensor", lambda: dec(enc(_state_with(extra=torch.zeros(1))))),
-    (
-        Reason.UNKNOWN_KEY,
-        "head indices without header heads",
-        lambda: dec(
-            enc({**random_state(RAVAN_T), "l0.q.ravan_heads": torch.arange(4)}, spec=RAVAN_SPEC),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (Reason.MISSING_KEY, "no bias", lambda: dec(enc(_state_with(classifier__bias=None)))),
-    (
-        Reason.MISSING_KEY,
-        "A missing",
-        lambda: dec(enc(_state_with(**{"l0__q" + A.replace(".", "__"): None}))),
-    ),
-    (
-        Reason.MISSING_KEY,
-        "head indices missing",
-        lambda: dec(
-            enc(
-                {k: v for k, v in ravan_slice(random_state(RAVAN_T), [1]).items() if k != "l0.v.ravan_heads"},
-                spec=RAVAN_SPEC,
-                heads=[1],
-            ),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (
-        Reason.SHAPE,
-        "rank above template",
-        lambda: dec(
-            enc(
-                random_state(
-                    {**LORA_T, "l0.q" + A: (5, 6), "l0.q" + B: (5, 5), "l0.v" + A: (5, 6), "l0.v" + B: (7, 5)}
-                ),
-                rank=5,
-            )
-        ),
-    ),
+    (Reason.DTYPE, "float64",
+     lambda: dec(enc(lora_with({"classifier.bias": torch.zeros(3, dtype=torch.float64)})))),
+    (Reason.DTYPE, "int64 on a float key",
+     lambda: dec(enc(lora_with({"classifier.bias": torch.zeros(3, dtype=torch.int64)})))),
+    (Reason.DTYPE, "int32 head indices",
+     lambda: dec_ravan(ravan_upload([1], l0__q__ravan_heads=torch.tensor([1], dtype=torch.int32)), [1])),
+    (Reason.UNKNOWN_KEY, "extra tensor", lambda: dec(enc(lora_with({"extra": torch.zeros(1)})))),
+    (Reason.UNKNOWN_KEY, "indices but no header heads",
+     lambda: dec_ravan({**random_state(RAVAN_T), "l0.q.ravan_heads": torch.arange(4)})),
+    (Reason.MISSING_KEY, "no bias", lambda: dec(enc(lora_with({"classifier.bias": None})))),
+    (Reason.MISSING_KEY, "A missing", lambda: dec(enc(lora_with({"l0.q" + A: None})))),
+    (Reason.MISSING_KEY, "head indices missing",
+     lambda: dec_ravan(ravan_upload([1], l0__v__ravan_heads=None), [1])),
+    (Reason.SHAPE, "rank above template", lambda: dec(enc(random_state(BIG_RANK_T), rank=5))),
     (Reason.SHAPE, "rank disagrees with header", lambda: dec(enc(random_state(LORA_T, rank=2), rank=3))),
-    (
-        Reason.SHAPE,
-        "A and B ranks differ",
-        lambda: dec(enc(_state_with(**{"l0__v" + B.replace(".", "__"): torch.zeros(7, 2)}))),
-    ),
-    (Reason.SHAPE, "dense shape", lambda: dec(enc(_state_with(classifier__bias=torch.zeros(4))))),
+    (Reason.SHAPE, "A and B ranks differ", lambda: dec(enc(lora_with({"l0.v" + B: torch.zeros(7, 2)})))),
+    (Reason.SHAPE, "dense shape", lambda: dec(enc(lora_with({"classifier.bias": torch.zeros(4)})))),
     (Reason.SHAPE, "no rank for LoRA", lambda: dec(repack(GOOD, rank=None))),
-    (
-        Reason.SHAPE,
-        "rank without LoRA",
-        lambda: dec(enc(random_state(RAVAN_T), spec=RAVAN_SPEC, rank=2), spec=RAVAN_SPEC, template=RAVAN_T),
-    ),
+    (Reason.SHAPE, "rank without LoRA", lambda: dec_ravan(random_state(RAVAN_T), rank=2)),
     (Reason.SHAPE, "heads without Ravan", lambda: dec(repack(GOOD, heads=[0]))),
-    (
-        Reason.SHAPE,
-        "H not sliced to the heads",
-        lambda: dec(
-            enc(
-                {
-                    **random_state(RAVAN_T),
-                    "l0.q.ravan_heads": torch.tensor([0]),
-                    "l0.v.ravan_heads": torch.tensor([0]),
-                },
-                spec=RAVAN_SPEC,
-                heads=[0],
-            ),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (
-        Reason.SHAPE,
-        "s not sliced",
-        lambda: dec(
-            enc(
-                {**ravan_slice(random_state(RAVAN_T), [0, 1]), "l0.q.ravan_s": torch.ones(4)},
-                spec=RAVAN_SPEC,
-                heads=[0, 1],
-            ),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (
-        Reason.HEADS,
-        "indices differ from header",
-        lambda: dec(
-            enc(
-                {**ravan_slice(random_state(RAVAN_T), [0, 1]), "l0.v.ravan_heads": torch.tensor([1, 0])},
-                spec=RAVAN_SPEC,
-                heads=[0, 1],
-            ),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (
-        Reason.HEADS,
-        "index out of range",
-        lambda: dec(
-            enc(
-                ravan_slice(
-                    random_state(
-                        {
-                            **RAVAN_T,
-                            "l0.q.ravan_H": (8, 3, 3),
-                            "l0.q.ravan_s": (8,),
-                            "l0.v.ravan_H": (8, 3, 3),
-                            "l0.v.ravan_s": (8,),
-                        }
-                    ),
-                    [7],
-                ),
-                spec=RAVAN_SPEC,
-                heads=[7],
-            ),
-            spec=RAVAN_SPEC,
-            template=RAVAN_T,
-        ),
-    ),
-    (
-        Reason.NON_FINITE,
-        "NaN",
-        lambda: dec(enc(_state_with(classifier__bias=torch.tensor([0.0, float("nan"), 0.0])))),
-    ),
-    (
-        Reason.NON_FINITE,
-        "inf in bfloat16",
-        lambda: dec(
-            enc(
-                {
-                    k: v.bfloat16()
-                    for k, v in _state_with(classifier__bias=torch.tensor([0.0, float("inf"), 0.0])).items()
-                }
-            )
-        ),
-    ),
+    (Reason.SHAPE, "H not sliced to the heads",
+     lambda: dec_ravan(ravan_upload([0], l0__q__ravan_H=torch.zeros(4, 3, 3)), [0])),
+    (Reason.SHAPE, "s not sliced",
+     lambda: dec_ravan(ravan_upload([0, 1], l0__q__ravan_s=torch.ones(4)), [0, 1])),
+    (Reason.HEADS, "indices differ from header",
+     lambda: dec_ravan(ravan_upload([0, 1], l0__v__ravan_heads=torch.tensor([1, 0])), [0, 1])),
+    (Reason.HEADS, "index out of range", lambda: dec_ravan(ravan_upload([7], EIGHT_HEADS_T), [7])),
+    (Reason.NON_FINITE, "NaN",
+     lambda: dec(enc(lora_with({"classifier.bias": torch.tensor([0.0, NAN, 0.0])})))),
+    (Reason.NON_FINITE, "inf in bfloat16",
+     lambda: dec(enc(lora_with({"l0.q" + A: torch.full((4, 6), INF, dtype=torch.bfloat16)})))),
+    (Reason.NON_FINITE, "NaN in Ravan H",
+     lambda: dec_ravan(ravan_upload([3], l0__v__ravan_H=torch.full((1, 3, 3), NAN)), [3])),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
@@ -612,9 +456,11 @@ def test_global_rejections() -> None:
 # -- replay ----------------------------------------------------------------------------------------
 
 
-def _header(client: str = "dev-7", round: int = 3, **kw: Any) -> Any:
-    return dec(enc(random_state(DENSE), spec=LORA_SPEC.with_(target_modules=("c",)), client=client, round=round, **kw),
-               spec=LORA_SPEC.with_(target_modules=("c",)), template=DENSE, expected_client=client, rounds=round).header  # fmt: skip
+def _header(client: str = "dev-7", round: int = 3) -> Any:
+    payload = encode_update(
+        random_state(DENSE), spec=DENSE_SPEC, **{**UPDATE_FIELDS, "client": client, "round": round}
+    )
+    return dec(payload, spec=DENSE_SPEC, template=DENSE, expected_client=client, rounds=round).header
 
 
 def test_replay_guard_refuses_repeated_message_and_client_round() -> None:
