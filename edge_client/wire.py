@@ -8,7 +8,9 @@ Two kinds: ``update`` (client -> coordinator, on ``up/{client}``) and ``global``
 clients, retained on ``global``: the global adapter plus the round announcement). The header's
 ``mac`` is an HMAC-SHA256 with the sender's key when keys are configured (``auth: "hmac-sha256"``),
 else a SHA-256 checksum (``auth: "sha256"``), over the canonical JSON of the header without ``mac``
-and the tensor bytes.
+(length-prefixed) and the tensor bytes. Canonical JSON is what Python's
+``json.dumps(h, sort_keys=True, separators=(",", ":"))`` writes (ASCII, shortest float repr); the
+receiver re-serializes the parsed header, so a sender in another language must write the same bytes.
 
 Decoding checks everything before any tensor is used, cheapest and most fundamental first: size,
 framing, header schema, spec hash, topic agreement, round, MAC, then the tensors (safetensors header
@@ -245,12 +247,9 @@ def _canonical(d: Mapping[str, Any]) -> bytes:
 def _mac(header: Mapping[str, Any], blob: bytes, key: bytes | None) -> str:
     """HMAC-SHA256 (with ``key``) or SHA-256 over the length-prefixed canonical header and the blob."""
     body = _canonical({k: v for k, v in header.items() if k != "mac"})
-    prefix = struct.pack(">I", len(body))
-    if key is None:
-        return hashlib.sha256(prefix + body + blob).hexdigest()
-    mac = hmac.new(key, prefix, hashlib.sha256)
-    mac.update(body)
-    mac.update(blob)
+    mac = hashlib.sha256() if key is None else hmac.new(key, digestmod=hashlib.sha256)
+    for part in (struct.pack(">I", len(body)), body, blob):
+        mac.update(part)
     return mac.hexdigest()
 
 

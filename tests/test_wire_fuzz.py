@@ -17,7 +17,16 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from edge_client.wire import MAGIC, DecodedUpdate, EnvelopeError, decode_update, encode_update, pack
+from edge_client.wire import (
+    MAGIC,
+    DecodedUpdate,
+    EnvelopeError,
+    decode_global,
+    decode_update,
+    encode_global,
+    encode_update,
+    pack,
+)
 from edge_client.wire_tensors import ravan_slice
 from export.spec import AdapterSpec
 
@@ -55,7 +64,7 @@ BASES: list[tuple[AdapterSpec, dict, dict, dict, bytes | None]] = [
     (RAVAN_SPEC, RAVAN_T, {**FIELDS, "heads": [3, 1]}, ravan_slice(_state(RAVAN_T), [3, 1]), KEY),
 ]
 PAYLOADS = [encode_update(s, spec=spec, key=key, **f) for spec, _, f, s, key in BASES]
-FUZZ = settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def decode(i: int, payload: bytes) -> DecodedUpdate | None:
@@ -216,3 +225,30 @@ def test_safetensors_byte_mutations_with_valid_mac(i: int, edits: list[tuple[int
     got = decode(i, pack(header, bytes(mutated), BASES[i][4]))
     if got is not None:
         assert same_state(got.state, safetensors.torch.load(bytes(mutated)))
+
+
+GLOBAL_PAYLOAD = encode_global(
+    _state(LORA_T), run="r", round=4, method="m", spec=LORA_SPEC, deadline=10.0, clients=["a", "b"], rank=4
+)
+spec_fields = st.sampled_from([*LORA_SPEC.to_dict(), "extra"])
+
+
+@FUZZ
+@given(st.data())
+def test_global_header_mutations_with_valid_mac(data: st.DataObject) -> None:
+    header, blob = header_and_blob(GLOBAL_PAYLOAD)
+    if data.draw(st.booleans()):  # mutate the embedded adapter spec, the only free-form field
+        spec_json = dict(header["spec_json"])
+        spec_json[data.draw(spec_fields)] = data.draw(json_values)
+        header["spec_json"] = spec_json
+    else:
+        header[data.draw(st.sampled_from([*header, "extra"]))] = data.draw(json_values)
+    try:
+        got = decode_global(
+            pack(header, blob, None), expected_run="r", spec=LORA_SPEC, template=LORA_T, key=None
+        )
+    except EnvelopeError as e:
+        event(f"refused: {e.reason.value}")
+        return
+    assert AdapterSpec.from_dict(got.header.spec_json) == LORA_SPEC
+    assert same_state(got.state, _state(LORA_T))
