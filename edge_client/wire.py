@@ -23,19 +23,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
-import re
 import secrets
 import struct
 import time
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edge_client.topics import ID_RE
 from edge_client.wire_errors import EnvelopeError, Reason
+from edge_client.wire_schema import (
+    GLOBAL_FIELDS,
+    HMAC_SHA256,
+    SCHEMA_VERSION,
+    SHA256,
+    UPDATE_FIELDS,
+    check_schema,
+)
 from edge_client.wire_tensors import (
     Template,
     check_against_template,
@@ -65,106 +70,10 @@ __all__ = [
     "pack",
 ]
 
-SCHEMA_VERSION = 1
 MAGIC = b"FLW\x01"
 _PREFIX = struct.Struct(">4sI")  # magic, header length
 MAX_HEADER_BYTES = 256 * 1024  # a global header lists the sampled client ids: ~20 bytes each
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-HMAC_SHA256 = "hmac-sha256"
-SHA256 = "sha256"
-
-_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
-_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-_METHOD_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}\Z")
-
-# -- header schema ---------------------------------------------------------------------------------
-
-Check = Callable[[Any], bool]
-
-
-def _int(lo: int, hi: int) -> Check:
-    return lambda x: isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
-
-
-def _num(lo: float, hi: float) -> Check:
-    # Ints are compared exactly (math.isfinite would overflow on a 400-digit JSON integer).
-    return lambda x: (
-        ((isinstance(x, float) and math.isfinite(x)) or (isinstance(x, int) and not isinstance(x, bool)))
-        and lo <= x <= hi
-    )
-
-
-def _match(pattern: re.Pattern[str]) -> Check:
-    return lambda x: isinstance(x, str) and pattern.match(x) is not None
-
-
-def _optional(check: Check) -> Check:
-    return lambda x: x is None or check(x)
-
-
-def _unique_list(item: Check, max_len: int) -> Check:
-    return lambda x: (
-        isinstance(x, list) and 1 <= len(x) <= max_len and all(item(i) for i in x) and len(set(x)) == len(x)
-    )
-
-
-_ROUND = _int(0, 2**31 - 1)
-_COMMON: dict[str, Check] = {
-    "v": lambda x: type(x) is int and x == SCHEMA_VERSION,
-    "run": _match(ID_RE),
-    "round": _ROUND,
-    "method": _match(_METHOD_RE),
-    "spec": _match(_HEX16),
-    "rank": _optional(_int(1, 65536)),
-    "msg_id": _match(_HEX32),
-    "sent_at": _num(0, 1e11),
-    "auth": lambda x: x in (HMAC_SHA256, SHA256),
-    "mac": _match(_HEX64),
-}
-UPDATE_FIELDS: dict[str, Check] = {
-    **_COMMON,
-    "kind": lambda x: x == "update",
-    "client": _match(ID_RE),
-    "num_examples": _int(1, 10**12),
-    "local_steps": _int(0, 10**9),
-    "compute_s": _num(0, 1e9),
-    "heads": _optional(_unique_list(_int(0, 65535), 65536)),
-}
-GLOBAL_FIELDS: dict[str, Check] = {
-    **_COMMON,
-    "kind": lambda x: x == "global",
-    "spec_json": lambda x: isinstance(x, dict),
-    "deadline": _num(0, 1e11),
-    "clients": _optional(_unique_list(_match(ID_RE), 10**6)),
-    "sample_fraction": _optional(_num(0, 1)),
-    "final": lambda x: isinstance(x, bool),
-}
-
-
-def _check_schema(d: object, fields: dict[str, Check], kind: str) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise EnvelopeError(Reason.SCHEMA, "header is not a JSON object")
-    if d.get("kind") != kind:
-        raise EnvelopeError(
-            Reason.SCHEMA, f"expected a {kind!r} envelope, got kind {str(d.get('kind'))[:20]!r}"
-        )
-    if d.get("v") != SCHEMA_VERSION:
-        raise EnvelopeError(
-            Reason.SCHEMA, f"schema version {str(d.get('v'))[:20]!r}, expected {SCHEMA_VERSION}"
-        )
-    missing = sorted(set(fields) - set(d))
-    unknown = sorted(set(d) - set(fields))
-    if missing or unknown:
-        raise EnvelopeError(
-            Reason.SCHEMA, f"header fields missing {missing}, unknown {[u[:30] for u in unknown[:5]]}"
-        )
-    bad = [name for name, check in fields.items() if not check(d[name])]
-    if bad:
-        raise EnvelopeError(Reason.SCHEMA, f"header fields with wrong type or out of range: {bad}")
-    return d
-
-
 # -- headers ---------------------------------------------------------------------------------------
 
 
@@ -356,7 +265,7 @@ def encode_update(
         "local_steps": local_steps, "compute_s": compute_s, "rank": rank,
         "heads": None if heads is None else [int(i) for i in heads], "msg_id": msg_id, "sent_at": sent_at,
     }  # fmt: skip
-    _check_schema({**header, "auth": SHA256, "mac": "0" * 64}, UPDATE_FIELDS, "update")
+    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, UPDATE_FIELDS, "update")
     return pack(header, encode_tensors(state), key)
 
 
@@ -394,7 +303,7 @@ def decode_update(
     """
     _check_key(key)
     raw, blob = _unframe(payload, max_bytes)
-    d = _check_schema(raw, UPDATE_FIELDS, "update")
+    d = check_schema(raw, UPDATE_FIELDS, "update")
     _check_spec(d, spec, method)
     if d["run"] != expected_run or d["client"] != expected_client:
         raise EnvelopeError(
@@ -450,7 +359,7 @@ def encode_global(
         "clients": None if clients is None else list(clients), "sample_fraction": sample_fraction,
         "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at,
     }  # fmt: skip
-    _check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global")
+    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global")
     return pack(header, encode_tensors(state), key)
 
 
@@ -472,7 +381,7 @@ def decode_global(
     """
     _check_key(key)
     raw, blob = _unframe(payload, max_bytes)
-    d = _check_schema(raw, GLOBAL_FIELDS, "global")
+    d = check_schema(raw, GLOBAL_FIELDS, "global")
     if (d["clients"] is None) == (d["sample_fraction"] is None):
         raise EnvelopeError(Reason.SCHEMA, "exactly one of clients and sample_fraction must be set")
     try:
