@@ -150,6 +150,24 @@ def check_dtypes(entries: dict[str, Entry]) -> None:
             raise EnvelopeError(Reason.BAD_TENSORS, f"{name}: {e.end - e.begin} bytes for shape {e.shape}")
 
 
+def _heads_key(h_key: str) -> str:
+    return h_key[: -len(RAVAN_H)] + RAVAN_HEADS
+
+
+def _check_names(names: set[str], template: Template, groups: TemplateLayers, with_heads: bool) -> None:
+    """Every name known to the template, every required one present (``*.ravan_s`` is optional)."""
+    index_keys = {_heads_key(h) for h in groups.ravan} if with_heads else set()
+    unknown = sorted(names - set(template) - index_keys)
+    if unknown:
+        hint = " (head indices need heads in the header)" if unknown[0].endswith(RAVAN_HEADS) else ""
+        raise EnvelopeError(
+            Reason.UNKNOWN_KEY, f"{len(unknown)} tensors not in the template, e.g. {unknown[:3]}{hint}"
+        )
+    missing = sorted((set(template) - set(groups.ravan_s) | index_keys) - names)
+    if missing:
+        raise EnvelopeError(Reason.MISSING_KEY, f"{len(missing)} required tensors absent, e.g. {missing[:3]}")
+
+
 def check_against_template(
     entries: dict[str, Entry], template: Template, rank: int | None, heads: Sequence[int] | None
 ) -> None:
@@ -161,27 +179,7 @@ def check_against_template(
     ``*.ravan_heads`` (K,); ``*.ravan_s`` is optional with shape (K,). Dense tensors: exact shape.
     """
     groups = group_template(template)
-    allowed = set(template) | {h[: -len(RAVAN_H)] + RAVAN_HEADS for h in groups.ravan}
-    unknown = sorted(set(entries) - allowed)
-    if unknown:
-        raise EnvelopeError(
-            Reason.UNKNOWN_KEY, f"{len(unknown)} tensors not in the template, e.g. {unknown[:3]}"
-        )
-    if heads is None:
-        allowed -= {h[: -len(RAVAN_H)] + RAVAN_HEADS for h in groups.ravan}
-        stray = sorted(set(entries) - allowed)
-        if stray:
-            raise EnvelopeError(Reason.UNKNOWN_KEY, f"head indices {stray[:3]} but the header names no heads")
-    optional = set(groups.ravan_s)
-    missing = sorted(set(template) - optional - set(entries))
-    if heads is not None:
-        missing += sorted(
-            h[: -len(RAVAN_H)] + RAVAN_HEADS
-            for h in groups.ravan
-            if h[: -len(RAVAN_H)] + RAVAN_HEADS not in entries
-        )
-    if missing:
-        raise EnvelopeError(Reason.MISSING_KEY, f"{len(missing)} required tensors absent, e.g. {missing[:3]}")
+    _check_names(set(entries), template, groups, heads is not None)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -215,7 +213,7 @@ def check_against_template(
         k = t[0] if heads is None else len(heads)
         need(entries[h_key].shape == (k, *t[1:]), f"{h_key}: {entries[h_key].shape}, want {(k, *t[1:])}")
         need(k <= t[0], f"{h_key}: {k} heads but the layer has {t[0]}")
-        idx_key = h_key[: -len(RAVAN_H)] + RAVAN_HEADS
+        idx_key = _heads_key(h_key)
         if idx_key in entries:
             need(entries[idx_key].shape == (k,), f"{idx_key}: {entries[idx_key].shape}, want ({k},)")
     for s_key, h_key in groups.ravan_s.items():
