@@ -1,0 +1,408 @@
+"""The update envelope: one MQTT payload = magic + length-prefixed JSON header + safetensors bytes.
+
+Layout::
+
+    b"FLW\\x01" | header length (uint32, big-endian) | header (UTF-8 JSON) | safetensors blob
+
+Two kinds: ``update`` (client -> coordinator, on ``up/{client}``) and ``global`` (coordinator ->
+clients, retained on ``global``: the global adapter plus the round announcement). The header's
+``mac`` is an HMAC-SHA256 with the sender's key when keys are configured (``auth: "hmac-sha256"``),
+else a SHA-256 checksum (``auth: "sha256"``), over the canonical JSON of the header without ``mac``
+(length-prefixed) and the tensor bytes. Canonical JSON is what Python's
+``json.dumps(h, sort_keys=True, separators=(",", ":"))`` writes (ASCII, shortest float repr); the
+receiver re-serializes the parsed header, so a sender in another language must write the same bytes.
+
+Decoding checks everything before any tensor is used, cheapest and most fundamental first: size,
+framing, header schema, spec hash, topic agreement, round, MAC, then the tensors (safetensors header
+bounded by our own parser, dtypes, names and shapes against the template, finite values). Every
+refusal is an :class:`EnvelopeError` with a :class:`Reason`; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+import time
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edge_client.wire_errors import EnvelopeError, Reason
+from edge_client.wire_schema import (
+    GLOBAL_FIELDS,
+    HMAC_SHA256,
+    SCHEMA_VERSION,
+    SHA256,
+    UPDATE_FIELDS,
+    check_schema,
+)
+from edge_client.wire_tensors import (
+    Template,
+    check_against_template,
+    check_dtypes,
+    encode_tensors,
+    load_checked,
+    parse_tensor_header,
+    strict_json,
+)
+from export.spec import AdapterSpec, SpecError
+from export.state import State
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAGIC",
+    "DecodedGlobal",
+    "DecodedUpdate",
+    "EnvelopeError",
+    "GlobalHeader",
+    "Reason",
+    "UpdateHeader",
+    "decode_global",
+    "decode_update",
+    "encode_global",
+    "encode_update",
+    "is_sampled",
+    "pack",
+]
+
+MAGIC = b"FLW\x01"
+_PREFIX = struct.Struct(">4sI")  # magic, header length
+MAX_HEADER_BYTES = 256 * 1024  # a global header lists the sampled client ids: ~20 bytes each
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# -- headers ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """A client's update: who, which round, what it trained and at what cost.
+
+    ``rank``: the LoRA rank of the uploaded A/B (``None`` without LoRA layers). ``heads``: the Ravan
+    heads uploaded (``None`` = all, or no Ravan layers). ``msg_id``: a random nonce, for replay checks.
+    ``signed``: the mac was an HMAC with the client's key (else a plain checksum).
+    """
+
+    run: str
+    round: int
+    client: str
+    method: str
+    spec: str
+    num_examples: int
+    local_steps: int
+    compute_s: float
+    rank: int | None
+    heads: tuple[int, ...] | None
+    msg_id: str
+    sent_at: float
+    signed: bool
+
+
+@dataclass(frozen=True)
+class GlobalHeader:
+    """The round announcement that travels with the global adapter.
+
+    The round's participants are ``clients`` when given, else every client for which
+    :func:`is_sampled` draws below ``sample_fraction``. Updates are due by ``deadline`` (Unix time).
+    ``final``: the run is over, clients may disconnect.
+    """
+
+    run: str
+    round: int
+    method: str
+    spec: str
+    spec_json: dict[str, Any]
+    deadline: float
+    clients: tuple[str, ...] | None
+    sample_fraction: float | None
+    rank: int | None
+    final: bool
+    msg_id: str
+    sent_at: float
+    signed: bool
+
+
+@dataclass
+class DecodedUpdate:
+    header: UpdateHeader
+    state: State
+
+
+@dataclass
+class DecodedGlobal:
+    header: GlobalHeader
+    state: State
+
+
+def is_sampled(header: GlobalHeader, client: str) -> bool:
+    """Whether ``client`` takes part in the announced round (a stable hash draw when no list is given)."""
+    if header.clients is not None:
+        return client in header.clients
+    assert header.sample_fraction is not None  # the schema requires one of the two
+    digest = hashlib.sha256(f"{header.run}:{header.round}:{client}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < header.sample_fraction
+
+
+# -- framing and MAC -------------------------------------------------------------------------------
+
+
+def _canonical(d: Mapping[str, Any]) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _mac(header: Mapping[str, Any], blob: bytes, key: bytes | None) -> str:
+    """HMAC-SHA256 (with ``key``) or SHA-256 over the length-prefixed canonical header and the blob."""
+    body = _canonical({k: v for k, v in header.items() if k != "mac"})
+    mac = hashlib.sha256() if key is None else hmac.new(key, digestmod=hashlib.sha256)
+    for part in (struct.pack(">I", len(body)), body, blob):
+        mac.update(part)
+    return mac.hexdigest()
+
+
+def _check_key(key: bytes | None) -> None:
+    if key is not None and (not isinstance(key, bytes) or len(key) < 16):
+        raise ValueError("a device key must be bytes of at least 16 bytes")
+
+
+def pack(header: Mapping[str, Any], blob: bytes, key: bytes | None) -> bytes:
+    """Frame a header (without ``auth``/``mac``) and a safetensors blob, computing the MAC.
+
+    The low-level half of :func:`encode_update` / :func:`encode_global`; it does not validate.
+    """
+    _check_key(key)
+    full = {**header, "auth": SHA256 if key is None else HMAC_SHA256}
+    full["mac"] = _mac(full, blob, key)
+    body = _canonical(full)
+    return _PREFIX.pack(MAGIC, len(body)) + body + blob
+
+
+def _unframe(payload: bytes, max_bytes: int) -> tuple[object, bytes]:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise EnvelopeError(Reason.BAD_MAGIC, f"payload is {type(payload).__name__}, not bytes")
+    payload = bytes(payload)
+    if len(payload) > max_bytes:
+        raise EnvelopeError(
+            Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds the {max_bytes} limit"
+        )
+    if not payload[: len(MAGIC)] == MAGIC[: len(payload)]:
+        raise EnvelopeError(Reason.BAD_MAGIC, "not a fleetlora envelope")
+    if len(payload) < _PREFIX.size:
+        raise EnvelopeError(Reason.TRUNCATED, f"payload of {len(payload)} bytes is shorter than the framing")
+    _, n = _PREFIX.unpack_from(payload)
+    if n > MAX_HEADER_BYTES:
+        raise EnvelopeError(Reason.TOO_LARGE, f"header of {n} bytes exceeds the {MAX_HEADER_BYTES} limit")
+    end = _PREFIX.size + n
+    if end > len(payload):
+        raise EnvelopeError(
+            Reason.TRUNCATED, f"header of {n} bytes but only {len(payload) - _PREFIX.size} follow"
+        )
+    try:
+        header = strict_json(payload[_PREFIX.size : end])
+    except ValueError as e:
+        raise EnvelopeError(Reason.BAD_HEADER, f"header is not valid JSON: {str(e)[:200]}") from e
+    return header, payload[end:]
+
+
+def _verify_mac(d: Mapping[str, Any], blob: bytes, key: bytes | None) -> None:
+    if key is not None and d["auth"] != HMAC_SHA256:
+        raise EnvelopeError(Reason.BAD_MAC, "unsigned envelope refused: this receiver requires an HMAC")
+    if key is None and d["auth"] != SHA256:
+        raise EnvelopeError(Reason.BAD_MAC, "signed envelope but no key is configured to verify it")
+    if not hmac.compare_digest(_mac(d, blob, key), d["mac"]):
+        raise EnvelopeError(Reason.BAD_MAC, f"{d['auth']} does not verify")
+
+
+def _tensors(blob: bytes, template: Template, rank: int | None, heads: Sequence[int] | None) -> State:
+    entries = parse_tensor_header(blob)
+    check_dtypes(entries)
+    check_against_template(entries, template, rank, heads)
+    return load_checked(blob, entries, heads)
+
+
+def _check_spec(d: Mapping[str, Any], spec: AdapterSpec, method: str | None) -> None:
+    if d["spec"] != spec.digest():
+        raise EnvelopeError(Reason.SPEC_MISMATCH, f"adapter spec {d['spec']} != this run's {spec.digest()}")
+    if method is not None and d["method"] != method:
+        raise EnvelopeError(Reason.SPEC_MISMATCH, f"method {d['method']!r} != this run's {method!r}")
+
+
+def _fresh(msg_id: str | None, sent_at: float | None) -> tuple[str, float]:
+    return (msg_id or secrets.token_hex(16), time.time() if sent_at is None else sent_at)
+
+
+# -- updates ---------------------------------------------------------------------------------------
+
+
+def encode_update(
+    state: Mapping[str, torch.Tensor],
+    *,
+    run: str,
+    round: int,
+    client: str,
+    method: str,
+    spec: AdapterSpec,
+    num_examples: int,
+    local_steps: int,
+    compute_s: float,
+    rank: int | None = None,
+    heads: Sequence[int] | None = None,
+    key: bytes | None = None,
+    msg_id: str | None = None,
+    sent_at: float | None = None,
+) -> bytes:
+    """A client's update as one payload (see :class:`UpdateHeader` for the fields).
+
+    Raises :class:`EnvelopeError` (``schema``) when a field is out of range, so a client never sends
+    what the coordinator would refuse for its header.
+    """
+    msg_id, sent_at = _fresh(msg_id, sent_at)
+    header = {
+        "v": SCHEMA_VERSION, "kind": "update", "run": run, "round": round, "client": client,
+        "method": method, "spec": spec.digest(), "num_examples": num_examples,
+        "local_steps": local_steps, "compute_s": compute_s, "rank": rank,
+        "heads": None if heads is None else [int(i) for i in heads], "msg_id": msg_id, "sent_at": sent_at,
+    }  # fmt: skip
+    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, UPDATE_FIELDS, "update")
+    return pack(header, encode_tensors(state), key)
+
+
+def decode_update(
+    payload: bytes,
+    *,
+    expected_run: str,
+    expected_client: str,
+    rounds: int | Container[int],
+    spec: AdapterSpec,
+    template: Template,
+    key: bytes | None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    method: str | None = None,
+) -> DecodedUpdate:
+    """Validate and open a client's update; :class:`EnvelopeError` for anything not exactly right.
+
+    Parameters
+    ----------
+    expected_run, expected_client : str
+        From the topic the payload arrived on (:func:`edge_client.topics.parse_up_topic`).
+    rounds : int or container of int
+        The round(s) the coordinator accepts now.
+    spec : AdapterSpec
+        The run's adapter; the header's spec hash must be its digest.
+    template : dict of str to shape
+        The full-rank shapes of the global adapter's trainable tensors
+        (:func:`edge_client.wire_tensors.template_of`).
+    key : bytes or None
+        The client's device key: the header must carry a valid HMAC. ``None``: a valid SHA-256.
+    max_bytes : int
+        Payloads above this are refused before anything is parsed.
+    method : str, optional
+        When given, the header's method must equal it.
+    """
+    _check_key(key)
+    raw, blob = _unframe(payload, max_bytes)
+    d = check_schema(raw, UPDATE_FIELDS, "update")
+    _check_spec(d, spec, method)
+    if d["run"] != expected_run or d["client"] != expected_client:
+        raise EnvelopeError(
+            Reason.TOPIC_MISMATCH,
+            f"header says run {d['run']!r} client {d['client']!r}, "
+            f"topic says run {expected_run!r} client {expected_client!r}",
+        )
+    accepted = (rounds,) if isinstance(rounds, int) else rounds
+    if d["round"] not in accepted:
+        raise EnvelopeError(Reason.WRONG_ROUND, f"round {d['round']} is not open")
+    _verify_mac(d, blob, key)
+    heads = None if d["heads"] is None else tuple(d["heads"])
+    state = _tensors(blob, template, d["rank"], heads)
+    header = UpdateHeader(
+        run=d["run"], round=d["round"], client=d["client"], method=d["method"], spec=d["spec"],
+        num_examples=d["num_examples"], local_steps=d["local_steps"], compute_s=float(d["compute_s"]),
+        rank=d["rank"], heads=heads, msg_id=d["msg_id"], sent_at=float(d["sent_at"]),
+        signed=d["auth"] == HMAC_SHA256,
+    )  # fmt: skip
+    return DecodedUpdate(header, state)
+
+
+# -- global adapter + round announcement -----------------------------------------------------------
+
+
+def encode_global(
+    state: Mapping[str, torch.Tensor],
+    *,
+    run: str,
+    round: int,
+    method: str,
+    spec: AdapterSpec,
+    deadline: float,
+    clients: Sequence[str] | None = None,
+    sample_fraction: float | None = None,
+    rank: int | None = None,
+    final: bool = False,
+    key: bytes | None = None,
+    msg_id: str | None = None,
+    sent_at: float | None = None,
+) -> bytes:
+    """The global adapter and the round announcement as one (retained) payload.
+
+    Exactly one of ``clients`` (the sampled ids) and ``sample_fraction`` (see :func:`is_sampled`)
+    names the round's participants.
+    """
+    if (clients is None) == (sample_fraction is None):
+        raise EnvelopeError(Reason.SCHEMA, "give exactly one of clients and sample_fraction")
+    msg_id, sent_at = _fresh(msg_id, sent_at)
+    header = {
+        "v": SCHEMA_VERSION, "kind": "global", "run": run, "round": round, "method": method,
+        "spec": spec.digest(), "spec_json": spec.to_dict(), "deadline": deadline,
+        "clients": None if clients is None else list(clients), "sample_fraction": sample_fraction,
+        "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at,
+    }  # fmt: skip
+    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global")
+    return pack(header, encode_tensors(state), key)
+
+
+def decode_global(
+    payload: bytes,
+    *,
+    expected_run: str,
+    spec: AdapterSpec,
+    template: Template,
+    key: bytes | None,
+    min_round: int = 0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> DecodedGlobal:
+    """Validate and open a global adapter on a client; :class:`EnvelopeError` for anything not right.
+
+    ``spec`` is the client's own (from its bundle): the header's hash and embedded spec must match it.
+    ``min_round`` refuses stale announcements (a retained message older than what the client has).
+    ``key``: the coordinator's key when globals are signed.
+    """
+    _check_key(key)
+    raw, blob = _unframe(payload, max_bytes)
+    d = check_schema(raw, GLOBAL_FIELDS, "global")
+    if (d["clients"] is None) == (d["sample_fraction"] is None):
+        raise EnvelopeError(Reason.SCHEMA, "exactly one of clients and sample_fraction must be set")
+    try:
+        embedded = AdapterSpec.from_dict(d["spec_json"]).digest()
+    except (SpecError, TypeError, ArithmeticError) as e:
+        raise EnvelopeError(Reason.SCHEMA, f"spec_json is not an adapter spec: {str(e)[:200]}") from e
+    if embedded != d["spec"]:
+        raise EnvelopeError(Reason.SPEC_MISMATCH, f"spec_json hashes to {embedded}, header says {d['spec']}")
+    _check_spec(d, spec, None)
+    if d["run"] != expected_run:
+        raise EnvelopeError(
+            Reason.TOPIC_MISMATCH, f"header says run {d['run']!r}, topic says {expected_run!r}"
+        )
+    if d["round"] < min_round:
+        raise EnvelopeError(Reason.WRONG_ROUND, f"round {d['round']} is older than {min_round}")
+    _verify_mac(d, blob, key)
+    state = _tensors(blob, template, d["rank"], None)
+    header = GlobalHeader(
+        run=d["run"], round=d["round"], method=d["method"], spec=d["spec"], spec_json=d["spec_json"],
+        deadline=float(d["deadline"]), sample_fraction=d["sample_fraction"], rank=d["rank"],
+        clients=None if d["clients"] is None else tuple(d["clients"]), final=d["final"],
+        msg_id=d["msg_id"], sent_at=float(d["sent_at"]), signed=d["auth"] == HMAC_SHA256,
+    )  # fmt: skip
+    return DecodedGlobal(header, state)
