@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from edge_client.trainer import Batch, StepBudget, Trainer, TrainMetrics
+from edge_client.trainer import Batch, Trainer, TrainMetrics
 from export.adapters import lora_pad, lora_rank_slice, ravan_download, ravan_upload
 from export.spec import AdapterSpec
 from export.state import State

@@ -42,7 +42,7 @@ class SimConfig:
     heads: int = 4
     target_modules: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] = (4, 5)
-    max_len: int = 64
+    max_len: int = 32
     deadline_s: float = 0.0  # virtual round deadline; 0 = derived from the device mix
     seed: int = 0
     out: str = "runs/sim"
@@ -61,13 +61,22 @@ class SimConfig:
                 f"clients_per_round must be in [1, clients={self.clients}], got {self.clients_per_round}",
             ),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (self.partition in ("dirichlet", "iid"), f"partition must be dirichlet or iid, not {self.partition!r}"),
+            (
+                self.partition in ("dirichlet", "iid"),
+                f"partition must be dirichlet or iid, not {self.partition!r}",
+            ),
             (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
             (self.local_steps >= 0 and self.max_steps >= 1, "local_steps must be >= 0 and max_steps >= 1"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.transport in ("inproc", "mqtt", "ray"), f"transport must be inproc, mqtt or ray: {self.transport!r}"),
-            (self.trainer in ("eager", "executorch"), f"trainer must be eager or executorch: {self.trainer!r}"),
+            (
+                self.transport in ("inproc", "mqtt", "ray"),
+                f"transport must be inproc, mqtt or ray: {self.transport!r}",
+            ),
+            (
+                self.trainer in ("eager", "executorch"),
+                f"trainer must be eager or executorch: {self.trainer!r}",
+            ),
             (self.max_len >= 8, f"max_len must be >= 8, got {self.max_len}"),
             (self.deadline_s >= 0, f"deadline_s must be >= 0, got {self.deadline_s}"),
             (bool(self.methods), "give at least one method"),

@@ -59,8 +59,12 @@ def build_world(config: SimConfig) -> World:
     train_tok, test_tok = tokenize_cached(dataset, tokenizer, config.max_len)
     start = min(config.layers) if config.layers else 0
     key = f"{config.model}:{config.dataset}:{config.max_len}"
-    train = prefix_inputs(base, train_tok.input_ids, train_tok.attention_mask, train_tok.labels, start, key + ":train")
-    test = prefix_inputs(base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test")
+    train = prefix_inputs(
+        base, train_tok.input_ids, train_tok.attention_mask, train_tok.labels, start, key + ":train"
+    )
+    test = prefix_inputs(
+        base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test"
+    )
     enc = base.encoder.config
     n_params = sum(p.numel() for p in base.parameters())
     cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
@@ -81,17 +85,25 @@ def make_transport(world: World, family: str, train: bool = True) -> Transport:
     return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
 
 
-def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, rng: np.random.Generator) -> LocalPlan:
+def plan_for(
+    client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, rng: np.random.Generator
+) -> LocalPlan:
     """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3)."""
     budget = client.budgets[spec.family]
     if spec.family == "ravan":
-        heads = None if budget.heads >= spec.heads else tuple(sorted(rng.choice(spec.heads, budget.heads, replace=False)))
+        heads = (
+            None
+            if budget.heads >= spec.heads
+            else tuple(sorted(rng.choice(spec.heads, budget.heads, replace=False)))
+        )
         return LocalPlan(budget.local_steps, heads=heads)
     rank = budget.rank if hetero_rank and budget.rank < spec.rank else None
     return LocalPlan(budget.local_steps, rank=rank)
 
 
-def run_method(world: World, method: str, on_round: RoundCallback | None = None, train: bool = True) -> list[dict[str, Any]]:
+def run_method(
+    world: World, method: str, on_round: RoundCallback | None = None, train: bool = True
+) -> list[dict[str, Any]]:
     """Run every round of one method; returns (and reports through ``on_round``) per-round metrics."""
     config = world.config
     family = method_family(method)
@@ -129,14 +141,18 @@ def run_method(world: World, method: str, on_round: RoundCallback | None = None,
                 jobs.append(ClientJob(client, payload, plan, budget.batch_size, (config.seed, rnd, int(i))))
             results = transport.run(spec, jobs)
             updates = [
-                ClientUpdate(r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads})
+                ClientUpdate(
+                    r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads}
+                )
                 for r, j in zip(results, jobs, strict=True)
             ]
             bytes_up = sum(num_bytes(u.state) for u in updates)
             agg.metrics = {}
             if updates:  # never aggregate from nothing: a round without updates keeps the global
                 global_state = agg.aggregate(global_state, updates)
-            accuracy, loss = evaluate_global(model, spec, agg, global_state, template, world.test, config.eval_examples)
+            accuracy, loss = evaluate_global(
+                model, spec, agg, global_state, template, world.test, config.eval_examples
+            )
             virtual_time += round_time
             bytes_up_total += bytes_up
             bytes_down_total += bytes_down
@@ -157,7 +173,9 @@ def run_method(world: World, method: str, on_round: RoundCallback | None = None,
                 "virtual_time_s": virtual_time,
                 "wall_time_s": time.perf_counter() - wall_start,
                 "ranks": [j.plan.rank or spec.rank for j in jobs] if family == "lora" else None,
-                "heads": [len(j.plan.heads) if j.plan.heads else spec.heads for j in jobs] if family == "ravan" else None,
+                "heads": [len(j.plan.heads) if j.plan.heads else spec.heads for j in jobs]
+                if family == "ravan"
+                else None,
                 **{k: v for k, v in agg.metrics.items() if k == "divergence" or k.startswith("divergence/")},
             }
             history.append(record)
@@ -170,7 +188,13 @@ def run_method(world: World, method: str, on_round: RoundCallback | None = None,
 
 @torch.no_grad()
 def evaluate_global(
-    model: nn.Module, spec: AdapterSpec, agg: aggregators.Aggregator, global_state: State, template: State, test: Inputs, limit: int
+    model: nn.Module,
+    spec: AdapterSpec,
+    agg: aggregators.Aggregator,
+    global_state: State,
+    template: State,
+    test: Inputs,
+    limit: int,
 ) -> tuple[float, float]:
     """Accuracy and loss of the global adapter on the held-out test split."""
     view = agg.payload_for(ClientInfo("__eval__"), global_state)

@@ -44,7 +44,9 @@ class Inputs:
             out["input_ids"] = self.x[idx_t]
         return out
 
-    def client_batches(self, indices: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[Batch]:
+    def client_batches(
+        self, indices: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator
+    ) -> Iterator[Batch]:
         """``steps`` shuffled mini-batches from a client's indices, reshuffling at each epoch."""
         if len(indices) == 0:
             return
@@ -68,7 +70,12 @@ def cache_dir() -> Path:
 
 @torch.no_grad()
 def prefix_inputs(
-    base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, start_layer: int, key: str
+    base: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    start_layer: int,
+    key: str,
 ) -> Inputs:
     """Inputs entering ``start_layer``: computed with the frozen ``base`` once, then read from disk."""
     if start_layer == 0:

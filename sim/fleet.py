@@ -68,7 +68,9 @@ def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple
     deadline = config.deadline_s or default_deadline(profiles, cost, config)
     clients = []
     for i, (profile, idx) in enumerate(zip(profiles, parts, strict=True)):
-        budgets = {fam: compute_budget(profile, cost, policy(config, fam, deadline)) for fam in ("lora", "ravan")}
+        budgets = {
+            fam: compute_budget(profile, cost, policy(config, fam, deadline)) for fam in ("lora", "ravan")
+        }
         if config.local_steps:
             budgets = {fam: _fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
         clients.append(VirtualClient(f"c{i:05d}", profile, np.asarray(idx, dtype=np.int64), budgets))
@@ -85,4 +87,6 @@ def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: Sim
 def _fixed_steps(budget: Budget, steps: int) -> Budget:
     scale = steps / max(budget.local_steps, 1)
     compute = budget.compute_s * scale
-    return replace(budget, local_steps=steps, compute_s=compute, round_s=compute + budget.upload_s + budget.download_s)
+    return replace(
+        budget, local_steps=steps, compute_s=compute, round_s=compute + budget.upload_s + budget.download_s
+    )

@@ -93,7 +93,10 @@ def plot(records: list[Record], out_dir: str | Path) -> list[Path]:
             pts = [(r[x_key], r[y_key]) for r in rs if r.get(y_key) is not None]
             if not pts:
                 continue
-            xs = [p[0] / 1e6 if x_key == "bytes_up_total" else p[0] / 60 if x_key == "virtual_time_s" else p[0] for p in pts]
+            xs = [
+                p[0] / 1e6 if x_key == "bytes_up_total" else p[0] / 60 if x_key == "virtual_time_s" else p[0]
+                for p in pts
+            ]
             ax.plot(xs, [p[1] for p in pts], marker="o", ms=3, label=method)
             drawn = True
         if not drawn:

@@ -36,7 +36,7 @@ def adapter_summary(world: World) -> str:
                 "tensors": len(adapter),
                 "scalars": num_scalars(adapter),
                 "bytes/upload": num_bytes(adapter),
-                "head bytes": num_bytes(upload) - num_bytes(adapter),
+                "classifier bytes": num_bytes(upload) - num_bytes(adapter),
             }
         )
     return markdown_table(rows)
@@ -49,11 +49,15 @@ def run_experiment(config: SimConfig, quiet: bool = False) -> list[dict[str, Any
     folder = RunFolder(out)
     config.save(out / "config.json")
     if not quiet:
-        say(f"fleetlora sim: {config.model} on {config.dataset}, {config.clients} clients, {config.rounds} rounds")
+        say(
+            f"fleetlora sim: {config.model} on {config.dataset}, {config.clients} clients, {config.rounds} rounds"
+        )
     world = build_world(config)
     if not quiet:
-        say(f"world ready in {time.perf_counter() - t0:.1f}s: {len(world.train)} train / {len(world.test)} test "
-            f"examples, deadline {world.deadline_s:.1f} virtual s\n")
+        say(
+            f"world ready in {time.perf_counter() - t0:.1f}s: {len(world.train)} train / {len(world.test)} test "
+            f"examples, deadline {world.deadline_s:.1f} virtual s\n"
+        )
         say(adapter_summary(world) + "\n")
     records: list[dict[str, Any]] = []
     for method in config.methods:
@@ -72,6 +76,8 @@ def run_experiment(config: SimConfig, quiet: bool = False) -> list[dict[str, Any
     plots = plot(records, out)
     if not quiet:
         print(table)
-        say(f"\nrun folder: {out}/ (metrics.jsonl, summary.md, {', '.join(p.name for p in plots)}); "
-            f"total {time.perf_counter() - t0:.0f}s")
+        say(
+            f"\nrun folder: {out}/ (metrics.jsonl, summary.md, {', '.join(p.name for p in plots)}); "
+            f"total {time.perf_counter() - t0:.0f}s"
+        )
     return records

@@ -49,7 +49,9 @@ class InProcTransport:
     A client costs its payload and its upload while it runs, nothing afterwards.
     """
 
-    def __init__(self, model: nn.Module, trainer: Trainer, template: State, train: Inputs, train_fn: bool = True):
+    def __init__(
+        self, model: nn.Module, trainer: Trainer, template: State, train: Inputs, train_fn: bool = True
+    ):
         self.model, self.trainer, self.template, self.train_inputs = model, trainer, template, train
         self.train_fn = train_fn
 
@@ -60,8 +62,12 @@ class InProcTransport:
                 results.append(ClientResult(job.client.cid, job.payload))
                 continue
             rng = np.random.default_rng(job.data_seed)
-            batches = self.train_inputs.client_batches(job.client.indices, job.batch_size, job.plan.local_steps, rng)
-            upload, metrics = run_local_round(self.trainer, spec, job.payload, self.template, batches, job.plan)
+            batches = self.train_inputs.client_batches(
+                job.client.indices, job.batch_size, job.plan.local_steps, rng
+            )
+            upload, metrics = run_local_round(
+                self.trainer, spec, job.payload, self.template, batches, job.plan
+            )
             results.append(ClientResult(job.client.cid, upload, metrics))
         return results
 

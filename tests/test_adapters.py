@@ -70,7 +70,10 @@ def test_only_adapter_and_head_train(family: str) -> None:
 def test_layers_restrict_targets() -> None:
     model, _ = build_model("tiny-bert", 3)
     names = target_module_names(model, AdapterSpec(layers=(1,)))
-    assert names == ["encoder.encoder.layer.1.attention.self.query", "encoder.encoder.layer.1.attention.self.value"]
+    assert names == [
+        "encoder.encoder.layer.1.attention.self.query",
+        "encoder.encoder.layer.1.attention.self.value",
+    ]
     with pytest.raises(ValueError, match="no nn.Linear"):
         target_module_names(model, AdapterSpec(target_modules=("nonexistent",)))
 
@@ -128,7 +131,9 @@ def test_training_a_subset_of_heads_changes_only_those(batch: dict) -> None:
     model = fresh(AdapterSpec(family="ravan", rank=4, heads=4))
     train_heads(model, [1, 3])
     before = trainable_state(model)
-    loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    loss = torch.nn.functional.cross_entropy(
+        model(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+    )
     loss.backward()
     for name, layer in ravan_layers(model).items():
         g = layer.ravan_H.grad
@@ -214,7 +219,9 @@ def test_lower_rank_is_exact_after_padding(batch: dict) -> None:
     assert all(low[a].shape[0] == 2 and low[b].shape[1] == 2 for a, b in layout(low).lora.values())
     padded = lora_pad(low, full)
     load_trainable_state(model, padded)
-    loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    loss = torch.nn.functional.cross_entropy(
+        model(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+    )
     loss.backward()
     for name, p in model.named_parameters():  # the padding gets no gradient: a true rank-2 LoRA
         if name.endswith("lora_A.default.weight"):
@@ -235,7 +242,13 @@ def test_spec_json_round_trip_and_validation() -> None:
     assert AdapterSpec.from_json(spec.to_json()) == spec
     assert spec.digest() == AdapterSpec.from_json(spec.to_json()).digest()
     assert spec.digest() != spec.with_(seed=10).digest()
-    for bad in ({"family": "dora"}, {"rank": 0}, {"alpha": float("nan")}, {"dtype": "int8"}, {"target_modules": ()}):
+    for bad in (
+        {"family": "dora"},
+        {"rank": 0},
+        {"alpha": float("nan")},
+        {"dtype": "int8"},
+        {"target_modules": ()},
+    ):
         with pytest.raises(SpecError):
             AdapterSpec(**bad)  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="unknown"):

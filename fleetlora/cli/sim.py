@@ -20,29 +20,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from sim.config import SimConfig
 
     d = SimConfig()
-    p.add_argument("--method", default=",".join(d.methods), help="method(s), comma-separated, or 'all' (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        default=",".join(d.methods),
+        help="method(s), comma-separated, or 'all' (default: %(default)s)",
+    )
     p.add_argument("--model", default=d.model, help="registered model (default: %(default)s)")
     p.add_argument("--dataset", default=d.dataset, help="reuters8 | 20news | trec6 (default: %(default)s)")
-    p.add_argument("--clients", type=positive_int, default=d.clients, help="virtual clients (default: %(default)s)")
-    p.add_argument("--clients-per-round", type=positive_int, default=d.clients_per_round, help="sampled each round")
-    p.add_argument("--rounds", type=positive_int, default=d.rounds, help="federated rounds (default: %(default)s)")
-    p.add_argument("--partition", choices=["dirichlet", "iid"], default=d.partition, help="label split across clients")
-    p.add_argument("--alpha", type=non_negative_float, default=d.alpha, help="Dirichlet alpha (smaller = more skew)")
-    p.add_argument("--device-mix", default=d.device_mix, help="device mix from devices/mixes.toml (default: %(default)s)")
-    p.add_argument("--local-steps", type=int, default=d.local_steps, help="fixed local steps; 0 = from each device's budget")
-    p.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="most local steps a budget may grant")
+    p.add_argument(
+        "--clients", type=positive_int, default=d.clients, help="virtual clients (default: %(default)s)"
+    )
+    p.add_argument(
+        "--clients-per-round", type=positive_int, default=d.clients_per_round, help="sampled each round"
+    )
+    p.add_argument(
+        "--rounds", type=positive_int, default=d.rounds, help="federated rounds (default: %(default)s)"
+    )
+    p.add_argument(
+        "--partition", choices=["dirichlet", "iid"], default=d.partition, help="label split across clients"
+    )
+    p.add_argument(
+        "--alpha", type=non_negative_float, default=d.alpha, help="Dirichlet alpha (smaller = more skew)"
+    )
+    p.add_argument(
+        "--device-mix", default=d.device_mix, help="device mix from devices/mixes.toml (default: %(default)s)"
+    )
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=d.local_steps,
+        help="fixed local steps; 0 = from each device's budget",
+    )
+    p.add_argument(
+        "--max-steps", type=positive_int, default=d.max_steps, help="most local steps a budget may grant"
+    )
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="largest local batch")
-    p.add_argument("--lr", type=non_negative_float, default=d.lr, help="local learning rate (default: %(default)s)")
+    p.add_argument(
+        "--lr", type=non_negative_float, default=d.lr, help="local learning rate (default: %(default)s)"
+    )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=d.optimizer, help="local optimizer")
-    p.add_argument("--rank", type=positive_int, default=d.rank, help="LoRA rank; Ravan heads match its budget")
+    p.add_argument(
+        "--rank", type=positive_int, default=d.rank, help="LoRA rank; Ravan heads match its budget"
+    )
     p.add_argument("--heads", type=positive_int, default=d.heads, help="Ravan heads (default: %(default)s)")
-    p.add_argument("--layers", default=",".join(map(str, d.layers)), help="adapted blocks, e.g. 4,5 ('' = all)")
-    p.add_argument("--max-len", type=positive_int, default=d.max_len, help="tokens per example (default: %(default)s)")
-    p.add_argument("--deadline", type=non_negative_float, default=d.deadline_s, help="virtual round deadline in s (0 = auto)")
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="test examples evaluated (0 = all)")
-    p.add_argument("--transport", choices=["inproc", "mqtt", "ray"], default=d.transport, help="how clients are reached")
+    p.add_argument(
+        "--layers", default=",".join(map(str, d.layers)), help="adapted blocks, e.g. 4,5 ('' = all)"
+    )
+    p.add_argument(
+        "--max-len", type=positive_int, default=d.max_len, help="tokens per example (default: %(default)s)"
+    )
+    p.add_argument(
+        "--deadline",
+        type=non_negative_float,
+        default=d.deadline_s,
+        help="virtual round deadline in s (0 = auto)",
+    )
+    p.add_argument(
+        "--eval-examples", type=int, default=d.eval_examples, help="test examples evaluated (0 = all)"
+    )
+    p.add_argument(
+        "--transport", choices=["inproc", "mqtt", "ray"], default=d.transport, help="how clients are reached"
+    )
     p.add_argument("--broker", default="", help="mqtt://host:port of an external broker (default: embedded)")
-    p.add_argument("--trainer", choices=["eager", "executorch"], default=d.trainer, help="client trainer backend")
+    p.add_argument(
+        "--trainer", choices=["eager", "executorch"], default=d.trainer, help="client trainer backend"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed: the same seed repeats the numbers exactly")
     p.add_argument("--out", default=d.out, help="run folder (default: %(default)s)")
     p.add_argument("--method-params", default="{}", help='JSON per method, e.g. \'{"fedrpca": {"beta": 2}}\'')
@@ -57,9 +99,13 @@ def config_from_args(args: argparse.Namespace) -> object:
         methods = aggregators.available()
     unknown = [m for m in methods if m not in aggregators.available()]
     if unknown:
-        raise CliError(f"unknown method(s) {unknown}; choose from {', '.join(aggregators.available())} or 'all'")
+        raise CliError(
+            f"unknown method(s) {unknown}; choose from {', '.join(aggregators.available())} or 'all'"
+        )
     try:
-        params = args.method_params if isinstance(args.method_params, dict) else json.loads(args.method_params)
+        params = (
+            args.method_params if isinstance(args.method_params, dict) else json.loads(args.method_params)
+        )
         layers = tuple(int(x) for x in as_list(args.layers)) if args.layers != "" else ()
         return SimConfig(
             methods=tuple(methods),
