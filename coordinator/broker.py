@@ -29,7 +29,8 @@ from coordinator.broker_credentials import (
     give_to_broker_user,
 )
 
-__all__ = ["BrokerConfig", "BrokerError", "Mosquitto", "free_port", "local_broker", "mosquitto_available",
+__all__ = ["BrokerConfig", "BrokerError", "Mosquitto", "find_mosquitto", "free_port", "local_broker",
+           "mosquitto_available",
            "render_config"]
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class ChildBroker:
         self._prepare()
         self._output = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - lives as long as the child
         self._proc = subprocess.Popen(self._command(), stdout=self._output, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=self._environment())
+                                      stdin=subprocess.DEVNULL, env=self._environment(),
+                                      start_new_session=True)  # Ctrl-C reaches us only: we stop it
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -219,7 +221,7 @@ class Mosquitto(ChildBroker):
     def __init__(self, workdir: Path | str, config: BrokerConfig | None = None, *,
                  binary: str | None = None) -> None:
         self.config = config or BrokerConfig()
-        found = binary or shutil.which("mosquitto") or _sbin("mosquitto")
+        found = binary or find_mosquitto()
         if found is None:
             raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients); "
                               "or use the embedded broker: fleetlora broker run --embedded")
@@ -263,15 +265,17 @@ class Mosquitto(ChildBroker):
         os.kill(self.pid, signal.SIGHUP)
 
 
-def _sbin(name: str) -> str | None:
-    """Debian installs mosquitto in /usr/sbin, which is not on every user's PATH."""
-    path = Path("/usr/sbin") / name
-    return str(path) if path.exists() else None
+def find_mosquitto() -> str | None:
+    """The mosquitto binary: on PATH, or in /usr/sbin where Debian puts it (not on every user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found is None and Path("/usr/sbin/mosquitto").exists():
+        found = "/usr/sbin/mosquitto"
+    return found
 
 
 def mosquitto_available() -> bool:
     """True when a mosquitto binary is installed."""
-    return (shutil.which("mosquitto") or _sbin("mosquitto")) is not None
+    return find_mosquitto() is not None
 
 
 def local_broker(workdir: Path | str, *, embedded: bool | None = None, port: int = 0) -> ChildBroker:

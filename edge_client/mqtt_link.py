@@ -46,12 +46,13 @@ from edge_client.mqtt_types import (
     PayloadTooLarge,
     PublishRefused,
     QueueFull,
+    max_payload_size,
     publish_packet_size,
     strip_share,
 )
 
 __all__ = ["Delivery", "LinkClosed", "LinkConfig", "MqttLink", "MqttLinkError", "PayloadTooLarge",
-           "PublishRefused", "QueueFull", "publish_packet_size"]
+           "PublishRefused", "QueueFull", "max_payload_size", "publish_packet_size"]
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,14 @@ class MqttLink:
         self._inflight: dict[int, _Outgoing] = {}
         self._connect_slot = False
         self._retry_pending = False
+        self._unsent_filters: set[str] = set()  # subscribed since the last SUBSCRIBE went out
+        self._pending_subacks: set[int] = set()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # every subscription acknowledged on this connection
         self._released = threading.Event()
         self.client = self._make_client()
         self.connects = 0  # successful connections so far (a reconnect makes it 2, ...)
+        self.last_refusal: str | None = None  # the broker's reason when it last refused to connect us
 
     # ---- setup ------------------------------------------------------------------------------------
 
@@ -134,7 +139,9 @@ class MqttLink:
         if self._mqtt5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = cfg.session_expiry_s
-        client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, properties=properties)
+        # Never a clean start: a restarted client resumes its session (QoS 1 messages queued for it), and
+        # mosquitto 2.0.11 persists across its own restarts only sessions that did not begin clean.
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=properties)
         return client
 
     def start(self) -> MqttLink:
@@ -159,15 +166,25 @@ class MqttLink:
         """The largest PUBLISH packet the link will send (the broker's announcement may lower it)."""
         return self._packet_limit
 
+    def max_payload(self, topic: str, qos: int = 1) -> int:
+        """The largest payload :meth:`publish` accepts for ``topic`` now (for chunking above it)."""
+        return max_payload_size(topic, self._packet_limit, qos, self._mqtt5)
+
     def wait_connected(self, timeout_s: float | None = None) -> bool:
         """Block until connected; False on timeout."""
         return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float | None = None) -> bool:
+        """Block until connected and every subscription is acknowledged by the broker; False on timeout."""
+        return self._subscribed.wait(timeout_s)
 
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
         """Call ``callback(topic, payload)`` for each message matching ``topic_filter``; renewed on reconnect."""
         with self._lock:
             self._check_open()
             self._subscriptions[topic_filter] = (qos, callback)
+            self._unsent_filters.add(topic_filter)
+            self._subscribed.clear()
         self._pool.call_soon(lambda: self._send_subscribe([topic_filter]))
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
@@ -281,19 +298,19 @@ class MqttLink:
                     reason: ReasonCode, properties: Properties | None) -> None:
         self._give_back_slot()
         if reason.is_failure:
+            self.last_refusal = str(reason)
             log.warning("%s: broker refused the connection: %s", self.config.client_id, reason)
             return  # the broker closes the socket; _on_disconnect schedules the retry
         self._backoff.reset()
         self.connects += 1
         announced = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         self._packet_limit = min(self.config.max_packet_size, announced or self.config.max_packet_size)
-        if not flags.session_present:
-            with self._lock:
-                filters = list(self._subscriptions)
-            self._send_subscribe(filters)
+        self._connected.set()
+        with self._lock:  # a kept session still has the old subscriptions, not those made while offline
+            filters = list(self._unsent_filters if flags.session_present else self._subscriptions)
+        self._send_subscribe(filters)
         if self.config.status_topic:
             client.publish(self.config.status_topic, ONLINE, qos=1, retain=True)
-        self._connected.set()
         # After paho has re-sent the messages in flight (it does so right after this callback).
         self._pool.call_soon(self._pump)
 
@@ -302,6 +319,11 @@ class MqttLink:
         self._give_back_slot()
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
+        if self._pending_subacks:  # unacknowledged: maybe never registered, so send them all again
+            with self._lock:
+                self._unsent_filters.update(self._subscriptions)
+            self._pending_subacks.clear()
         if self._closed:
             self._release()
             return
@@ -310,16 +332,28 @@ class MqttLink:
         self._schedule_retry()
 
     def _send_subscribe(self, filters: list[str]) -> None:
+        if not self.client.is_connected():  # (already true inside _on_connect)
+            return
         with self._lock:
             wanted = [(f, self._subscriptions[f][0]) for f in filters if f in self._subscriptions]
-        if wanted and self.client.is_connected():  # already true inside _on_connect
-            self.client.subscribe(wanted)
+            self._unsent_filters.difference_update(filters)
+        if wanted:
+            _, mid = self.client.subscribe(wanted)
+            self._pending_subacks.add(mid)
+        self._mark_if_subscribed()
+
+    def _mark_if_subscribed(self) -> None:
+        with self._lock:
+            if not self._unsent_filters and not self._pending_subacks:
+                self._subscribed.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:
         for reason in reasons:
             if reason.is_failure:
                 log.warning("%s: subscription refused: %s", self.config.client_id, reason)
+        self._pending_subacks.discard(mid)
+        self._mark_if_subscribed()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:

@@ -92,6 +92,14 @@ def publish_packet_size(topic: str, payload_len: int, qos: int, mqtt5: bool = Tr
     return 1 + _varint_len(remaining) + remaining
 
 
+def max_payload_size(topic: str, packet_limit: int, qos: int, mqtt5: bool = True) -> int:
+    """The largest payload whose PUBLISH to ``topic`` fits in ``packet_limit`` bytes (0 if none fits)."""
+    size = packet_limit - publish_packet_size(topic, 0, qos, mqtt5)
+    while size > 0 and publish_packet_size(topic, size, qos, mqtt5) > packet_limit:
+        size -= 1  # at most 3 steps: the length prefix grows by one byte per step of 128x
+    return max(size, 0)
+
+
 class Backoff:
     """Exponential back-off with a cap and jitter: attempt k waits U(0.5, 1) * min(cap, base * 2**k)."""
 
