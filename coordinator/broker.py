@@ -29,9 +29,16 @@ from coordinator.broker_credentials import (
     give_to_broker_user,
 )
 
-__all__ = ["BrokerConfig", "BrokerError", "Mosquitto", "find_mosquitto", "free_port", "local_broker",
-           "mosquitto_available",
-           "render_config"]
+__all__ = [
+    "BrokerConfig",
+    "BrokerError",
+    "Mosquitto",
+    "find_mosquitto",
+    "free_port",
+    "local_broker",
+    "mosquitto_available",
+    "render_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,25 +156,39 @@ class ChildBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._prepare()
         self._output = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - lives as long as the child
-        self._proc = subprocess.Popen(self._command(), stdout=self._output, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=self._environment(),
-                                      start_new_session=True)  # Ctrl-C reaches us only: we stop it
+        self._proc = subprocess.Popen(
+            self._command(),
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._environment(),
+            start_new_session=True,
+        )  # Ctrl-C reaches us only: we stop it
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._close_output()
-                raise BrokerError(f"{type(self).__name__} exited with status {code} at start:\n{self.log_tail()}")
+                raise BrokerError(
+                    f"{type(self).__name__} exited with status {code} at start:\n{self.log_tail()}"
+                )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
-                    log.info("%s listening on %s:%d (pid %d)", type(self).__name__, self.host, self.port,
-                             self._proc.pid)
+                    log.info(
+                        "%s listening on %s:%d (pid %d)",
+                        type(self).__name__,
+                        self.host,
+                        self.port,
+                        self._proc.pid,
+                    )
                     return self
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise BrokerError(f"{type(self).__name__} did not accept connections on port {self.port} "
-                          f"within {timeout} s:\n{self.log_tail()}")
+        raise BrokerError(
+            f"{type(self).__name__} did not accept connections on port {self.port} "
+            f"within {timeout} s:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the child by PID, SIGKILL it if it has not exited after ``timeout`` seconds."""
@@ -204,8 +225,9 @@ class ChildBroker:
     def __enter__(self) -> Self:
         return self if self.running else self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -218,13 +240,16 @@ class Mosquitto(ChildBroker):
 
     log_name = "mosquitto.log"
 
-    def __init__(self, workdir: Path | str, config: BrokerConfig | None = None, *,
-                 binary: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path | str, config: BrokerConfig | None = None, *, binary: str | None = None
+    ) -> None:
         self.config = config or BrokerConfig()
         found = binary or find_mosquitto()
         if found is None:
-            raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients); "
-                              "or use the embedded broker: fleetlora broker run --embedded")
+            raise BrokerError(
+                "mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients); "
+                "or use the embedded broker: fleetlora broker run --embedded"
+            )
         self.binary = found
         host = LOOPBACK if self.config.bind in ("0.0.0.0", "") else self.config.bind
         self.plain_port = self._resolve(self.config.port, host)
@@ -252,8 +277,9 @@ class Mosquitto(ChildBroker):
         if self.config.credentials is not None:
             check_reachable_by_broker(Path(self.config.credentials))
         give_to_broker_user(self.workdir)
-        self.config_file.write_text(render_config(self.config, self.workdir.resolve(), self.plain_port,
-                                                  self.tls_port))
+        self.config_file.write_text(
+            render_config(self.config, self.workdir.resolve(), self.plain_port, self.tls_port)
+        )
 
     def _command(self) -> list[str]:
         return [self.binary, "-c", str(self.config_file)]

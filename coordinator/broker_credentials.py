@@ -133,7 +133,9 @@ def _secret_file(path: Path) -> None:
 def _run(cmd: list[str], what: str) -> None:
     tool = shutil.which(cmd[0])
     if tool is None:
-        raise BrokerError(f"{cmd[0]} not found; it is needed to {what} (apt-get install -y openssl mosquitto)")
+        raise BrokerError(
+            f"{cmd[0]} not found; it is needed to {what} (apt-get install -y openssl mosquitto)"
+        )
     # argv may hold a password (mosquitto_passwd -b): never echo it in errors.
     done = subprocess.run([tool, *cmd[1:]], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -154,20 +156,42 @@ def _sign(paths: CredentialPaths, name: str, cert: Path, key: Path, extensions: 
     ext.write_text(extensions)
     _secret_file(key)
     try:
-        _run(["openssl", "req", *_KEY_ARGS, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"],
-             f"create the key of {name}")
+        _run(
+            ["openssl", "req", *_KEY_ARGS, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"],
+            f"create the key of {name}",
+        )
         serial = "0x" + secrets.token_hex(16)
-        _run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(paths.ca_cert), "-CAkey",
-              str(paths.ca_key), "-set_serial", serial, "-days", str(days), "-extfile", str(ext),
-              "-out", str(cert)], f"sign the certificate of {name}")
+        _run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(paths.ca_cert),
+                "-CAkey",
+                str(paths.ca_key),
+                "-set_serial",
+                serial,
+                "-days",
+                str(days),
+                "-extfile",
+                str(ext),
+                "-out",
+                str(cert),
+            ],
+            f"sign the certificate of {name}",
+        )
     finally:
         csr.unlink(missing_ok=True)
         ext.unlink(missing_ok=True)
     os.chmod(key, 0o600)
 
 
-def make_test_ca(directory: Path | str, *, days: int = 825,
-                 hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> CredentialPaths:
+def make_test_ca(
+    directory: Path | str, *, days: int = 825, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> CredentialPaths:
     """Create a CA and a server certificate for ``hosts`` in ``directory`` (a test or private fleet PKI).
 
     Raises BrokerError when the directory already holds a CA (rotating a CA is a deliberate act).
@@ -179,20 +203,49 @@ def make_test_ca(directory: Path | str, *, days: int = 825,
     paths.clients.mkdir(exist_ok=True)
     os.chmod(paths.clients, 0o700)
     _secret_file(paths.ca_key)
-    _run(["openssl", "req", "-x509", *_KEY_ARGS, "-keyout", str(paths.ca_key), "-out", str(paths.ca_cert),
-          "-days", str(days), "-subj", "/CN=fleetlora test CA",
-          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-         "create the CA")
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            *_KEY_ARGS,
+            "-keyout",
+            str(paths.ca_key),
+            "-out",
+            str(paths.ca_cert),
+            "-days",
+            str(days),
+            "-subj",
+            "/CN=fleetlora test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        "create the CA",
+    )
     os.chmod(paths.ca_key, 0o600)
     alt_names = ",".join(("IP:" if h.replace(".", "").isdigit() or ":" in h else "DNS:") + h for h in hosts)
-    _sign(paths, hosts[-1], paths.server_cert, paths.server_key,
-          f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-          f"extendedKeyUsage=serverAuth\nsubjectAltName={alt_names}\n"
-          "authorityKeyIdentifier=keyid\n", days)
+    _sign(
+        paths,
+        hosts[-1],
+        paths.server_cert,
+        paths.server_key,
+        f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage=serverAuth\nsubjectAltName={alt_names}\n"
+        "authorityKeyIdentifier=keyid\n",
+        days,
+    )
     _secret_file(paths.password_file)
     paths.roster.write_text("{}\n")
     _write_acl(paths, {})
-    for broker_file in (paths.ca_cert, paths.server_cert, paths.server_key, paths.password_file, paths.acl_file):
+    for broker_file in (
+        paths.ca_cert,
+        paths.server_cert,
+        paths.server_key,
+        paths.password_file,
+        paths.acl_file,
+    ):
         give_to_broker_user(broker_file)
     return paths
 
@@ -204,7 +257,7 @@ def render_acl(roster: dict[str, str], topic_root: str = TOPIC_ROOT) -> str:
     the global topic; only coordinators may write ``global`` and read every ``up`` and ``status``.
     """
     lines = [
-        "# fleetlora ACL, generated from users.json by coordinator/broker_credentials.py; edits are overwritten.",
+        "# fleetlora ACL, generated from users.json (coordinator/broker_credentials.py); edits are lost.",
         f"pattern write {topic_root}/+/up/%u",
         f"pattern write {topic_root}/+/status/%u",
         f"pattern read {topic_root}/+/global",
@@ -252,13 +305,21 @@ def add_device(directory: Path | str, name: str, *, role: str = "device") -> Dev
         key=paths.clients / f"{name}.key",
         password_file=paths.clients / f"{name}.password",
     )
-    _sign(paths, name, creds.cert, creds.key,
-          "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
-          "authorityKeyIdentifier=keyid\n", 825)
+    _sign(
+        paths,
+        name,
+        creds.cert,
+        creds.key,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+        "authorityKeyIdentifier=keyid\n",
+        825,
+    )
     _secret_file(creds.password_file)
     creds.password_file.write_text(creds.password + "\n")
-    _run(["mosquitto_passwd", "-b", str(paths.password_file), name, creds.password],
-         f"add {name} to the password file")
+    _run(
+        ["mosquitto_passwd", "-b", str(paths.password_file), name, creds.password],
+        f"add {name} to the password file",
+    )
     os.chmod(paths.password_file, 0o600)
     give_to_broker_user(paths.password_file)
     roster[name] = role
@@ -273,5 +334,11 @@ def load_device(directory: Path | str, name: str) -> DeviceCredentials:
     secret = paths.clients / f"{check_name(name)}.password"
     if not secret.exists():
         raise BrokerError(f"no credentials for client {name!r} in {paths.root}")
-    return DeviceCredentials(name, secret.read_text().strip(), paths.ca_cert,
-                             paths.clients / f"{name}.crt", paths.clients / f"{name}.key", secret)
+    return DeviceCredentials(
+        name,
+        secret.read_text().strip(),
+        paths.ca_cert,
+        paths.clients / f"{name}.crt",
+        paths.clients / f"{name}.key",
+        secret,
+    )

@@ -22,8 +22,10 @@ from pathlib import Path
 from coordinator.broker import LOOPBACK, ChildBroker, free_port
 from coordinator.broker_credentials import BrokerError
 
-LIMITS = ("MQTT 3.1.1 only, anonymous, no TLS/ACL, no shared subscriptions, ~40 MB/s; "
-          "for local development and the simulator")
+LIMITS = (
+    "MQTT 3.1.1 only, anonymous, no TLS/ACL, no shared subscriptions, ~40 MB/s; "
+    "for local development and the simulator"
+)
 
 
 def amqtt_available() -> bool:
@@ -47,8 +49,15 @@ class EmbeddedBroker(ChildBroker):
         return f"mqtt://{self.host}:{self.port}"
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "coordinator.broker_embedded", "--port", str(self.port),
-                "--log", str(self.workdir / self.log_name)]
+        return [
+            sys.executable,
+            "-m",
+            "coordinator.broker_embedded",
+            "--port",
+            str(self.port),
+            "--log",
+            str(self.workdir / self.log_name),
+        ]
 
     def _environment(self) -> dict[str, str]:
         # The child must import this package even when it is used from a source tree, not installed.
@@ -76,13 +85,15 @@ async def _serve(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coordinator.broker_embedded",
-                                     description=f"amqtt broker on {LOOPBACK}: {LIMITS}")
+    parser = argparse.ArgumentParser(
+        prog="python -m coordinator.broker_embedded", description=f"amqtt broker on {LOOPBACK}: {LIMITS}"
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log", help="log file (default: stderr)")
     args = parser.parse_args(argv)
-    logging.basicConfig(filename=args.log, level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        filename=args.log, level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(_serve(args.port))
     return 0
 

@@ -51,8 +51,18 @@ from edge_client.mqtt_types import (
     strip_share,
 )
 
-__all__ = ["Delivery", "LinkClosed", "LinkConfig", "MqttLink", "MqttLinkError", "PayloadTooLarge",
-           "PublishRefused", "QueueFull", "max_payload_size", "publish_packet_size"]
+__all__ = [
+    "Delivery",
+    "LinkClosed",
+    "LinkConfig",
+    "MqttLink",
+    "MqttLinkError",
+    "PayloadTooLarge",
+    "PublishRefused",
+    "QueueFull",
+    "max_payload_size",
+    "publish_packet_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +91,9 @@ class MqttLink:
         Source of connect and back-off jitter (seed it for reproducible simulations).
     """
 
-    def __init__(self, config: LinkConfig, *, pool: MqttPool | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: LinkConfig, *, pool: MqttPool | None = None, rng: random.Random | None = None
+    ) -> None:
         self.config = config
         self._mqtt5 = config.protocol == "5"
         self._own_pool = pool is None
@@ -117,8 +128,12 @@ class MqttLink:
         if self._mqtt5:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
         else:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
-                                 protocol=mqtt.MQTTv311, clean_session=False)
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cfg.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=False,
+            )
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
@@ -179,7 +194,7 @@ class MqttLink:
         return self._subscribed.wait(timeout_s)
 
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
-        """Call ``callback(topic, payload)`` for each message matching ``topic_filter``; renewed on reconnect."""
+        """Call ``callback(topic, payload)`` for messages matching ``topic_filter`` (kept on reconnect)."""
         with self._lock:
             self._check_open()
             self._subscriptions[topic_filter] = (qos, callback)
@@ -209,7 +224,9 @@ class MqttLink:
             self._outbox.append(item)
             self._queued_bytes += len(data)
         for old in dropped:
-            old.delivery._finish(QueueFull(f"dropped from the full queue (oldest first) to make room: {old.topic}"))
+            old.delivery._finish(
+                QueueFull(f"dropped from the full queue (oldest first) to make room: {old.topic}")
+            )
         self._pool.call_soon(self._pump)
         return item.delivery
 
@@ -240,12 +257,16 @@ class MqttLink:
 
     def _make_room(self, size: int) -> list[_Outgoing]:
         cfg = self.config
-        fits_when_empty = (self._inflight_count + 1 <= cfg.max_queued_messages
-                           and self._inflight_bytes + size <= cfg.max_queued_bytes)
+        fits_when_empty = (
+            self._inflight_count + 1 <= cfg.max_queued_messages
+            and self._inflight_bytes + size <= cfg.max_queued_bytes
+        )
 
         def full() -> bool:
-            return (self._inflight_count + len(self._outbox) + 1 > cfg.max_queued_messages
-                    or self._inflight_bytes + self._queued_bytes + size > cfg.max_queued_bytes)
+            return (
+                self._inflight_count + len(self._outbox) + 1 > cfg.max_queued_messages
+                or self._inflight_bytes + self._queued_bytes + size > cfg.max_queued_bytes
+            )
 
         if not full():
             return []
@@ -294,8 +315,14 @@ class MqttLink:
         self._retry_pending = True
         self._pool.call_later(self._backoff.next_delay(), self._attempt_connect)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         self._give_back_slot()
         if reason.is_failure:
             self.last_refusal = str(reason)
@@ -314,8 +341,14 @@ class MqttLink:
         # After paho has re-sent the messages in flight (it does so right after this callback).
         self._pool.call_soon(self._pump)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
-                       reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         self._give_back_slot()
         was_connected = self._connected.is_set()
         self._connected.clear()
@@ -338,8 +371,9 @@ class MqttLink:
             wanted = [(f, self._subscriptions[f][0]) for f in filters if f in self._subscriptions]
             self._unsent_filters.difference_update(filters)
         if wanted:
-            _, mid = self.client.subscribe(wanted)
-            self._pending_subacks.add(mid)
+            result, mid = self.client.subscribe(wanted)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subacks.add(mid)
         self._mark_if_subscribed()
 
     def _mark_if_subscribed(self) -> None:
@@ -347,8 +381,14 @@ class MqttLink:
             if not self._unsent_filters and not self._pending_subacks:
                 self._subscribed.set()
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
-                      properties: Properties | None) -> None:
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
         for reason in reasons:
             if reason.is_failure:
                 log.warning("%s: subscription refused: %s", self.config.client_id, reason)
@@ -361,7 +401,7 @@ class MqttLink:
         for topic_filter, (_, callback) in subscriptions:
             if mqtt.topic_matches_sub(strip_share(topic_filter), message.topic):
                 try:
-                    callback(message.topic, message.payload)
+                    callback(message.topic, bytes(message.payload))
                 except Exception:
                     log.exception("%s: message callback for %s failed", self.config.client_id, message.topic)
 
@@ -373,29 +413,39 @@ class MqttLink:
                     return
                 item = self._outbox.popleft()
                 self._queued_bytes -= len(item.payload)
-                too_big = publish_packet_size(item.topic, len(item.payload), item.qos,
-                                              self._mqtt5) > self._packet_limit
+                too_big = (
+                    publish_packet_size(item.topic, len(item.payload), item.qos, self._mqtt5)
+                    > self._packet_limit
+                )
                 if not too_big:
                     self._inflight_count += 1
                     self._inflight_bytes += len(item.payload)
             if too_big:  # queued before the broker announced a smaller limit
-                item.delivery._finish(PayloadTooLarge(
-                    f"publish to {item.topic}: {len(item.payload)} bytes exceed the broker's announced "
-                    f"limit of {self._packet_limit} bytes"))
+                item.delivery._finish(
+                    PayloadTooLarge(
+                        f"publish to {item.topic}: {len(item.payload)} bytes exceed the broker's announced "
+                        f"limit of {self._packet_limit} bytes"
+                    )
+                )
                 continue
             info = self.client.publish(item.topic, item.payload, item.qos, item.retain)
             if item.qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._settle(item, LinkClosed(f"publish to {item.topic} failed: {mqtt.error_string(info.rc)}"))
+                self._settle(
+                    item, LinkClosed(f"publish to {item.topic} failed: {mqtt.error_string(info.rc)}")
+                )
                 continue
             # QoS 1 stays with paho even when the connection just dropped: it is re-sent on reconnect.
             self._inflight[info.mid] = item
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         item = self._inflight.pop(mid, None)
         if item is None:
             return  # the status message
-        error = PublishRefused(f"broker refused publish to {item.topic}: {reason}") if reason.is_failure else None
+        error = (
+            PublishRefused(f"broker refused publish to {item.topic}: {reason}") if reason.is_failure else None
+        )
         self._settle(item, error)
         self._pool.call_soon(self._pump)
 

@@ -13,6 +13,7 @@ one pool among hundreds of links. Stdlib and paho only (this runs on devices).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -53,8 +54,9 @@ class MqttPool:
         connects beyond it stalls in SYN retries for seconds (NOTES), so connects are admitted in waves.
     """
 
-    def __init__(self, *, name: str = "fleetlora-mqtt", tick_s: float = 0.5,
-                 max_pending_connects: int = 64) -> None:
+    def __init__(
+        self, *, name: str = "fleetlora-mqtt", tick_s: float = 0.5, max_pending_connects: int = 64
+    ) -> None:
         self.tick_s = tick_s
         self.max_pending_connects = max_pending_connects
         self._selector = selectors.DefaultSelector()
@@ -127,10 +129,8 @@ class MqttPool:
 
     def forget_socket(self, sock: Any) -> None:
         """Stop watching ``sock`` (a link closing a socket paho did not close itself)."""
-        try:
+        with contextlib.suppress(KeyError, ValueError):  # not registered, or closed: nothing to forget
             self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass  # not registered, or already closed: nothing to forget
 
     # ---- paho socket callbacks (loop thread, from inside paho calls) -------------------------------
 
@@ -186,7 +186,8 @@ class MqttPool:
         if mask & selectors.EVENT_READ:
             client.loop_read()
             # TLS may hold decrypted bytes that epoll cannot see: read until its buffer is empty.
-            while isinstance(sock, ssl.SSLSocket) and client.socket() is sock and sock.pending():
+            tls = sock if isinstance(sock, ssl.SSLSocket) else None
+            while tls is not None and tls.pending() and client.socket() is sock:
                 client.loop_read()
         if mask & selectors.EVENT_WRITE and client.socket() is sock:
             client.loop_write()

@@ -72,7 +72,10 @@ class LinkConfig:
             raise MqttLinkError(f"overflow must be 'raise' or 'drop_oldest', got {self.overflow!r}")
         if not 0 < self.backoff_min_s <= self.backoff_max_s:
             raise MqttLinkError("need 0 < backoff_min_s <= backoff_max_s")
-        if min(self.max_packet_size, self.max_queued_messages, self.max_queued_bytes, self.inflight_window) < 1:
+        if (
+            min(self.max_packet_size, self.max_queued_messages, self.max_queued_bytes, self.inflight_window)
+            < 1
+        ):
             raise MqttLinkError("max_packet_size, max_queued_messages/bytes and inflight_window must be >= 1")
         if (self.client_cert is None) != (self.client_key is None):
             raise MqttLinkError("client_cert and client_key go together")

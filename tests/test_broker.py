@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,32 @@ def _pki(broker_dir: Path) -> Path:
 
 
 def test_render_config_binds_loopback_with_auth_acl_and_limits(tmp_path: Path) -> None:
-    cfg = BrokerConfig(port=0, tls_port=0, credentials=tmp_path / "pki", require_certificate=True,
-                       max_packet_size=1000, max_queued_messages=5000, max_queued_bytes=7000)
+    cfg = BrokerConfig(
+        port=0,
+        tls_port=0,
+        credentials=tmp_path / "pki",
+        require_certificate=True,
+        max_packet_size=1000,
+        max_queued_messages=5000,
+        max_queued_bytes=7000,
+    )
     text = render_config(cfg, tmp_path, 1883, 8883)
     lines = set(text.splitlines())
-    assert {"listener 1883 127.0.0.1", "listener 8883 127.0.0.1", "allow_anonymous false",
-            f"password_file {tmp_path / 'pki' / 'passwd'}", f"acl_file {tmp_path / 'pki' / 'acl'}",
-            f"certfile {tmp_path / 'pki' / 'server.crt'}", "require_certificate true",
-            "use_identity_as_username true", "max_packet_size 1000", "max_queued_messages 5000",
-            "max_queued_bytes 7000", "persistence false", f"log_dest file {tmp_path / 'mosquitto.log'}"} <= lines
+    assert {
+        "listener 1883 127.0.0.1",
+        "listener 8883 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {tmp_path / 'pki' / 'passwd'}",
+        f"acl_file {tmp_path / 'pki' / 'acl'}",
+        f"certfile {tmp_path / 'pki' / 'server.crt'}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "max_packet_size 1000",
+        "max_queued_messages 5000",
+        "max_queued_bytes 7000",
+        "persistence false",
+        f"log_dest file {tmp_path / 'mosquitto.log'}",
+    } <= lines
     assert "0.0.0.0" not in text
 
 
@@ -52,12 +70,15 @@ def test_render_config_without_credentials_is_anonymous_plain_only(tmp_path: Pat
     assert "password_file" not in text and "acl_file" not in text and "certfile" not in text
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"port": None, "tls_port": None},
-    {"tls_port": 0},  # TLS without credentials
-    {"require_certificate": True, "credentials": Path("x")},  # mutual TLS without a TLS listener
-    {"max_packet_size": 0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"port": None, "tls_port": None},
+        {"tls_port": 0},  # TLS without credentials
+        {"require_certificate": True, "credentials": Path("x")},  # mutual TLS without a TLS listener
+        {"max_packet_size": 0},
+    ],
+)
 def test_broker_config_rejects_bad_combinations(kwargs: dict[str, object]) -> None:
     with pytest.raises(BrokerError):
         BrokerConfig(**kwargs)  # type: ignore[arg-type]
@@ -69,8 +90,11 @@ def test_acl_confines_devices_to_their_own_topics() -> None:
     assert "pattern write fleetlora/+/status/%u" in acl
     assert "pattern read fleetlora/+/global" in acl
     coord = acl.index("user coord")
-    assert acl[coord + 1:coord + 4] == ["topic write fleetlora/+/global", "topic read fleetlora/+/up/+",
-                                       "topic read fleetlora/+/status/+"]
+    assert acl[coord + 1 : coord + 4] == [
+        "topic write fleetlora/+/global",
+        "topic read fleetlora/+/up/+",
+        "topic read fleetlora/+/status/+",
+    ]
     assert "user dev1" not in acl  # devices get the patterns only
 
 
@@ -92,8 +116,12 @@ def test_credentials_are_private_and_verifiable(broker_dir: Path) -> None:
     assert passwd.startswith("dev-1:$7$") and creds.password not in passwd
     assert "user coord" in (pki / "acl").read_text()
     assert load_device(pki, "dev-1") == creds
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki / "ca.crt"), str(creds.cert),
-                             str(pki / "server.crt")], capture_output=True, text=True, check=False)
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(pki / "ca.crt"), str(creds.cert), str(pki / "server.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stderr
     with pytest.raises(BrokerError, match="already exists"):
         add_device(pki, "dev-1")
@@ -123,7 +151,7 @@ def test_stop_and_restart_on_the_same_port(mosquitto: Mosquitto) -> None:
 
 
 @pytest.mark.mqtt
-def test_start_failure_reports_the_log(start_mosquitto, broker_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_start_failure_reports_the_log(start_mosquitto: Callable[..., Mosquitto], broker_dir: Path) -> None:
     missing = broker_dir / "no-such-pki"  # no password file: mosquitto exits at start
     with pytest.raises(BrokerError, match=r"exited with status(.|\n)*passwd"):
         start_mosquitto(BrokerConfig(credentials=missing))
@@ -131,7 +159,9 @@ def test_start_failure_reports_the_log(start_mosquitto, broker_dir: Path) -> Non
 
 @pytest.mark.mqtt
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's mosquitto drops to another user")
-def test_unreachable_directory_is_a_clear_error(start_mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_directory_is_a_clear_error(
+    start_mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
     with pytest.raises(BrokerError, match="cannot enter"):
         Mosquitto(tmp_path / "broker").start()  # pytest's tmp_path is 0700 root
 
@@ -154,9 +184,22 @@ def test_cli_init_ca_and_add_device(broker_dir: Path, capsys: pytest.CaptureFixt
 @pytest.mark.skipif(not broker_mod.mosquitto_available(), reason="mosquitto is not installed")
 def test_cli_run_serves_until_sigterm(broker_dir: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetlora", "broker", "run", "--port", str(port),
-                             "--workdir", str(broker_dir / "run")], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetlora",
+            "broker",
+            "run",
+            "--port",
+            str(port),
+            "--workdir",
+            str(broker_dir / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     try:
         assert proc.stdout is not None
         assert f"127.0.0.1:{port}" in proc.stdout.readline()

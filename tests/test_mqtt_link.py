@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +62,11 @@ def test_packet_size_counts_header_topic_id_properties() -> None:
     assert publish_packet_size("t", 200, qos=1) == 1 + 2 + 3 + 2 + 1 + 200  # two length bytes past 127
     for limit in (20, 130, 131, 132, 16_386, 16_387, 10_000):
         largest = max_payload_size("a/b", limit, qos=1)
-        assert publish_packet_size("a/b", largest, qos=1) <= limit < publish_packet_size("a/b", largest + 1, qos=1)
+        assert (
+            publish_packet_size("a/b", largest, qos=1)
+            <= limit
+            < publish_packet_size("a/b", largest + 1, qos=1)
+        )
 
 
 def test_backoff_grows_to_the_cap_with_jitter_and_resets() -> None:
@@ -74,9 +79,16 @@ def test_backoff_grows_to_the_cap_with_jitter_and_resets() -> None:
     assert backoff.next_delay() <= 0.1
 
 
-@pytest.mark.parametrize("kwargs", [{"client_id": "a/b"}, {"client_id": ""}, {"client_id": "x", "protocol": "4"},
-                                    {"client_id": "x", "overflow": "block"},
-                                    {"client_id": "x", "client_cert": Path("c.crt")}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"client_id": "a/b"},
+        {"client_id": ""},
+        {"client_id": "x", "protocol": "4"},
+        {"client_id": "x", "overflow": "block"},
+        {"client_id": "x", "client_cert": Path("c.crt")},
+    ],
+)
 def test_link_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(MqttLinkError):
         LinkConfig(**kwargs)  # type: ignore[arg-type]
@@ -95,8 +107,11 @@ def test_offline_queue_is_bounded_and_closing_fails_what_is_left() -> None:
 
 
 def test_drop_oldest_policy_fails_the_oldest_unsent_message() -> None:
-    link = MqttLink(LinkConfig("offline", port=free_port(), max_queued_messages=100, max_queued_bytes=30,
-                               overflow="drop_oldest"))
+    link = MqttLink(
+        LinkConfig(
+            "offline", port=free_port(), max_queued_messages=100, max_queued_bytes=30, overflow="drop_oldest"
+        )
+    )
     try:
         a, b, c = (link.publish("t", bytes([i]) * 10) for i in range(3))
         d = link.publish("t", b"d" * 15)  # needs 15 more bytes: a and b go
@@ -147,8 +162,8 @@ def test_last_will_on_abrupt_loss_then_reconnect(mosquitto: Mosquitto) -> None:
         assert watcher.wait_subscribed(WAIT) and dev.wait_connected(WAIT)
         assert status.wait_for(1)
         sock = dev.client.socket()
-        assert sock is not None
-        sock.shutdown(2)  # the network drops: no DISCONNECT, so the broker publishes the will
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)  # the network drops: no DISCONNECT, so the broker publishes the will
         assert status.wait_for(3)
         assert [p for _, p in status.messages[:3]] == [b"online", b"offline", b"online"]
         assert dev.connects == 2
@@ -158,7 +173,9 @@ def test_last_will_on_abrupt_loss_then_reconnect(mosquitto: Mosquitto) -> None:
 
 
 @pytest.mark.mqtt
-def test_oversized_payload_is_refused_without_a_reconnect_loop(start_mosquitto: Callable[..., Mosquitto]) -> None:
+def test_oversized_payload_is_refused_without_a_reconnect_loop(
+    start_mosquitto: Callable[..., Mosquitto],
+) -> None:
     broker = start_mosquitto(BrokerConfig(max_packet_size=10_000))
     inbox = Inbox()
     sub = _link(broker, "sub")
@@ -180,8 +197,9 @@ def test_oversized_payload_is_refused_without_a_reconnect_loop(start_mosquitto: 
         sub.close()
 
 
-def _secure_broker(start_mosquitto: Callable[..., Mosquitto], broker_dir: Path,
-                   require_certificate: bool = False) -> tuple[Mosquitto, dict[str, DeviceCredentials]]:
+def _secure_broker(
+    start_mosquitto: Callable[..., Mosquitto], broker_dir: Path, require_certificate: bool = False
+) -> tuple[Mosquitto, dict[str, DeviceCredentials]]:
     pki = broker_dir / "pki"
     if not pki.exists():
         make_test_ca(pki)
@@ -192,8 +210,14 @@ def _secure_broker(start_mosquitto: Callable[..., Mosquitto], broker_dir: Path,
 
 
 def _tls_link(broker: Mosquitto, creds: DeviceCredentials, password: str | None = None) -> MqttLink:
-    return _link(broker, creds.username, username=creds.username, password=password or creds.password,
-                 tls=True, ca_cert=creds.ca_cert)
+    return _link(
+        broker,
+        creds.username,
+        username=creds.username,
+        password=password or creds.password,
+        tls=True,
+        ca_cert=creds.ca_cert,
+    )
 
 
 @pytest.mark.mqtt
@@ -227,7 +251,9 @@ def test_tls_password_and_acl(start_mosquitto: Callable[..., Mosquitto], broker_
 
 
 @pytest.mark.mqtt
-def test_mutual_tls_uses_the_certificate_name(start_mosquitto: Callable[..., Mosquitto], broker_dir: Path) -> None:
+def test_mutual_tls_uses_the_certificate_name(
+    start_mosquitto: Callable[..., Mosquitto], broker_dir: Path
+) -> None:
     broker, creds = _secure_broker(start_mosquitto, broker_dir, require_certificate=True)
     dev = creds["dev-a"]
     link = _link(broker, "dev-a", tls=True, ca_cert=dev.ca_cert, client_cert=dev.cert, client_key=dev.key)
@@ -258,7 +284,8 @@ def _wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT) -> bool:
 
 @pytest.mark.mqtt
 def test_message_queued_while_the_broker_is_down_is_delivered_after_restart(
-        start_mosquitto: Callable[..., Mosquitto]) -> None:
+    start_mosquitto: Callable[..., Mosquitto],
+) -> None:
     # Persistence keeps the subscriber's session across the restart, so its delivery does not depend on
     # which of the two clients reconnects first.
     broker = start_mosquitto(BrokerConfig(persistence=True))
@@ -275,7 +302,9 @@ def test_message_queued_while_the_broker_is_down_is_delivered_after_restart(
         broker.start()
         assert all(d.wait(WAIT) and d.ok for d in queued)
         assert inbox.wait_for(30)
-        assert inbox.messages == [("fleetlora/r/up/dev-1", f"queued {i}".encode()) for i in range(30)]  # in order
+        assert inbox.messages == [
+            ("fleetlora/r/up/dev-1", f"queued {i}".encode()) for i in range(30)
+        ]  # in order
         assert dev.connects == 2 and sub.connects == 2
     finally:
         dev.close()
@@ -309,15 +338,27 @@ def test_pool_of_500_clients_each_publish_once(mosquitto: Mosquitto) -> None:
     coord.subscribe("fleetlora/r/up/+", inbox)
     pool = MqttPool()
     rng = random.Random(0)
-    links = [MqttLink(LinkConfig(f"v{i:03d}", port=mosquitto.port, connect_jitter_s=0.5,
-                                 status_topic=f"fleetlora/r/status/v{i:03d}"), pool=pool, rng=rng).start()
-             for i in range(count)]
+    links = [
+        MqttLink(
+            LinkConfig(
+                f"v{i:03d}",
+                port=mosquitto.port,
+                connect_jitter_s=0.5,
+                status_topic=f"fleetlora/r/status/v{i:03d}",
+            ),
+            pool=pool,
+            rng=rng,
+        ).start()
+        for i in range(count)
+    ]
     try:
         assert coord.wait_subscribed(WAIT)
         assert all(link.wait_connected(30) for link in links)
         assert pool.members == count
-        deliveries = [link.publish(f"fleetlora/r/up/{link.config.client_id}", link.config.client_id.encode())
-                      for link in links]
+        deliveries = [
+            link.publish(f"fleetlora/r/up/{link.config.client_id}", link.config.client_id.encode())
+            for link in links
+        ]
         assert all(d.wait(30) and d.ok for d in deliveries)
         assert inbox.wait_for(count, 30)
         assert sorted(p for _, p in inbox.messages) == [f"v{i:03d}".encode() for i in range(count)]
