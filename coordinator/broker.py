@@ -8,6 +8,7 @@ Both are child processes stopped by PID, so a test or the simulator can kill and
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -142,6 +143,11 @@ class ChildBroker:
         return None
 
     @property
+    def url(self) -> str:
+        """Where clients connect: ``mqtt://host:port``."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
@@ -164,6 +170,7 @@ class ChildBroker:
             env=self._environment(),
             start_new_session=True,
         )  # Ctrl-C reaches us only: we stop it
+        atexit.register(self.stop)  # a forgotten broker must not outlive this process
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -193,6 +200,7 @@ class ChildBroker:
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the child by PID, SIGKILL it if it has not exited after ``timeout`` seconds."""
         proc, self._proc = self._proc, None
+        atexit.unregister(self.stop)
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             try:

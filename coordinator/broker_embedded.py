@@ -44,10 +44,6 @@ class EmbeddedBroker(ChildBroker):
             raise BrokerError("the embedded broker needs amqtt: pip install amqtt==0.12.1")
         super().__init__(workdir, LOOPBACK, port or free_port(LOOPBACK))
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
     def _command(self) -> list[str]:
         return [
             sys.executable,

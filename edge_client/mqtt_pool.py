@@ -82,7 +82,8 @@ class MqttPool:
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread, in the order of calls."""
         self._calls.append(fn)
-        self._wake()
+        if len(self._calls) == 1:  # was empty: the loop may sleep; otherwise a wake-up is already due
+            self._wake()
 
     def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread after ``delay_s`` seconds."""

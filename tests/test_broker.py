@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import coordinator.broker as broker_mod
-from coordinator.broker import BrokerConfig, BrokerError, Mosquitto, free_port, render_config
+from coordinator.broker import BrokerConfig, BrokerError, Mosquitto, free_port, local_broker, render_config
 from coordinator.broker_credentials import add_device, load_device, make_test_ca, render_acl
 from coordinator.broker_embedded import EmbeddedBroker, amqtt_available
 from edge_client.mqtt_link import LinkConfig, MqttLink
@@ -222,8 +222,8 @@ def test_embedded_broker_round_trip(broker_dir: Path) -> None:
         received.append((topic, payload))
         arrived.set()
 
-    with EmbeddedBroker(broker_dir / "amqtt") as broker:
-        assert broker.url.startswith("mqtt://127.0.0.1:")
+    with local_broker(broker_dir / "amqtt", embedded=True) as broker:
+        assert isinstance(broker, EmbeddedBroker) and broker.url.startswith("mqtt://127.0.0.1:")
         sub = MqttLink(LinkConfig("sub", port=broker.port, protocol="3.1.1")).start()
         pub = MqttLink(LinkConfig("pub", port=broker.port, protocol="3.1.1")).start()
         try:

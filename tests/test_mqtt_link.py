@@ -251,6 +251,22 @@ def test_tls_password_and_acl(start_mosquitto: Callable[..., Mosquitto], broker_
 
 
 @pytest.mark.mqtt
+def test_device_added_to_a_running_broker_connects_after_reload(
+    start_mosquitto: Callable[..., Mosquitto], broker_dir: Path
+) -> None:
+    broker, _ = _secure_broker(start_mosquitto, broker_dir)
+    late = add_device(broker_dir / "pki", "dev-late")
+    broker.reload()  # SIGHUP: mosquitto re-reads the password file and the ACL
+    link = _tls_link(broker, late)  # an attempt before the reload took effect is refused, then retried
+    try:
+        assert link.wait_connected(WAIT)
+        delivery = link.publish("fleetlora/r/up/dev-late", b"hello")
+        assert delivery.wait(WAIT) and delivery.ok
+    finally:
+        link.close()
+
+
+@pytest.mark.mqtt
 def test_mutual_tls_uses_the_certificate_name(
     start_mosquitto: Callable[..., Mosquitto], broker_dir: Path
 ) -> None:
