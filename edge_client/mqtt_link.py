@@ -3,8 +3,10 @@
 Payloads are opaque bytes here; the envelope format lives elsewhere. What the link adds over bare paho
 (each one a pitfall in NOTES):
 
-- MQTT 5 with a session expiry, so QoS 1 deliveries survive a reconnect; subscriptions are renewed
-  whenever the broker has no session for us (a restarted broker without persistence).
+- MQTT 5 with a session expiry and never a clean start, so QoS 1 deliveries survive a reconnect (and,
+  with broker persistence, a broker restart); subscriptions are renewed whenever the broker has no
+  session for us (a restarted broker without persistence). :meth:`MqttLink.wait_subscribed` says when
+  the broker has acknowledged them.
 - A jittered first connect, and exponential back-off with jitter and a cap on every reconnect.
 - A last will: retained ``offline`` on the status topic; retained ``online`` after each connect.
 - ``publish`` refuses with :class:`PayloadTooLarge`, sending nothing, a packet above the size limit (the
