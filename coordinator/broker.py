@@ -1,0 +1,323 @@
+"""The MQTT broker the fleet talks through: a rendered mosquitto config and a child-process manager.
+
+``Mosquitto`` runs the system's mosquitto binary on loopback with a config rendered from the packaged
+template (plain and/or TLS listener, passwords, ACL, raised queue limits, a packet size cap).
+``coordinator.broker_embedded.EmbeddedBroker`` is the zero-setup fallback with the same interface.
+Both are child processes stopped by PID, so a test or the simulator can kill and restart them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+from types import TracebackType
+from typing import IO, Self
+
+from coordinator.broker_credentials import (
+    BrokerError,
+    CredentialPaths,
+    check_reachable_by_broker,
+    give_to_broker_user,
+)
+
+__all__ = [
+    "BrokerConfig",
+    "BrokerError",
+    "Mosquitto",
+    "find_mosquitto",
+    "free_port",
+    "local_broker",
+    "mosquitto_available",
+    "render_config",
+]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+MIB = 1024 * 1024
+# mosquitto's own hard maximum for a packet (the MQTT variable-length limit).
+MQTT_MAX_PACKET = 268_435_455
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """What to render into mosquitto.conf.
+
+    ``port``/``tls_port``: 0 picks a free port, None disables that listener. ``credentials``: a directory
+    made by :func:`~coordinator.broker_credentials.make_test_ca`; with it anonymous clients are refused,
+    passwords and the ACL apply, and the TLS listener uses its server certificate.
+    ``require_certificate``: mutual TLS, the certificate CN becomes the username (ACL ``%u``).
+    """
+
+    port: int | None = 0
+    tls_port: int | None = None
+    bind: str = LOOPBACK
+    credentials: Path | None = None
+    require_certificate: bool = False
+    max_packet_size: int = 16 * MIB
+    max_queued_messages: int = 100_000
+    max_queued_bytes: int = 512 * MIB
+    max_inflight_messages: int = 20
+    persistence: bool = False
+
+    def __post_init__(self) -> None:
+        if self.port is None and self.tls_port is None:
+            raise BrokerError("the broker needs at least one listener: give port or tls_port")
+        if self.tls_port is not None and self.credentials is None:
+            raise BrokerError("a TLS listener needs a credentials directory (fleetlora broker init-ca DIR)")
+        if self.require_certificate and self.tls_port is None:
+            raise BrokerError("require_certificate needs a TLS listener (tls_port)")
+        if not 0 < self.max_packet_size <= MQTT_MAX_PACKET:
+            raise BrokerError(f"max_packet_size must be in 1..{MQTT_MAX_PACKET}, got {self.max_packet_size}")
+        for name in ("max_queued_messages", "max_queued_bytes", "max_inflight_messages"):
+            if getattr(self, name) < 1:
+                raise BrokerError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def render_config(config: BrokerConfig, workdir: Path, port: int | None, tls_port: int | None) -> str:
+    """The mosquitto.conf text for ``config`` with its listeners on the resolved ports."""
+    listeners = []
+    if port is not None:
+        listeners.append(f"listener {port} {config.bind}\nprotocol mqtt\n")
+    creds = CredentialPaths(config.credentials) if config.credentials else None
+    if tls_port is not None and creds is not None:
+        block = (
+            f"listener {tls_port} {config.bind}\nprotocol mqtt\ncafile {creds.ca_cert}\n"
+            f"certfile {creds.server_cert}\nkeyfile {creds.server_key}\ntls_version tlsv1.2\n"
+        )
+        if config.require_certificate:
+            block += "require_certificate true\nuse_identity_as_username true\n"
+        listeners.append(block)
+    auth = f"password_file {creds.password_file}\nacl_file {creds.acl_file}" if creds else ""
+    template = resources.files("coordinator").joinpath("mosquitto.conf.template").read_text()
+    return Template(template).substitute(
+        allow_anonymous="false" if creds else "true",
+        auth_files=auth,
+        persistence="true" if config.persistence else "false",
+        workdir=workdir,
+        log_file=workdir / "mosquitto.log",
+        max_queued_messages=config.max_queued_messages,
+        max_queued_bytes=config.max_queued_bytes,
+        max_inflight_messages=config.max_inflight_messages,
+        max_packet_size=config.max_packet_size,
+        listeners="\n".join(listeners),
+    )
+
+
+class ChildBroker:
+    """A broker running as a child process on loopback: start, wait until it accepts, stop by PID."""
+
+    log_name = "broker.log"
+
+    def __init__(self, workdir: Path | str, host: str, port: int) -> None:
+        self.workdir = Path(workdir)
+        self.host = host
+        self.port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Write whatever the child reads before it starts (config files)."""
+
+    def _environment(self) -> dict[str, str] | None:
+        return None
+
+    @property
+    def url(self) -> str:
+        """Where clients connect: ``mqtt://host:port``."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Start the child and return once its port accepts TCP connections."""
+        if self.running:
+            raise BrokerError(f"{type(self).__name__} already running (pid {self.pid})")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+        self._output = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - lives as long as the child
+        self._proc = subprocess.Popen(
+            self._command(),
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._environment(),
+            start_new_session=True,
+        )  # Ctrl-C reaches us only: we stop it
+        atexit.register(self.stop)  # a forgotten broker must not outlive this process
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._close_output()
+                raise BrokerError(
+                    f"{type(self).__name__} exited with status {code} at start:\n{self.log_tail()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    log.info(
+                        "%s listening on %s:%d (pid %d)",
+                        type(self).__name__,
+                        self.host,
+                        self.port,
+                        self._proc.pid,
+                    )
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise BrokerError(
+            f"{type(self).__name__} did not accept connections on port {self.port} "
+            f"within {timeout} s:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the child by PID, SIGKILL it if it has not exited after ``timeout`` seconds."""
+        proc, self._proc = self._proc, None
+        atexit.unregister(self.stop)
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s pid %d ignored SIGTERM; killing it", type(self).__name__, proc.pid)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._close_output()
+
+    def restart(self, timeout: float = 10.0) -> Self:
+        """Stop and start again on the same port(s)."""
+        self.stop()
+        return self.start(timeout)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the child's logs, for error messages."""
+        texts = []
+        for name in ("stdout.log", self.log_name):
+            path = self.workdir / name
+            if path.exists():
+                texts.append(path.read_text(errors="replace")[-chars:])
+        return "\n".join(texts)
+
+    def _close_output(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def __enter__(self) -> Self:
+        return self if self.running else self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class Mosquitto(ChildBroker):
+    """The system mosquitto, configured from :class:`BrokerConfig`, as a child process.
+
+    Free ports are picked once, in the constructor, so :meth:`restart` comes back on the same ports.
+    ``port`` is the plain listener's port, or the TLS one when there is no plain listener.
+    """
+
+    log_name = "mosquitto.log"
+
+    def __init__(
+        self, workdir: Path | str, config: BrokerConfig | None = None, *, binary: str | None = None
+    ) -> None:
+        self.config = config or BrokerConfig()
+        found = binary or find_mosquitto()
+        if found is None:
+            raise BrokerError(
+                "mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients); "
+                "or use the embedded broker: fleetlora broker run --embedded"
+            )
+        self.binary = found
+        host = LOOPBACK if self.config.bind in ("0.0.0.0", "") else self.config.bind
+        self.plain_port = self._resolve(self.config.port, host)
+        self.tls_port = self._resolve(self.config.tls_port, host)
+        primary = self.plain_port if self.plain_port is not None else self.tls_port
+        assert primary is not None  # BrokerConfig guarantees one listener
+        super().__init__(workdir, host, primary)
+
+    @staticmethod
+    def _resolve(port: int | None, host: str) -> int | None:
+        return free_port(host) if port == 0 else port
+
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "mosquitto.conf"
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port`` of the plain listener, else ``mqtts://`` of the TLS one."""
+        scheme = "mqtt" if self.plain_port is not None else "mqtts"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def _prepare(self) -> None:
+        check_reachable_by_broker(self.workdir)
+        if self.config.credentials is not None:
+            check_reachable_by_broker(Path(self.config.credentials))
+        give_to_broker_user(self.workdir)
+        self.config_file.write_text(
+            render_config(self.config, self.workdir.resolve(), self.plain_port, self.tls_port)
+        )
+
+    def _command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config_file)]
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password and ACL files (after add_device)."""
+        if not self.running or self.pid is None:
+            raise BrokerError("mosquitto is not running")
+        os.kill(self.pid, signal.SIGHUP)
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary: on PATH, or in /usr/sbin where Debian puts it (not on every user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found is None and Path("/usr/sbin/mosquitto").exists():
+        found = "/usr/sbin/mosquitto"
+    return found
+
+
+def mosquitto_available() -> bool:
+    """True when a mosquitto binary is installed."""
+    return find_mosquitto() is not None
+
+
+def local_broker(workdir: Path | str, *, embedded: bool | None = None, port: int = 0) -> ChildBroker:
+    """A plain loopback broker: mosquitto when installed (or ``embedded=False``), else the embedded one."""
+    if embedded is None:
+        embedded = not mosquitto_available()
+    if embedded:
+        from coordinator.broker_embedded import EmbeddedBroker
+
+        return EmbeddedBroker(workdir, port=port)
+    return Mosquitto(workdir, BrokerConfig(port=port))

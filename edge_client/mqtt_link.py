@@ -1,0 +1,486 @@
+"""A robust MQTT link for one client (a device, the coordinator, or one virtual client of the simulator).
+
+Payloads are opaque bytes here; the envelope format lives elsewhere. What the link adds over bare paho
+(each one a pitfall in NOTES):
+
+- MQTT 5 with a session expiry and never a clean start, so QoS 1 deliveries survive a reconnect (and,
+  with broker persistence, a broker restart); subscriptions are renewed whenever the broker has no
+  session for us (a restarted broker without persistence). :meth:`MqttLink.wait_subscribed` says when
+  the broker has acknowledged them.
+- A jittered first connect, and exponential back-off with jitter and a cap on every reconnect.
+- A last will: retained ``offline`` on the status topic; retained ``online`` after each connect.
+- ``publish`` refuses with :class:`PayloadTooLarge`, sending nothing, a packet above the size limit (the
+  smaller of the configured one and the broker's CONNACK announcement). paho would send it, be
+  disconnected, resend it after reconnecting, and so on forever.
+- A bounded queue: messages not yet acknowledged (waiting for a connection, or in flight) are capped
+  in count and bytes. Beyond the cap ``overflow="raise"`` raises :class:`QueueFull`; ``"drop_oldest"``
+  fails the oldest message not yet sent instead. Queued messages go out in order after a reconnect.
+
+Every paho call happens on the loop thread of an :class:`~edge_client.mqtt_pool.MqttPool` (a private
+one unless a shared pool is given); the public methods are thread-safe. Message callbacks run on the
+loop thread: keep them short.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_client.mqtt_pool import MqttPool
+from edge_client.mqtt_types import (
+    Backoff,
+    Delivery,
+    LinkClosed,
+    LinkConfig,
+    MessageCallback,
+    MqttLinkError,
+    PayloadTooLarge,
+    PublishRefused,
+    QueueFull,
+    max_payload_size,
+    publish_packet_size,
+    strip_share,
+)
+
+__all__ = [
+    "Delivery",
+    "LinkClosed",
+    "LinkConfig",
+    "MqttLink",
+    "MqttLinkError",
+    "PayloadTooLarge",
+    "PublishRefused",
+    "QueueFull",
+    "max_payload_size",
+    "publish_packet_size",
+]
+
+log = logging.getLogger(__name__)
+
+ONLINE, OFFLINE = b"online", b"offline"
+
+
+@dataclass
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    delivery: Delivery
+
+
+class MqttLink:
+    """One MQTT client that keeps itself connected. Call :meth:`start`, then publish and subscribe.
+
+    Parameters
+    ----------
+    config:
+        Where and how to connect, and the limits.
+    pool:
+        A shared :class:`MqttPool` to run on (many links, one thread); None gives the link its own.
+    rng:
+        Source of connect and back-off jitter (seed it for reproducible simulations).
+    """
+
+    def __init__(
+        self, config: LinkConfig, *, pool: MqttPool | None = None, rng: random.Random | None = None
+    ) -> None:
+        self.config = config
+        self._mqtt5 = config.protocol == "5"
+        self._own_pool = pool is None
+        self._pool = pool or MqttPool(name=f"mqtt-{config.client_id}")
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(config.backoff_min_s, config.backoff_max_s, self._rng)
+        self._lock = threading.Lock()  # guards the fields below; never held while calling paho
+        self._outbox: deque[_Outgoing] = deque()
+        self._queued_bytes = 0
+        self._inflight_count = 0
+        self._inflight_bytes = 0
+        self._subscriptions: dict[str, tuple[int, MessageCallback]] = {}
+        self._packet_limit = config.max_packet_size
+        self._closed = False
+        # Loop-thread state.
+        self._inflight: dict[int, _Outgoing] = {}
+        self._connect_slot = False
+        self._retry_pending = False
+        self._unsent_filters: set[str] = set()  # subscribed since the last SUBSCRIBE went out
+        self._pending_subacks: set[int] = set()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()  # every subscription acknowledged on this connection
+        self._released = threading.Event()
+        self.client = self._make_client()
+        self.connects = 0  # successful connections so far (a reconnect makes it 2, ...)
+        self.last_refusal: str | None = None  # the broker's reason when it last refused to connect us
+
+    # ---- setup ------------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.config
+        if self._mqtt5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cfg.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=False,
+            )
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            context = ssl.create_default_context(cafile=str(cfg.ca_cert) if cfg.ca_cert else None)
+            if cfg.client_cert is not None and cfg.client_key is not None:
+                context.load_cert_chain(str(cfg.client_cert), str(cfg.client_key))
+            client.tls_set_context(context)
+        if cfg.status_topic:
+            client.will_set(cfg.status_topic, OFFLINE, qos=1, retain=True)
+        client.max_inflight_messages_set(cfg.inflight_window + 1)  # +1: the status message
+        client.connect_timeout = cfg.connect_timeout_s
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        properties = None
+        if self._mqtt5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = cfg.session_expiry_s
+        # Never a clean start: a restarted client resumes its session (QoS 1 messages queued for it), and
+        # mosquitto 2.0.11 persists across its own restarts only sessions that did not begin clean.
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=properties)
+        return client
+
+    def start(self) -> MqttLink:
+        """Begin connecting (after up to ``connect_jitter_s``); returns at once. Reconnects by itself."""
+        delay = self._rng.uniform(0.0, self.config.connect_jitter_s)
+
+        def begin() -> None:
+            self._pool.attach(self)
+            self._pool.call_later(delay, self._attempt_connect)
+
+        self._pool.call_soon(begin)
+        return self
+
+    # ---- public API (any thread) ------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def packet_limit(self) -> int:
+        """The largest PUBLISH packet the link will send (the broker's announcement may lower it)."""
+        return self._packet_limit
+
+    def max_payload(self, topic: str, qos: int = 1) -> int:
+        """The largest payload :meth:`publish` accepts for ``topic`` now (for chunking above it)."""
+        return max_payload_size(topic, self._packet_limit, qos, self._mqtt5)
+
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
+        """Block until connected; False on timeout."""
+        return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float | None = None) -> bool:
+        """Block until connected and every subscription is acknowledged by the broker; False on timeout."""
+        return self._subscribed.wait(timeout_s)
+
+    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
+        """Call ``callback(topic, payload)`` for messages matching ``topic_filter`` (kept on reconnect)."""
+        with self._lock:
+            self._check_open()
+            self._subscriptions[topic_filter] = (qos, callback)
+            self._unsent_filters.add(topic_filter)
+            self._subscribed.clear()
+        self._pool.call_soon(lambda: self._send_subscribe([topic_filter]))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
+        """Queue ``payload`` for ``topic``; sent now when connected, else after the next connect.
+
+        Raises :class:`PayloadTooLarge` (nothing sent) and :class:`QueueFull` (policy ``raise``).
+        """
+        if qos not in (0, 1):
+            raise MqttLinkError(f"qos must be 0 or 1, got {qos}")
+        data = bytes(payload)
+        size = publish_packet_size(topic, len(data), qos, self._mqtt5)
+        if size > self._packet_limit:
+            raise PayloadTooLarge(
+                f"publish to {topic}: a {len(data)}-byte payload makes a {size}-byte packet, above the "
+                f"broker's limit of {self._packet_limit} bytes; split it into chunks or raise max_packet_size"
+            )
+        item = _Outgoing(topic, data, qos, retain, Delivery(topic, len(data)))
+        dropped: list[_Outgoing] = []
+        with self._lock:
+            self._check_open()
+            dropped = self._make_room(len(data))
+            self._outbox.append(item)
+            self._queued_bytes += len(data)
+        for old in dropped:
+            old.delivery._finish(
+                QueueFull(f"dropped from the full queue (oldest first) to make room: {old.topic}")
+            )
+        self._pool.call_soon(self._pump)
+        return item.delivery
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Publish ``offline`` on the status topic, disconnect, and fail whatever is still queued."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.call_soon(self._shutdown)
+        self._pool.call_later(timeout_s, self._release)  # fallback if the DISCONNECT never goes out
+        if not self._pool.in_loop():
+            self._released.wait(timeout_s + 1.0)
+        if self._own_pool:
+            self._pool.close()
+
+    def __enter__(self) -> MqttLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- bounded queue (caller holds the lock) ----------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LinkClosed(f"link {self.config.client_id} is closed")
+
+    def _make_room(self, size: int) -> list[_Outgoing]:
+        cfg = self.config
+        fits_when_empty = (
+            self._inflight_count + 1 <= cfg.max_queued_messages
+            and self._inflight_bytes + size <= cfg.max_queued_bytes
+        )
+
+        def full() -> bool:
+            return (
+                self._inflight_count + len(self._outbox) + 1 > cfg.max_queued_messages
+                or self._inflight_bytes + self._queued_bytes + size > cfg.max_queued_bytes
+            )
+
+        if not full():
+            return []
+        if cfg.overflow == "raise" or not fits_when_empty:
+            raise QueueFull(
+                f"{self.config.client_id}: {self._inflight_count + len(self._outbox)} messages / "
+                f"{self._inflight_bytes + self._queued_bytes} bytes unacknowledged, limits "
+                f"{cfg.max_queued_messages} / {cfg.max_queued_bytes}; a {size}-byte message does not fit"
+            )
+        dropped = []
+        while full():
+            old = self._outbox.popleft()
+            self._queued_bytes -= len(old.payload)
+            dropped.append(old)
+        return dropped
+
+    # ---- loop thread ------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Keep-alive and timeouts (called by the pool)."""
+        self.client.loop_misc()
+
+    def _attempt_connect(self) -> None:
+        self._retry_pending = False
+        if self._closed or self.connected:
+            return
+        if not self._pool.try_begin_connect():
+            self._pool.call_later(0.02 + self._rng.uniform(0.0, 0.05), self._attempt_connect)
+            return
+        self._connect_slot = True
+        try:
+            self.client.reconnect()
+        except (OSError, ValueError) as e:  # refused, unreachable, TLS handshake failed (ssl.SSLError)
+            log.debug("%s: connect failed: %s", self.config.client_id, e)
+            self._give_back_slot()
+            self._schedule_retry()
+
+    def _give_back_slot(self) -> None:
+        if self._connect_slot:
+            self._connect_slot = False
+            self._pool.end_connect()
+
+    def _schedule_retry(self) -> None:
+        if self._closed or self._retry_pending:
+            return
+        self._retry_pending = True
+        self._pool.call_later(self._backoff.next_delay(), self._attempt_connect)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._give_back_slot()
+        if reason.is_failure:
+            self.last_refusal = str(reason)
+            log.warning("%s: broker refused the connection: %s", self.config.client_id, reason)
+            return  # the broker closes the socket; _on_disconnect schedules the retry
+        self._backoff.reset()
+        self.connects += 1
+        announced = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        self._packet_limit = min(self.config.max_packet_size, announced or self.config.max_packet_size)
+        self._connected.set()
+        with self._lock:  # a kept session still has the old subscriptions, not those made while offline
+            filters = list(self._unsent_filters if flags.session_present else self._subscriptions)
+        self._send_subscribe(filters)
+        if self.config.status_topic:
+            client.publish(self.config.status_topic, ONLINE, qos=1, retain=True)
+        # After paho has re-sent the messages in flight (it does so right after this callback).
+        self._pool.call_soon(self._pump)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._give_back_slot()
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._subscribed.clear()
+        if self._pending_subacks:  # unacknowledged: maybe never registered, so send them all again
+            with self._lock:
+                self._unsent_filters.update(self._subscriptions)
+            self._pending_subacks.clear()
+        if self._closed:
+            self._release()
+            return
+        if was_connected:
+            log.info("%s: disconnected (%s); reconnecting", self.config.client_id, reason)
+        self._schedule_retry()
+
+    def _send_subscribe(self, filters: list[str]) -> None:
+        if not self.client.is_connected():  # (already true inside _on_connect)
+            return
+        with self._lock:
+            wanted = [(f, self._subscriptions[f][0]) for f in filters if f in self._subscriptions]
+            self._unsent_filters.difference_update(filters)
+        if wanted:
+            result, mid = self.client.subscribe(wanted)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subacks.add(mid)
+        self._mark_if_subscribed()
+
+    def _mark_if_subscribed(self) -> None:
+        with self._lock:
+            if not self._unsent_filters and not self._pending_subacks:
+                self._subscribed.set()
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                log.warning("%s: subscription refused: %s", self.config.client_id, reason)
+        self._pending_subacks.discard(mid)
+        self._mark_if_subscribed()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, (_, callback) in subscriptions:
+            if mqtt.topic_matches_sub(strip_share(topic_filter), message.topic):
+                try:
+                    callback(message.topic, bytes(message.payload))
+                except Exception:
+                    log.exception("%s: message callback for %s failed", self.config.client_id, message.topic)
+
+    def _pump(self) -> None:
+        """Hand queued messages to paho while connected and the in-flight window has room."""
+        while self.connected and len(self._inflight) < self.config.inflight_window:
+            with self._lock:
+                if not self._outbox:
+                    return
+                item = self._outbox.popleft()
+                self._queued_bytes -= len(item.payload)
+                too_big = (
+                    publish_packet_size(item.topic, len(item.payload), item.qos, self._mqtt5)
+                    > self._packet_limit
+                )
+                if not too_big:
+                    self._inflight_count += 1
+                    self._inflight_bytes += len(item.payload)
+            if too_big:  # queued before the broker announced a smaller limit
+                item.delivery._finish(
+                    PayloadTooLarge(
+                        f"publish to {item.topic}: {len(item.payload)} bytes exceed the broker's announced "
+                        f"limit of {self._packet_limit} bytes"
+                    )
+                )
+                continue
+            info = self.client.publish(item.topic, item.payload, item.qos, item.retain)
+            if item.qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._settle(
+                    item, LinkClosed(f"publish to {item.topic} failed: {mqtt.error_string(info.rc)}")
+                )
+                continue
+            # QoS 1 stays with paho even when the connection just dropped: it is re-sent on reconnect.
+            self._inflight[info.mid] = item
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        item = self._inflight.pop(mid, None)
+        if item is None:
+            return  # the status message
+        error = (
+            PublishRefused(f"broker refused publish to {item.topic}: {reason}") if reason.is_failure else None
+        )
+        self._settle(item, error)
+        self._pool.call_soon(self._pump)
+
+    def _settle(self, item: _Outgoing, error: MqttLinkError | None) -> None:
+        with self._lock:
+            self._inflight_count -= 1
+            self._inflight_bytes -= len(item.payload)
+        item.delivery._finish(error)
+
+    def _shutdown(self) -> None:
+        if self.client.socket() is None:
+            self._release()
+            return
+        if self.connected and self.config.status_topic:
+            self.client.publish(self.config.status_topic, OFFLINE, qos=1, retain=True)
+        self.client.disconnect()  # paho closes the socket once DISCONNECT is written: _on_disconnect
+
+    def _release(self) -> None:
+        """Last step of close: drop the socket if still open, fail what is left, leave the pool."""
+        if self._released.is_set():
+            return
+        sock = self.client.socket()
+        if sock is not None:
+            self._pool.forget_socket(sock)
+            sock.close()
+        self._connected.clear()
+        self._give_back_slot()
+        with self._lock:
+            leftovers = list(self._outbox) + list(self._inflight.values())
+            self._outbox.clear()
+            self._inflight.clear()
+            self._queued_bytes = self._inflight_count = self._inflight_bytes = 0
+        for item in leftovers:
+            item.delivery._finish(LinkClosed(f"link closed before {item.topic} was acknowledged"))
+        self._pool.detach(self)
+        self._released.set()

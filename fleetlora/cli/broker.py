@@ -1,0 +1,170 @@
+"""``fleetlora broker``: run a loopback MQTT broker and manage the fleet's broker credentials."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+
+from fleetlora.cli import CliError, positive_int
+
+NAME = "broker"
+HELP = "run a local MQTT broker (mosquitto, or embedded amqtt) and create device credentials"
+ORDER = 40
+EXAMPLES = """\
+fleetlora broker run --port 1883                 # plain loopback mosquitto, anonymous (local development)
+fleetlora broker init-ca ./pki                   # CA + server certificate for 127.0.0.1/localhost
+fleetlora broker add-device ./pki jetson-01      # password, client certificate, ACL entry
+fleetlora broker add-device ./pki coordinator --coordinator
+fleetlora broker run --dir ./pki --tls --port 8883          # TLS + passwords + ACL
+fleetlora broker run --dir ./pki --tls --require-certificate  # mutual TLS: the certificate CN is the username
+fleetlora broker run --embedded --port 1883      # no mosquitto: amqtt, MQTT 3.1.1 only (see run --help)"""
+
+
+def _port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from coordinator.broker_embedded import LIMITS
+
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = actions.add_parser(
+        "run",
+        help="run a broker on 127.0.0.1 in the foreground until Ctrl-C/SIGTERM",
+        description="Run a broker on 127.0.0.1 in the foreground until Ctrl-C or SIGTERM.",
+    )
+    run.add_argument("--port", type=_port, help="listener port (default 1883, or 8883 with --tls)")
+    run.add_argument(
+        "--dir",
+        help="credentials directory from init-ca: clients need a password (or certificate) "
+        "and the ACL applies",
+    )
+    run.add_argument("--tls", action="store_true", help="TLS listener with the server certificate in --dir")
+    run.add_argument(
+        "--require-certificate",
+        action="store_true",
+        help="mutual TLS: clients must present a certificate from the CA; its CN is the username",
+    )
+    run.add_argument(
+        "--workdir", help="where mosquitto.conf and the log go (default: DIR/broker, else a temp dir)"
+    )
+    run.add_argument(
+        "--max-packet-size",
+        type=positive_int,
+        default=16 * 1024 * 1024,
+        help="largest MQTT packet in bytes (default 16 MiB); clients refuse bigger publishes",
+    )
+    run.add_argument(
+        "--embedded",
+        action="store_true",
+        help=f"use the embedded amqtt broker instead of mosquitto: {LIMITS}",
+    )
+    init = actions.add_parser("init-ca", help="create a CA and a server certificate for 127.0.0.1/localhost")
+    init.add_argument("dir", help="new credentials directory")
+    add = actions.add_parser("add-device", help="create a client's password, certificate and ACL entry")
+    add.add_argument("dir", help="credentials directory made by init-ca")
+    add.add_argument("name", help="client name: its MQTT client id, username and certificate CN")
+    add.add_argument(
+        "--coordinator",
+        action="store_true",
+        help="give this client the coordinator's rights (publish global, read every update)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from coordinator.broker_credentials import BrokerError
+
+    try:
+        if args.action == "init-ca":
+            return _init_ca(args)
+        if args.action == "add-device":
+            return _add_device(args)
+        return _run_broker(args)
+    except BrokerError as e:
+        raise CliError(str(e)) from e
+
+
+def _init_ca(args: argparse.Namespace) -> int:
+    from coordinator.broker_credentials import make_test_ca
+
+    paths = make_test_ca(args.dir)
+    print(f"CA and server certificate written to {paths.root} (CA key: {paths.ca_key}, keep it private)")
+    print(f"next: fleetlora broker add-device {paths.root} NAME")
+    return 0
+
+
+def _add_device(args: argparse.Namespace) -> int:
+    from coordinator.broker_credentials import add_device
+
+    creds = add_device(args.dir, args.name, role="coordinator" if args.coordinator else "device")
+    print(
+        f"client {creds.username}: certificate {creds.cert}, key {creds.key}, "
+        f"password in {creds.password_file}"
+    )
+    print("a running broker picks it up on SIGHUP (or restart it)")
+    return 0
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    from coordinator.broker import BrokerConfig, ChildBroker, Mosquitto
+    from coordinator.broker_embedded import EmbeddedBroker
+
+    if args.tls and not args.dir:
+        raise CliError("--tls needs --dir, a credentials directory made by `fleetlora broker init-ca DIR`")
+    if args.require_certificate and not args.tls:
+        raise CliError("--require-certificate needs --tls")
+    port = args.port or (8883 if args.tls else 1883)
+    broker: ChildBroker
+    if args.embedded:
+        if args.dir or args.tls:
+            raise CliError(
+                "the embedded broker has no TLS, passwords or ACL: drop --dir/--tls or install mosquitto"
+            )
+        broker = EmbeddedBroker(args.workdir or tempfile.mkdtemp(prefix="fleetlora-broker-"), port=port)
+    else:
+        config = BrokerConfig(
+            port=None if args.tls else port,
+            tls_port=port if args.tls else None,
+            credentials=Path(args.dir) if args.dir else None,
+            require_certificate=args.require_certificate,
+            max_packet_size=args.max_packet_size,
+        )
+        broker = Mosquitto(_workdir(args), config)
+    broker.start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"broker on {broker.host}:{broker.port} (pid {broker.pid}); config and log in {broker.workdir}; "
+        "Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            if not broker.running:
+                raise CliError(f"the broker exited unexpectedly:\n{broker.log_tail()}")
+    finally:
+        broker.stop()
+    return 0
+
+
+def _workdir(args: argparse.Namespace) -> Path:
+    if args.workdir:
+        return Path(args.workdir)
+    if args.dir:
+        return Path(args.dir) / "broker"
+    path = Path(tempfile.mkdtemp(prefix="fleetlora-broker-"))
+    os.chmod(path, 0o755)  # mosquitto started as root drops to its own user, which must enter this folder
+    return path
