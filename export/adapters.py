@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def _attach_lora(model: nn.Module, spec: AdapterSpec, targets: list[str]) -> nn.
 
     config = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=cast(Any, spec.alpha),  # peft annotates int; a float scale is valid
         target_modules=targets,
         lora_dropout=0.0,
         bias="none",
@@ -91,7 +92,7 @@ def _train_extra(model: nn.Module, spec: AdapterSpec) -> None:
 def merge(model: nn.Module) -> nn.Module:
     """The base model with the adapter folded into its weights (for inference export)."""
     if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
+        return cast(Any, model).merge_and_unload()
     return merge_ravan(model)
 
 
@@ -100,7 +101,7 @@ def save_peft_adapter(model: nn.Module, folder: str | Path) -> Path:
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError("only a peft LoRA model can be saved as a PEFT adapter folder")
     folder = Path(folder)
-    model.save_pretrained(str(folder))
+    cast(Any, model).save_pretrained(str(folder))
     return folder
 
 

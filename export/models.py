@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,9 @@ class MeanPoolClassifier(nn.Module):
     returned by :meth:`prefix` (the lower layers' output, identical as long as they are frozen).
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, seed: int = 0):
+    encoder: Any  # a transformers BertModel (its attributes are not typed for mypy)
+
+    def __init__(self, encoder: Any, num_classes: int, seed: int = 0):
         super().__init__()
         self.encoder = encoder
         hidden = encoder.config.hidden_size
@@ -134,7 +137,7 @@ def _build_tiny_bert(num_classes: int, seed: int) -> tuple[nn.Module, object]:
     from transformers import BertConfig, BertModel
 
     tokenizer = load_tokenizer()
-    cfg = BertConfig(
+    cfg = BertConfig(  # type: ignore[call-arg]
         vocab_size=tokenizer.vocab_size,  # type: ignore[attr-defined]
         hidden_size=32,
         num_hidden_layers=2,

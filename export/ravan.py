@@ -61,6 +61,11 @@ class RavanLinear(nn.Module):
     their global values but receive no gradient (weak devices train a subset of heads).
     """
 
+    base: nn.Linear
+    ravan_A: torch.Tensor
+    ravan_B: torch.Tensor
+    head_mask: torch.Tensor
+
     def __init__(self, base: nn.Linear, heads: int, head_rank: int, seed: int, init: str, dtype: torch.dtype):
         super().__init__()
         self.base = base

@@ -55,6 +55,7 @@ class World:
 
 def build_world(config: SimConfig) -> World:
     dataset = load_text_dataset(config.dataset)
+    base: Any
     base, tokenizer = build_model(config.model, len(dataset.classes), seed=config.seed)
     train_tok, test_tok = tokenize_cached(dataset, tokenizer, config.max_len)
     start = min(config.layers) if config.layers else 0

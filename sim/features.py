@@ -13,11 +13,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from edge_client.trainer import Batch
 
@@ -70,7 +70,7 @@ def cache_dir() -> Path:
 
 @torch.no_grad()
 def prefix_inputs(
-    base: nn.Module,
+    base: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,

@@ -50,13 +50,15 @@ def run_experiment(config: SimConfig, quiet: bool = False) -> list[dict[str, Any
     config.save(out / "config.json")
     if not quiet:
         say(
-            f"fleetlora sim: {config.model} on {config.dataset}, {config.clients} clients, {config.rounds} rounds"
+            f"fleetlora sim: {config.model} on {config.dataset}, "
+            f"{config.clients} clients, {config.rounds} rounds"
         )
     world = build_world(config)
     if not quiet:
         say(
-            f"world ready in {time.perf_counter() - t0:.1f}s: {len(world.train)} train / {len(world.test)} test "
-            f"examples, deadline {world.deadline_s:.1f} virtual s\n"
+            f"world ready in {time.perf_counter() - t0:.1f}s: "
+            f"{len(world.train)} train / {len(world.test)} test examples, "
+            f"round deadline {world.deadline_s:.1f} virtual s\n"
         )
         say(adapter_summary(world) + "\n")
     records: list[dict[str, Any]] = []

@@ -74,7 +74,7 @@ def test_layers_restrict_targets() -> None:
         "encoder.encoder.layer.1.attention.self.query",
         "encoder.encoder.layer.1.attention.self.value",
     ]
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear"):
         target_module_names(model, AdapterSpec(target_modules=("nonexistent",)))
 
 

@@ -10,7 +10,7 @@ from fleetlora.cli import CliError, as_list, non_negative_float, positive_int
 NAME = "sim"
 ORDER = 10
 HELP = "emulate a fleet on one machine and compare aggregation methods"
-EXAMPLES = """fleetlora sim                                   # MiniLM + Reuters-R8, 20 clients, fedit/fedrpca/flora_na/ravan
+EXAMPLES = """fleetlora sim                  # MiniLM + Reuters-R8, 20 clients, fedit/fedrpca/flora_na/ravan
 fleetlora sim --method fedit,ravan --rounds 5 --clients 50 --alpha 0.1
 fleetlora sim --dataset trec6 --partition iid --local-steps 5 --out runs/trec
 fleetlora sim --method all --config experiment.toml   # TOML keys match the flags"""
