@@ -8,12 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from coordinator.aggregators.base import Aggregator, ClientInfo, ClientUpdate
+from coordinator.aggregators.base import AggregationError, Aggregator, ClientInfo, ClientUpdate
 from export.spec import AdapterSpec
 
 # method name -> module defining it (imported lazily so one broken optional method never blocks others)
 _MODULES: dict[str, str] = {
     "fedit": "coordinator.aggregators.fedit",
+    "fedrpca": "coordinator.aggregators.fedrpca",
+    "flora_na": "coordinator.aggregators.flora_na",
+    "ravan": "coordinator.aggregators.ravan",
 }
 
 
@@ -38,4 +41,4 @@ def create(name: str, spec: AdapterSpec, **params: Any) -> Aggregator:
     return get(name)(spec, **params)
 
 
-__all__ = ["Aggregator", "ClientInfo", "ClientUpdate", "available", "create", "get"]
+__all__ = ["AggregationError", "Aggregator", "ClientInfo", "ClientUpdate", "available", "create", "get"]

@@ -8,6 +8,7 @@ the accepted updates. All tensors live on ``self.device`` (CUDA when present, el
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +18,12 @@ from export.spec import AdapterSpec
 from export.state import State, layout
 
 Weighting = Literal["examples", "uniform"]
+
+DEFAULT_CHUNK_BYTES = 1 << 30
+
+
+class AggregationError(ValueError):
+    """Updates that cannot be aggregated together (missing keys, mismatched shapes, bad indices)."""
 
 
 @dataclass(frozen=True)
@@ -58,21 +65,33 @@ class Aggregator(ABC):
         Where the math runs; ``"auto"`` picks CUDA when present.
     weighting : {"examples", "uniform"}
         Client weights ``p_u``: proportional to local examples, or ``1/U``.
+    chunk_bytes : int
+        Working-memory bound of one batch: same-shaped layers are stacked and processed together up
+        to about this many bytes (a method declares its float64 working copies per stacked scalar),
+        so peak memory depends on the clients' uploads, never on ``K x d x k``.
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = "lora"  # the adapter family this method aggregates
+    work_copies: ClassVar[float] = 2.0  # float64 working copies of the stacked uploads a batch needs
 
     def __init__(
-        self, spec: AdapterSpec, device: str | torch.device = "auto", weighting: Weighting = "examples"
+        self,
+        spec: AdapterSpec,
+        device: str | torch.device = "auto",
+        weighting: Weighting = "examples",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.spec = spec
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.weighting = weighting
+        self.chunk_bytes = chunk_bytes
         self.metrics: dict[str, float] = {}  # filled by aggregate(): divergence etc.
 
     def init_global(self, initial: State) -> State:
@@ -103,7 +122,53 @@ class Aggregator(ABC):
 
     def stacked(self, updates: list[ClientUpdate], key: str) -> torch.Tensor:
         """The clients' tensors under ``key`` stacked on a new first axis, float32 on the device."""
+        missing = [u.client_id for u in updates if key not in u.state]
+        if missing:
+            raise AggregationError(f"updates of clients {missing[:5]} lack {key}")
+        shapes = {tuple(u.state[key].shape) for u in updates}
+        if len(shapes) > 1:
+            raise AggregationError(f"{key}: clients uploaded different shapes {sorted(shapes)}")
         return torch.stack([u.state[key].to(self.device, torch.float32) for u in updates])
+
+    def layers_per_batch(self, scalars_per_layer: int) -> int:
+        """How many same-shaped layers fit in one batch of ``chunk_bytes`` (at least one)."""
+        per_layer = max(1.0, scalars_per_layer * 8 * self.work_copies)
+        return max(1, int(self.chunk_bytes // per_layer))
+
+    def lora_batches(self, global_state: State, updates: list[ClientUpdate]) -> Iterator[LoraBatch]:
+        """The round's LoRA layers, grouped by shape and stacked in batches of ``chunk_bytes``."""
+        if not updates:
+            raise AggregationError("cannot aggregate zero updates")
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[str, str, str]]] = {}
+        for prefix, (a_key, b_key) in layout(updates[0].state).lora.items():
+            for key in (a_key, b_key):
+                if key not in updates[0].state:
+                    raise AggregationError(f"{self.name} needs both LoRA factors, the update lacks {key}")
+                if key not in global_state:
+                    raise AggregationError(f"the global state lacks {key}")
+            shape = (tuple(updates[0].state[a_key].shape), tuple(updates[0].state[b_key].shape))
+            groups.setdefault(shape, []).append((prefix, a_key, b_key))
+        for (a_shape, b_shape), members in groups.items():
+            scalars = len(updates) * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])
+            step = self.layers_per_batch(scalars)
+            for start in range(0, len(members), step):
+                part = members[start : start + step]
+                yield LoraBatch(
+                    prefixes=[m[0] for m in part],
+                    a_keys=[m[1] for m in part],
+                    b_keys=[m[2] for m in part],
+                    a=torch.stack([self.stacked(updates, m[1]) for m in part]),
+                    b=torch.stack([self.stacked(updates, m[2]) for m in part]),
+                    a_global=torch.stack([global_state[m[1]].to(self.device, torch.float32) for m in part]),
+                    b_global=torch.stack([global_state[m[2]].to(self.device, torch.float32) for m in part]),
+                )
+
+    def record_divergence(self, prefixes: list[str], values: torch.Tensor) -> None:
+        """Store ``divergence/<prefix>`` per layer and refresh their mean ``divergence``."""
+        for prefix, v in zip(prefixes, values.tolist(), strict=True):
+            self.metrics[f"divergence/{prefix}"] = float(v)
+        per_layer = [v for k, v in self.metrics.items() if k.startswith("divergence/")]
+        self.metrics["divergence"] = sum(per_layer) / len(per_layer)
 
     def average_dense(self, global_state: State, updates: list[ClientUpdate], p: torch.Tensor) -> State:
         """FedAvg of every non-adapter tensor (e.g. a fresh classification head)."""
@@ -112,3 +177,25 @@ class Aggregator(ABC):
             x = self.stacked(updates, key)
             out[key] = torch.tensordot(p.to(x.dtype), x, dims=1)
         return out
+
+
+@dataclass
+class LoraBatch:
+    """Same-shaped LoRA layers of one round, stacked: ``a`` (L, U, r, k), ``b`` (L, U, d, r) float32.
+
+    ``a_global`` (L, r, k) and ``b_global`` (L, d, r) are the current global factors.
+    """
+
+    prefixes: list[str]
+    a_keys: list[str]
+    b_keys: list[str]
+    a: torch.Tensor
+    b: torch.Tensor
+    a_global: torch.Tensor
+    b_global: torch.Tensor
+
+    def store(self, out: State, a_new: torch.Tensor, b_new: torch.Tensor) -> None:
+        """Write the new global factors (L, r, k) and (L, d, r) into ``out`` as float32."""
+        for i, (a_key, b_key) in enumerate(zip(self.a_keys, self.b_keys, strict=True)):
+            out[a_key] = a_new[i].float()
+            out[b_key] = b_new[i].float()

@@ -10,7 +10,7 @@ import torch
 
 from coordinator.aggregators.base import Aggregator, ClientUpdate
 from coordinator.divergence import lora_divergence
-from export.state import State, layout
+from export.state import State
 
 
 class FedIT(Aggregator):
@@ -18,17 +18,13 @@ class FedIT(Aggregator):
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p = self.weights(updates)
+        self.metrics = {}
         out = dict(global_state)
         out.update(self.average_dense(global_state, updates, p))
-        divergences = []
-        for prefix, (a_key, b_key) in layout(updates[0].state).lora.items():
-            a_all, b_all = self.stacked(updates, a_key), self.stacked(updates, b_key)
-            pf = p.to(a_all.dtype)
-            out[a_key] = torch.tensordot(pf, a_all, dims=1)
-            out[b_key] = torch.tensordot(pf, b_all, dims=1)
-            div = lora_divergence(out[b_key], out[a_key], b_all, a_all, pf)
-            self.metrics[f"divergence/{prefix}"] = float(div)
-            divergences.append(float(div))
-        if divergences:
-            self.metrics["divergence"] = sum(divergences) / len(divergences)
+        for batch in self.lora_batches(global_state, updates):
+            pf = p.to(batch.a.dtype)
+            a_hat = torch.einsum("u,lurk->lrk", pf, batch.a)
+            b_hat = torch.einsum("u,ludr->ldr", pf, batch.b)
+            batch.store(out, a_hat, b_hat)
+            self.record_divergence(batch.prefixes, lora_divergence(b_hat, a_hat, batch.b, batch.a, p))
         return out
