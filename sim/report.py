@@ -44,6 +44,7 @@ def summary_rows(records: list[Record]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "method": method,
+                "train_loss r1->rN": _loss_span(rs),
                 "final_acc": last["accuracy"],
                 "best_acc": max(r["accuracy"] for r in rs),
                 "MB_up": last["bytes_up_total"] / 1e6,
@@ -54,6 +55,11 @@ def summary_rows(records: list[Record]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _loss_span(rs: list[Record]) -> str:
+    losses = [r["train_loss"] for r in rs if r.get("train_loss") is not None]
+    return f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "-"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -14,11 +14,13 @@ NAME = "bench"
 HELP = "run a benchmark (side-by-side timings in one run)"
 ORDER = 90
 EXAMPLES = """\
+fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
 fleetlora bench mqtt --clients 2000 --payload 100000"""
 
 # name -> module with main(argv) -> int (imported only when run)
 BENCHMARKS = {
+    "all": "sim.bench_all",
     "mqtt": "coordinator.bench_mqtt",
 }
 

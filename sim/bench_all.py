@@ -1,0 +1,204 @@
+"""``fleetlora bench all``: every benchmark side by side, written to ``BENCHMARKS.md``.
+
+Each sub-benchmark runs in its own process (``fleetlora bench NAME``) so one's memory or threads never
+colour another's timings; its last line (``name: key=value ...``) is the figure reported. The
+learning-quality grid runs the simulator over methods x datasets x splits x seeds and reports mean and
+spread of final accuracy and the bytes each method uploaded to first reach a target accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sim.config import SimConfig
+
+# name -> (quick args, full args)
+SUB_BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
+    "aggregate": (["--quick"], []),
+    "sim": (["--no-train", "--flower"], ["--no-train", "--flower"]),
+    "ingest": (["--updates", "200"], []),
+    "client": (["--quick"], []),
+}
+PACKAGES = ("torch", "transformers", "peft", "executorch", "paho-mqtt", "ray", "numpy")
+
+
+@dataclass(frozen=True)
+class Grid:
+    methods: tuple[str, ...]
+    datasets: tuple[str, ...]
+    splits: tuple[str, ...]  # "iid" or a Dirichlet alpha
+    seeds: tuple[int, ...]
+    rounds: int
+    clients: int
+    clients_per_round: int
+    target: float
+
+
+QUICK = Grid(("fedit", "fedrpca", "flora_na", "ravan"), ("trec6",), ("iid", "0.3"), (0,), 3, 10, 5, 0.5)
+FULL = Grid(
+    ("all",),
+    ("reuters8", "20news"),
+    ("iid", "0.3", "0.1"),
+    (0, 1, 2),
+    rounds=20,
+    clients=20,
+    clients_per_round=10,
+    target=0.8,
+)
+
+
+def run_sub(name: str, args: list[str], timeout: float) -> tuple[str, float]:
+    """Run one sub-benchmark in its own process; its last line and how long it took."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "fleetlora", "bench", name, *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{name}: timed out after {timeout:.0f}s", time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{name}: failed (exit {proc.returncode}): {tail}", time.perf_counter() - t0
+    return lines[-1], time.perf_counter() - t0
+
+
+def grid_configs(grid: Grid, out: Path) -> list[SimConfig]:
+    from coordinator import aggregators
+
+    methods = tuple(aggregators.available()) if grid.methods == ("all",) else grid.methods
+    configs = []
+    for dataset in grid.datasets:
+        for split in grid.splits:
+            for seed in grid.seeds:
+                partition = "iid" if split == "iid" else "dirichlet"
+                alpha = 0.3 if split == "iid" else float(split)
+                configs.append(
+                    SimConfig(
+                        methods=methods,
+                        dataset=dataset,
+                        partition=partition,
+                        alpha=alpha,
+                        seed=seed,
+                        rounds=grid.rounds,
+                        clients=grid.clients,
+                        clients_per_round=grid.clients_per_round,
+                        out=str(out / f"{dataset}-{split}-s{seed}"),
+                    )
+                )
+    return configs
+
+
+def quality_rows(
+    results: list[tuple[SimConfig, list[dict[str, Any]]]], target: float
+) -> list[dict[str, Any]]:
+    """Mean and spread of final accuracy, and MB uploaded to first reach ``target``, per cell."""
+    cells: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
+    for config, records in results:
+        split = "iid" if config.partition == "iid" else f"alpha={config.alpha}"
+        for method in config.methods:
+            rs = [r for r in records if r["method"] == method]
+            cells.setdefault((config.dataset, split, method), []).append(rs)
+    rows = []
+    for (dataset, split, method), runs in sorted(cells.items()):
+        finals = [rs[-1]["accuracy"] for rs in runs]
+        to_target = [
+            next((r["bytes_up_total"] / 1e6 for r in rs if r["accuracy"] >= target), None) for rs in runs
+        ]
+        reached = [x for x in to_target if x is not None]
+        rows.append(
+            {
+                "dataset": dataset,
+                "split": split,
+                "method": method,
+                "final_acc_mean": statistics.fmean(finals),
+                "final_acc_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+                f"MB_up_to_{target:.2f}": statistics.fmean(reached) if reached else "not reached",
+                "seeds": len(runs),
+            }
+        )
+    return rows
+
+
+def versions() -> str:
+    out = []
+    for pkg in PACKAGES:
+        try:
+            out.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{pkg} (not installed)")
+    return ", ".join(out)
+
+
+def main(argv: list[str]) -> int:
+    from sim.report import markdown_table
+    from sim.run import run_experiment
+
+    p = argparse.ArgumentParser(
+        prog="fleetlora bench all",
+        description="Run every benchmark side by side and write BENCHMARKS.md.",
+        epilog="example: fleetlora bench all --quick --out BENCHMARKS.md",
+    )
+    p.add_argument("--quick", action="store_true", help="the reduced run (under 10 minutes on 2 cores)")
+    p.add_argument("--out", default="BENCHMARKS.md", help="report path (default: %(default)s)")
+    p.add_argument("--runs", default="runs/bench", help="run folders of the learning-quality grid")
+    p.add_argument("--skip", default="", help="comma-separated sub-benchmarks to skip")
+    args = p.parse_args(argv)
+    grid = QUICK if args.quick else FULL
+    configs = grid_configs(grid, Path(args.runs))
+    per_run = 60 if args.quick else 900
+    print(
+        f"bench all: {len(SUB_BENCHMARKS)} sub-benchmarks and {len(configs)} simulator runs "
+        f"(estimated {len(configs) * per_run / 60:.0f}+ min)",
+        file=sys.stderr,
+        flush=True,
+    )
+    skip = set(filter(None, args.skip.split(",")))
+    lines: list[str] = []
+    for name, (quick_args, full_args) in SUB_BENCHMARKS.items():
+        if name in skip:
+            continue
+        line, seconds = run_sub(
+            name, quick_args if args.quick else full_args, timeout=1800 if args.quick else 7200
+        )
+        print(f"  {line}   ({seconds:.0f}s)", file=sys.stderr, flush=True)
+        lines.append(f"| `fleetlora bench {name}` | `{line}` | {seconds:.0f} s |")
+    results = []
+    for config in configs:
+        results.append((config, run_experiment(config, quiet=True)))
+        print(f"  sim {config.out} done", file=sys.stderr, flush=True)
+    rows = quality_rows(results, grid.target)
+    cmd = "fleetlora bench all" + (" --quick" if args.quick else "")
+    report = "\n".join(
+        [
+            "# fleetlora benchmarks",
+            "",
+            f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
+            f"Versions: {versions()}.",
+            "",
+            "## Speed (each a ratio measured side by side in one run)",
+            "",
+            "| benchmark | result | took |",
+            "|---|---|---|",
+            *lines,
+            "",
+            f"## Learning quality (final accuracy over {len(grid.seeds)} seed(s), {grid.rounds} rounds, "
+            f"{grid.clients} clients, {grid.clients_per_round} per round)",
+            "",
+            markdown_table(rows),
+            "",
+        ]
+    )
+    Path(args.out).write_text(report)
+    print(report)
+    return 0
