@@ -87,7 +87,9 @@ class Aggregator(ABC):
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.spec = spec
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
         self.weighting = weighting
         self.chunk_bytes = chunk_bytes
         self.metrics: dict[str, float] = {}  # filled by aggregate(): divergence etc.

@@ -96,7 +96,9 @@ class FloraNA(Aggregator):
             self.metrics["flora_na/objective_vs_fedit"] = sum(ratios) / len(ratios)
         return out
 
-    def _gauged(self, coef: Coefficients, bs: torch.Tensor, as_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gauged(
+        self, coef: Coefficients, bs: torch.Tensor, as_: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``B_hat, A_hat`` after fixing the free scale ``c`` of ``(c p, q / c)``."""
         b_hat = torch.einsum("lu,ludr->ldr", coef.p, bs)
         a_hat = torch.einsum("lu,lurk->lrk", coef.q, as_)
