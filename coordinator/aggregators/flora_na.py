@@ -72,6 +72,10 @@ class FloraNA(Aggregator):
         self.dense_steps, self.dense_lr = dense_steps, dense_lr
         self.last_coefficients: list[Coefficients] = []  # per batch, for inspection and tests
 
+    def extra_scalars_per_layer(self, d: int, k: int) -> int:
+        """The dense solver holds the target, the residual and a product, each ``d x k``."""
+        return 3 * d * k if self.solver == "dense" else 0
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p = self.weights(updates)
         self.metrics = {}
