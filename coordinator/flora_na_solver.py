@@ -131,7 +131,10 @@ def solve_dense(
     params = torch.stack([pi.expand(n_layers, -1), pi.expand(n_layers, -1)]).clone()  # (2, L, U)
     moment1, moment2 = torch.zeros_like(params), torch.zeros_like(params)
     step_size = lr * float(pi.max())
-    best_params, best = params.clone(), torch.full((n_layers,), float("inf"), dtype=bs.dtype, device=bs.device)
+    best_params, best = (
+        params.clone(),
+        torch.full((n_layers,), float("inf"), dtype=bs.dtype, device=bs.device),
+    )
     history = []
     for step in range(steps + 1):
         b_hat = torch.einsum("lu,ludr->ldr", params[0], bs)
@@ -144,10 +147,12 @@ def solve_dense(
         history.append(best)
         if step == steps:
             break
-        grad = torch.stack([
-            2 * torch.einsum("ludr,ldr->lu", bs, residual @ a_hat.transpose(1, 2)),
-            2 * torch.einsum("lurk,lrk->lu", as_, b_hat.transpose(1, 2) @ residual),
-        ])
+        grad = torch.stack(
+            [
+                2 * torch.einsum("ludr,ldr->lu", bs, residual @ a_hat.transpose(1, 2)),
+                2 * torch.einsum("lurk,lrk->lu", as_, b_hat.transpose(1, 2) @ residual),
+            ]
+        )
         moment1.mul_(0.9).add_(grad, alpha=0.1)
         moment2.mul_(0.999).addcmul_(grad, grad, value=0.001)
         m_hat = moment1 / (1 - 0.9 ** (step + 1))

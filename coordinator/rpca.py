@@ -118,8 +118,22 @@ def pcp(
     converged |= ~nonzero  # M = 0 splits into L = S = 0
     active = nonzero.nonzero().flatten()
     if active.numel():
-        _solve(work, lam_t, m_fro, active, low, sparse, iterations, residual, converged,
-               tol=tol, max_iter=max_iter, rho=rho, mu_scale=mu_scale, mu_bar_ratio=mu_bar_ratio)
+        _solve(
+            work,
+            lam_t,
+            m_fro,
+            active,
+            low,
+            sparse,
+            iterations,
+            residual,
+            converged,
+            tol=tol,
+            max_iter=max_iter,
+            rho=rho,
+            mu_scale=mu_scale,
+            mu_bar_ratio=mu_bar_ratio,
+        )
 
     def restore(t: torch.Tensor) -> torch.Tensor:
         t = t if transposed else t.transpose(1, 2)
@@ -194,5 +208,13 @@ def _solve(
             if not bool(keep.any()):
                 return
             idx, m, s, w, e, mu, mu_bar, lam, m_fro = (
-                idx[keep], m[keep], s[keep], w[keep], e[keep], mu[keep], mu_bar[keep], lam[keep], m_fro[keep]
+                idx[keep],
+                m[keep],
+                s[keep],
+                w[keep],
+                e[keep],
+                mu[keep],
+                mu_bar[keep],
+                lam[keep],
+                m_fro[keep],
             )

@@ -66,7 +66,9 @@ def make_round(family: str, n_clients: int, seed: int = 0, identical: bool = Fal
     updates = []
     for i in range(n_clients):
         state = first if identical else client_state(family, glob, gen, flat)
-        updates.append(ClientUpdate(f"c{i}", {k: v.clone() for k, v in state.items()}, num_examples=3 + 5 * i))
+        updates.append(
+            ClientUpdate(f"c{i}", {k: v.clone() for k, v in state.items()}, num_examples=3 + 5 * i)
+        )
     return glob, updates
 
 
@@ -195,7 +197,9 @@ def test_ravan_exact_when_all_heads_are_trained():
     out = agg.aggregate(glob, updates)
     n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
     for prefix in RAVAN_LAYERS:
-        exact = sum(w * dense_delta("ravan", u.state, prefix) for w, u in zip(n / n.sum(), updates, strict=True))
+        exact = sum(
+            w * dense_delta("ravan", u.state, prefix) for w, u in zip(n / n.sum(), updates, strict=True)
+        )
         torch.testing.assert_close(dense_delta("ravan", out, prefix), exact)
         assert agg.metrics[f"divergence/{prefix}"] < 1e-7
         torch.testing.assert_close(out[prefix + RAVAN_S], torch.ones(HEADS))
@@ -205,9 +209,13 @@ def test_ravan_bases_rank_and_orthonormality():
     """V2 and V3: rank(Delta W) <= h r_h, GS bases orthonormal, same seed gives identical bases."""
     b, a = make_bases(30, 20, HEADS, HEAD_RANK, seed=11, init="gram_schmidt")
     b_cat = b.transpose(0, 1).reshape(30, -1).double()
-    torch.testing.assert_close(b_cat.T @ b_cat, torch.eye(HEADS * HEAD_RANK, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        b_cat.T @ b_cat, torch.eye(HEADS * HEAD_RANK, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     a_cat = a.reshape(-1, 20).double()
-    torch.testing.assert_close(a_cat @ a_cat.T, torch.eye(HEADS * HEAD_RANK, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        a_cat @ a_cat.T, torch.eye(HEADS * HEAD_RANK, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     b2, a2 = make_bases(30, 20, HEADS, HEAD_RANK, seed=11, init="gram_schmidt")
     assert torch.equal(b, b2) and torch.equal(a, a2)
     delta = torch.einsum("idr,irs,isk->dk", b, torch.randn(HEADS, HEAD_RANK, HEAD_RANK), a)
@@ -366,7 +374,9 @@ def test_als_starts_at_fedit_is_monotone_and_beats_it():
     bs, as_, pi = solver_inputs()
     t2 = exact_fro2(bs, as_, pi)
     result = solve_als(bs, as_, pi, t2, sweeps=15)
-    fedit = lora_divergence(torch.einsum("u,ludr->ldr", pi, bs), torch.einsum("u,lurk->lrk", pi, as_), bs, as_, pi)
+    fedit = lora_divergence(
+        torch.einsum("u,ludr->ldr", pi, bs), torch.einsum("u,lurk->lrk", pi, as_), bs, as_, pi
+    )
     torch.testing.assert_close(result.history[0], fedit.square() * t2)
     assert (result.history[1:] <= result.history[:-1] * (1 + 1e-12)).all()
     assert (result.objective < 0.95 * result.history[0]).all()

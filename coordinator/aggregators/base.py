@@ -130,10 +130,18 @@ class Aggregator(ABC):
             raise AggregationError(f"{key}: clients uploaded different shapes {sorted(shapes)}")
         return torch.stack([u.state[key].to(self.device, torch.float32) for u in updates])
 
-    def layers_per_batch(self, scalars_per_layer: int) -> int:
-        """How many same-shaped layers fit in one batch of ``chunk_bytes`` (at least one)."""
-        per_layer = max(1.0, scalars_per_layer * 8 * self.work_copies)
+    def layers_per_batch(self, scalars_per_layer: int, extra_scalars: int = 0) -> int:
+        """How many same-shaped layers fit in one batch of ``chunk_bytes`` (at least one).
+
+        ``scalars_per_layer`` counts a layer's stacked uploads (``work_copies`` float64 copies each);
+        ``extra_scalars`` any further float64 scalars a layer needs (e.g. a dense reference).
+        """
+        per_layer = max(1.0, (scalars_per_layer * self.work_copies + extra_scalars) * 8)
         return max(1, int(self.chunk_bytes // per_layer))
+
+    def extra_scalars_per_layer(self, d: int, k: int) -> int:
+        """Working float64 scalars a method needs per ``d x k`` layer beyond its upload copies."""
+        return 0
 
     def lora_batches(self, global_state: State, updates: list[ClientUpdate]) -> Iterator[LoraBatch]:
         """The round's LoRA layers, grouped by shape and stacked in batches of ``chunk_bytes``."""
@@ -150,7 +158,7 @@ class Aggregator(ABC):
             groups.setdefault(shape, []).append((prefix, a_key, b_key))
         for (a_shape, b_shape), members in groups.items():
             scalars = len(updates) * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])
-            step = self.layers_per_batch(scalars)
+            step = self.layers_per_batch(scalars, self.extra_scalars_per_layer(b_shape[0], a_shape[1]))
             for start in range(0, len(members), step):
                 part = members[start : start + step]
                 yield LoraBatch(

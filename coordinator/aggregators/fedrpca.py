@@ -15,7 +15,13 @@ from typing import Literal
 
 import torch
 
-from coordinator.aggregators.base import DEFAULT_CHUNK_BYTES, AggregationError, Aggregator, ClientUpdate, Weighting
+from coordinator.aggregators.base import (
+    DEFAULT_CHUNK_BYTES,
+    AggregationError,
+    Aggregator,
+    ClientUpdate,
+    Weighting,
+)
 from coordinator.divergence import lora_divergence
 from coordinator.rpca import pcp
 from export.spec import AdapterSpec
@@ -93,7 +99,9 @@ class FedRPCA(Aggregator):
         self.round_index += 1
         return out
 
-    def _steps(self, m: torch.Tensor, p: torch.Tensor, iterations: list[float], betas: list[float]) -> torch.Tensor:
+    def _steps(
+        self, m: torch.Tensor, p: torch.Tensor, iterations: list[float], betas: list[float]
+    ) -> torch.Tensor:
         """``sum_u p_u L_u + beta sum_u p_u S_u`` for each (D, K) problem of ``m`` (P, D, K): (P, D)."""
         result = pcp(m, self.lam, tol=self.tol, max_iter=self.max_iter)
         p64 = p.double()

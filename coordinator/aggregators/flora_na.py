@@ -72,6 +72,10 @@ class FloraNA(Aggregator):
         self.dense_steps, self.dense_lr = dense_steps, dense_lr
         self.last_coefficients: list[Coefficients] = []  # per batch, for inspection and tests
 
+    def extra_scalars_per_layer(self, d: int, k: int) -> int:
+        """The dense solver holds the target, the residual and a product, each ``d x k``."""
+        return 3 * d * k if self.solver == "dense" else 0
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p = self.weights(updates)
         self.metrics = {}
@@ -96,7 +100,9 @@ class FloraNA(Aggregator):
             self.metrics["flora_na/objective_vs_fedit"] = sum(ratios) / len(ratios)
         return out
 
-    def _gauged(self, coef: Coefficients, bs: torch.Tensor, as_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gauged(
+        self, coef: Coefficients, bs: torch.Tensor, as_: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``B_hat, A_hat`` after fixing the free scale ``c`` of ``(c p, q / c)``."""
         b_hat = torch.einsum("lu,ludr->ldr", coef.p, bs)
         a_hat = torch.einsum("lu,lurk->lrk", coef.q, as_)

@@ -17,7 +17,13 @@ from collections.abc import Mapping
 
 import torch
 
-from coordinator.aggregators.base import DEFAULT_CHUNK_BYTES, AggregationError, Aggregator, ClientUpdate, Weighting
+from coordinator.aggregators.base import (
+    DEFAULT_CHUNK_BYTES,
+    AggregationError,
+    Aggregator,
+    ClientUpdate,
+    Weighting,
+)
 from coordinator.divergence import ravan_divergence
 from export.ravan import layer_seed, make_bases
 from export.spec import AdapterSpec
@@ -68,10 +74,17 @@ class Ravan(Aggregator):
         return out
 
     def _aggregate_batch(
-        self, global_state: State, updates: list[ClientUpdate], p: torch.Tensor, prefixes: list[str], out: State
+        self,
+        global_state: State,
+        updates: list[ClientUpdate],
+        p: torch.Tensor,
+        prefixes: list[str],
+        out: State,
     ) -> None:
         h_keys = [prefix + RAVAN_H for prefix in prefixes]
-        old = torch.stack([global_state[key].to(self.device, torch.float64) for key in h_keys])  # (L, h, r, r)
+        old = torch.stack(
+            [global_state[key].to(self.device, torch.float64) for key in h_keys]
+        )  # (L, h, r, r)
         n_layers, heads = old.shape[:2]
         # All uploaded heads of the batch in one tensor; slot = layer * heads + head.
         values, slots, weights = [], [], []
@@ -89,7 +102,9 @@ class Ravan(Aggregator):
         mass = torch.zeros(n_layers * heads, dtype=torch.float64, device=self.device).index_add_(0, slot, w)
         total, mass = total.view_as(old), mass.view(n_layers, heads)
         trained = (mass > 0)[..., None, None]
-        new = torch.where(trained, total / mass.clamp_min(torch.finfo(torch.float64).tiny)[..., None, None], old)
+        new = torch.where(
+            trained, total / mass.clamp_min(torch.finfo(torch.float64).tiny)[..., None, None], old
+        )
         exact = total + (1 - mass)[..., None, None] * old  # untrained heads of a client stay at the old value
         gram_b, gram_a = self._bases_grams(prefixes, old.shape[1], old.shape[2])
         self.record_divergence(prefixes, ravan_divergence(new, exact, gram_b, gram_a))
@@ -111,7 +126,9 @@ class Ravan(Aggregator):
             if idx.dtype != torch.int64 or idx.dim() != 1:
                 raise AggregationError(f"client {update.client_id}: {idx_key} must be a 1-D int64 tensor")
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= heads):
-                raise AggregationError(f"client {update.client_id}: {idx_key} has indices outside 0..{heads - 1}")
+                raise AggregationError(
+                    f"client {update.client_id}: {idx_key} has indices outside 0..{heads - 1}"
+                )
             if idx.unique().numel() != idx.numel():
                 raise AggregationError(f"client {update.client_id}: {idx_key} repeats a head")
         else:

@@ -1,6 +1,8 @@
 """``fleetlora bench NAME [args]``: benchmarks that print ratios measured side by side in one run.
 
-Each benchmark is a module exposing ``main(argv: list[str]) -> int``, registered in ``BENCHMARKS``.
+A benchmark is ``def main(argv: list[str]) -> int`` in its own package's module, registered here by
+name as ``"module"`` or ``"module:function"`` and imported only when run. Its last line is
+``name: key=value ...``, which ``fleetlora bench all`` collects into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ HELP = "run a benchmark (side-by-side timings in one run)"
 ORDER = 90
 EXAMPLES = """\
 fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
-fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
-fleetlora bench mqtt --clients 2000 --payload 100000"""
+fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
+fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client"""
 
-# name -> module with main(argv) -> int (imported only when run)
+# name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
+    "aggregate": "coordinator.bench_aggregate:main",
     "all": "sim.bench_all",
     "mqtt": "coordinator.bench_mqtt",
 }
@@ -35,5 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.name not in BENCHMARKS:
         raise CliError(f"unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
-    module = importlib.import_module(BENCHMARKS[args.name])
-    return int(module.main(list(args.args)))
+    module_name, _, func = BENCHMARKS[args.name].partition(":")
+    main = getattr(importlib.import_module(module_name), func or "main")
+    return int(main(list(args.args)))
