@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_client.local_round import LocalPlan, run_local_round
@@ -76,7 +76,8 @@ class Progress:
     pending_round: int = 0  # 0: none; else its envelope is saved in the pending file
     missed: int = 0  # rounds announced while this client was away (never seen)
     last_outcome: str = ""
-    last_error: str = ""
+    last_error: str = ""  # the most recent error (kept after later successes, for the operator)
+    refused: list[int] = field(default_factory=list)  # rounds whose update could not be sent
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -145,8 +146,12 @@ class EdgeClient:
         if self.config.state_file is not None:
             _write_atomically(self.config.state_file, json.dumps(asdict(self.progress)).encode())
 
-    def _finish(self, outcome: str, error: str = "") -> str:
-        self.progress.last_outcome, self.progress.last_error = outcome, error
+    def _finish(self, outcome: str, error: str = "", round: int = 0) -> str:
+        self.progress.last_outcome = outcome
+        if error:
+            self.progress.last_error = error
+            if round and round not in self.progress.refused:
+                self.progress.refused.append(round)
         self._save()
         return outcome
 
@@ -219,17 +224,17 @@ class EdgeClient:
             envelope = self._pending_file.read_bytes()
         if envelope is None:
             self.progress.pending_round = 0
-            return self._finish(REFUSED, f"the update of round {round} was lost before it was sent")
+            return self._finish(REFUSED, f"the update of round {round} was lost before it was sent", round)
         try:
             self._delivery = self.link.publish(self._up_topic, envelope, qos=1)
         except PayloadTooLarge as e:
             log.error("%s: round %d update not sent: %s", self.config.client_id, round, e)
             self.progress.pending_round = 0
             self._pending_envelope = None
-            return self._finish(REFUSED, str(e))
+            return self._finish(REFUSED, str(e), round)
         except MqttLinkError as e:  # the bounded queue is full: kept pending, resent on the next announcement
             log.error("%s: round %d update not queued: %s", self.config.client_id, round, e)
-            return self._finish(REFUSED, str(e))
+            return self._finish(REFUSED, str(e))  # still pending: not a refusal of the round
         return self._finish(RESENT if resent else TRAINED)
 
     def settle(self, timeout_s: float = 0.0) -> bool:
