@@ -15,11 +15,13 @@ HELP = "run a benchmark (side-by-side timings in one run)"
 ORDER = 90
 EXAMPLES = """\
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
-fleetlora bench mqtt --clients 2000 --payload 100000"""
+fleetlora bench mqtt --clients 2000 --payload 100000
+fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber"""
 
 # name -> module with main(argv) -> int (imported only when run)
 BENCHMARKS = {
     "mqtt": "coordinator.bench_mqtt",
+    "ingest": "coordinator.bench_ingest",
 }
 
 
