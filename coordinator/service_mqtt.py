@@ -45,10 +45,12 @@ def serve(
     *,
     share_group: str | None = None,
     final_timeout_s: float = 10.0,
+    ready: threading.Event | None = None,
 ) -> RoundService:
     """Run ``service`` over MQTT until its last round is aggregated or ``stop`` is set.
 
-    Returns the service (its ``history`` holds the per-round records). State is persisted after every
+    ``ready`` is set once the broker has acknowledged the subscription to the updates. Returns the
+    service (its ``history`` holds the per-round records). State is persisted after every
     change, so stopping at any point (``stop``, SIGTERM, ``kill -9``) and serving again resumes.
     """
     run = service.config.run
@@ -61,6 +63,8 @@ def serve(
     last: Delivery | None = None
     try:
         while not stop.is_set():
+            if ready is not None and not ready.is_set() and link.wait_subscribed(0):
+                ready.set()
             if link.connected and link.connects != announced_on:
                 last = link.publish(topic, announcement, qos=1, retain=True)
                 announced_on = link.connects

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -67,7 +68,7 @@ class MqttTransport:
             folder.chmod(0o755)  # mosquitto started as root drops to its own user
             self.broker = local_broker(folder).start()
             host, port = self.broker.host, self.broker.port
-        protocol = getattr(self.broker, "protocol", "5")
+        protocol: Literal["5", "3.1.1"] = "3.1.1" if getattr(self.broker, "protocol", "5") == "3.1.1" else "5"
         self._link_config = LinkConfig("sim-coordinator", host=host, port=port, protocol=protocol)
         self.pool = MqttPool(name="fleetlora-sim-mqtt")
         self.collector = MqttLink(self._link_config, pool=self.pool).start()

@@ -35,7 +35,7 @@ TIMEOUT_S = 120.0
 
 def spec_for(method: str) -> AdapterSpec:
     family = aggregators.get(method).family
-    return AdapterSpec(family=family, target_modules=("query", "value"), rank=4, heads=2, seed=0)
+    return AdapterSpec(family=family, target_modules=("query", "value"), rank=4, heads=2, seed=0)  # type: ignore[arg-type]
 
 
 def adapted(spec: AdapterSpec) -> torch.nn.Module:

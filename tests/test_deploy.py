@@ -97,12 +97,14 @@ def test_tls_acl_refuses_a_device_publishing_as_another(
     service = make_service(
         "fedit", tmp_path / "state", ("dev0", "dev1"), rounds=1, min_clients=1, deadline_s=3.0
     )
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(service, tls("coordinator", coordinator.password), stop))
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=serve, args=(service, tls("coordinator", coordinator.password), stop), kwargs={"ready": ready}
+    )
     thread.start()
     impostor = MqttLink(tls("dev0", creds["dev0"].password)).start()
     try:
-        wait_for(lambda: service.state is not None, what="the service to start")
+        assert ready.wait(60), "the coordinator did not subscribe"
         forged = encode_update(
             {k: v.cpu() for k, v in service.global_state.items()}, run="t", round=1, client="dev1",
             method="fedit", spec=service.spec, num_examples=1, local_steps=1, compute_s=0.0,
