@@ -12,6 +12,9 @@ Payloads are opaque bytes here; the envelope format lives elsewhere. What the li
 - ``publish`` refuses with :class:`PayloadTooLarge`, sending nothing, a packet above the size limit (the
   smaller of the configured one and the broker's CONNACK announcement). paho would send it, be
   disconnected, resend it after reconnecting, and so on forever.
+- Manual acknowledgements (``manual_ack``): a receiver that must persist a message before the broker
+  may forget it subscribes with :meth:`MqttLink.subscribe_acked` and calls :meth:`MqttLink.ack` once
+  the message is safe; until then a lost connection makes the broker redeliver it.
 - A bounded queue: messages not yet acknowledged (waiting for a connection, or in flight) are capped
   in count and bytes. Beyond the cap ``overflow="raise"`` raises :class:`QueueFull`; ``"drop_oldest"``
   fails the oldest message not yet sent instead. Queued messages go out in order after a reconnect.
@@ -41,6 +44,8 @@ from edge_client.mqtt_pool import MqttPool
 from edge_client.mqtt_types import (
     Backoff,
     Delivery,
+    InboundCallback,
+    InboundMessage,
     LinkClosed,
     LinkConfig,
     MessageCallback,
@@ -55,6 +60,7 @@ from edge_client.mqtt_types import (
 
 __all__ = [
     "Delivery",
+    "InboundMessage",
     "LinkClosed",
     "LinkConfig",
     "MqttLink",
@@ -107,7 +113,8 @@ class MqttLink:
         self._queued_bytes = 0
         self._inflight_count = 0
         self._inflight_bytes = 0
-        self._subscriptions: dict[str, tuple[int, MessageCallback]] = {}
+        self._subscriptions: dict[str, tuple[int, MessageCallback | None]] = {}
+        self._acked_callbacks: dict[str, InboundCallback] = {}  # filters whose receiver acknowledges
         self._packet_limit = config.max_packet_size
         self._closed = False
         # Loop-thread state.
@@ -145,6 +152,7 @@ class MqttLink:
             client.tls_set_context(context)
         if cfg.status_topic:
             client.will_set(cfg.status_topic, OFFLINE, qos=1, retain=True)
+        client.manual_ack_set(cfg.manual_ack)
         client.max_inflight_messages_set(cfg.inflight_window + 1)  # +1: the status message
         client.connect_timeout = cfg.connect_timeout_s
         client.on_connect = self._on_connect
@@ -203,6 +211,31 @@ class MqttLink:
             self._unsent_filters.add(topic_filter)
             self._subscribed.clear()
         self._pool.call_soon(lambda: self._send_subscribe([topic_filter]))
+
+    def subscribe_acked(self, topic_filter: str, callback: InboundCallback, qos: int = 1) -> None:
+        """Like :meth:`subscribe`, but the receiver acknowledges each message with :meth:`ack`.
+
+        Needs ``LinkConfig(manual_ack=True)``. ``callback`` runs on the loop thread: hand the message
+        to a worker and return.
+        """
+        if not self.config.manual_ack:
+            raise MqttLinkError("subscribe_acked needs LinkConfig(manual_ack=True)")
+        with self._lock:
+            self._check_open()
+            self._acked_callbacks[topic_filter] = callback
+            self._subscriptions[topic_filter] = (qos, None)
+            self._unsent_filters.add(topic_filter)
+            self._subscribed.clear()
+        self._pool.call_soon(lambda: self._send_subscribe([topic_filter]))
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge ``message`` (any thread); skipped when it arrived on an earlier connection."""
+
+        def send() -> None:
+            if message.qos > 0 and message.connection == self.connects and self.connected:
+                self.client.ack(message.mid, message.qos)
+
+        self._pool.call_soon(send)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         """Queue ``payload`` for ``topic``; sent now when connected, else after the next connect.
@@ -400,12 +433,24 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             subscriptions = list(self._subscriptions.items())
+            acked = dict(self._acked_callbacks)
+        handed_over = False
         for topic_filter, (_, callback) in subscriptions:
-            if mqtt.topic_matches_sub(strip_share(topic_filter), message.topic):
-                try:
+            if not mqtt.topic_matches_sub(strip_share(topic_filter), message.topic):
+                continue
+            try:
+                if callback is not None:
                     callback(message.topic, bytes(message.payload))
-                except Exception:
-                    log.exception("%s: message callback for %s failed", self.config.client_id, message.topic)
+                else:
+                    inbound = InboundMessage(
+                        message.topic, bytes(message.payload), message.mid, message.qos, self.connects
+                    )
+                    acked[topic_filter](inbound)
+                    handed_over = True
+            except Exception:
+                log.exception("%s: message callback for %s failed", self.config.client_id, message.topic)
+        if self.config.manual_ack and not handed_over and message.qos > 0:
+            client.ack(message.mid, message.qos)  # nobody will acknowledge it: do it now
 
     def _pump(self) -> None:
         """Hand queued messages to paho while connected and the in-flight window has room."""

@@ -16,6 +16,24 @@ MIB = 1024 * 1024
 MessageCallback = Callable[[str, bytes], None]
 
 
+@dataclass(frozen=True)
+class InboundMessage:
+    """A received message that the receiver acknowledges itself (:meth:`MqttLink.ack`).
+
+    ``connection`` numbers the connection it arrived on: an acknowledgement is only sent on that same
+    connection (after a reconnect the broker redelivers the message instead).
+    """
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    connection: int
+
+
+InboundCallback = Callable[[InboundMessage], None]
+
+
 class MqttLinkError(Exception):
     """A publish or link operation failed; the message says why."""
 
@@ -62,6 +80,7 @@ class LinkConfig:
     backoff_max_s: float = 30.0
     inflight_window: int = 20
     connect_timeout_s: float = 5.0
+    manual_ack: bool = False  # QoS 1 messages of subscribe_acked() are acknowledged by ack(), not on receipt
 
     def __post_init__(self) -> None:
         if not self.client_id or any(c in self.client_id for c in "/+#"):

@@ -35,6 +35,7 @@ class Reason(StrEnum):
     BAD_CHUNK = "bad_chunk"  # a chunk that is corrupt or inconsistent with its message
     DUPLICATE = "duplicate"  # a chunk (or chunked message) received twice
     CAPACITY = "capacity"  # a bounded buffer (reassembler, replay guard) is full
+    NOT_SAMPLED = "not_sampled"  # an update from a client the open round did not sample
 
 
 class EnvelopeError(ValueError):

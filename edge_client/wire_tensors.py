@@ -14,6 +14,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
@@ -238,9 +239,16 @@ def load_checked(blob: bytes, entries: dict[str, Entry], heads: Sequence[int] | 
         if name.endswith(RAVAN_HEADS):
             if heads is None or t.tolist() != list(heads):
                 raise EnvelopeError(Reason.HEADS, f"{name}: indices {t.tolist()[:8]} != header's {heads}")
-        elif not bool(torch.isfinite(t).all()):
+        elif not _all_finite(t):
             raise EnvelopeError(Reason.NON_FINITE, f"{name}: contains NaN or infinity")
     return state
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``. numpy, not ``torch.isfinite``: torch's multi-threaded kernel took
+    ~100 ms per MB on a loaded 2-core machine (threads spinning), numpy's takes ~0.2 ms."""
+    values = t if t.dtype == torch.float32 else t.float()  # bfloat16 has no numpy dtype
+    return bool(np.isfinite(values.numpy()).all())
 
 
 def ravan_slice(state: Mapping[str, torch.Tensor], heads: Sequence[int]) -> State:

@@ -79,10 +79,14 @@ def method_family(method: str) -> str:
 
 def make_transport(world: World, family: str, train: bool = True) -> Transport:
     config = world.config
-    if config.transport != "inproc":
+    if config.transport not in ("inproc", "mqtt") or (config.transport == "mqtt" and not train):
         raise NotImplementedError(f"transport {config.transport!r} is not available in this build")
     model = world.model(family)
     trainer = EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
+    if config.transport == "mqtt":
+        from sim.mqtt_transport import MqttTransport
+
+        return MqttTransport(trainer, trainer.get_trainable(), world.train, broker_url=config.broker)
     return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
 
 

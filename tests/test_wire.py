@@ -391,6 +391,7 @@ def test_every_envelope_reason_has_a_test() -> None:
         Reason.BAD_TOPIC,
         Reason.BAD_CHUNK,
         Reason.DUPLICATE,
+        Reason.NOT_SAMPLED,  # the coordinator's policy: tests/test_service.py
     }
     assert {r for r, _, _ in REJECTIONS} | elsewhere == set(Reason)
 

@@ -18,13 +18,15 @@ ORDER = 90
 EXAMPLES = """\
 fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
 fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
-fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client"""
+fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
+fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber"""
 
 # name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
     "aggregate": "coordinator.bench_aggregate:main",
     "all": "sim.bench_all",
     "mqtt": "coordinator.bench_mqtt",
+    "ingest": "coordinator.bench_ingest",
 }
 
 

@@ -1,0 +1,220 @@
+"""``fleetlora bench ingest``: update ingest of the coordinator service vs a bare paho subscriber.
+
+One private loopback mosquitto. A publisher child process pre-encodes N signed-checksum update
+envelopes of about 1 MB (one per client) and, on cue, publishes them all with QoS 1 over a few links.
+It does so twice, in the same run: first to a bare paho subscriber that only counts messages (the raw
+ceiling of broker + paho on this machine), then to the real coordinator service, which validates every
+envelope, persists the accepted ones (``--sync``: fsync per batch) and acknowledges them after that.
+Each side is timed from the cue to its last message (received, resp. persisted and acknowledged).
+Last line: ``ingest: ratio_to_raw=<coordinator throughput / raw throughput> lost=<updates missing>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import torch
+from paho.mqtt.enums import CallbackAPIVersion
+
+from coordinator import aggregators
+from coordinator.broker import BrokerConfig, Mosquitto
+from coordinator.metrics import MetricsLog
+from coordinator.service import RoundService, ServiceConfig
+from coordinator.service_mqtt import serve
+from coordinator.store import RoundStore
+from edge_client.mqtt_link import LinkConfig, MqttLink
+from edge_client.mqtt_pool import MqttPool
+from edge_client.topics import up_subscription, up_topic
+from edge_client.wire import encode_update
+from export.spec import AdapterSpec
+from export.state import State
+
+RUN = "bench"
+TIMEOUT_S = 600.0
+PUBLISHER_LINKS = 8
+
+
+def _template(payload_bytes: int) -> State:
+    """A dense trainable state of about ``payload_bytes`` (a classification head of that size)."""
+    cols = 1024
+    rows = max(1, payload_bytes // (4 * cols))
+    return {"classifier.weight": torch.zeros(rows, cols)}
+
+
+def _clients(n: int) -> tuple[str, ...]:
+    return tuple(f"c{i:05d}" for i in range(n))
+
+
+def _publish(port: int, n: int, payload_bytes: int) -> int:
+    """Child process: encode the envelopes, wait for a cue line on stdin per pass, publish them all."""
+    spec = AdapterSpec()
+    gen = torch.Generator().manual_seed(0)
+    shape = _template(payload_bytes)["classifier.weight"].shape
+    envelopes = [
+        (
+            up_topic(RUN, cid),
+            encode_update(
+                {"classifier.weight": torch.randn(shape, generator=gen) * 0.01}, run=RUN, round=1,
+                client=cid, method="fedit", spec=spec, num_examples=10, local_steps=1, compute_s=0.0,
+            ),
+        )
+        for cid in _clients(n)
+    ]  # fmt: skip
+    pool = MqttPool(name="bench-publisher")
+    links = [
+        MqttLink(LinkConfig(f"bench-pub{i}", port=port, max_queued_bytes=2**31), pool=pool).start()
+        for i in range(PUBLISHER_LINKS)
+    ]
+    for link in links:
+        link.wait_connected(60)
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one cue per pass
+        deliveries = [links[i % PUBLISHER_LINKS].publish(t, p) for i, (t, p) in enumerate(envelopes)]
+        failed = sum(1 for d in deliveries if not (d.wait(TIMEOUT_S) and d.ok))
+        print(f"published {n - failed}", flush=True)
+    for link in links:
+        link.close()
+    pool.close()
+    return 0
+
+
+class _Publisher:
+    def __init__(self, port: int, n: int, payload_bytes: int) -> None:
+        source_root = str(Path(__file__).resolve().parent.parent)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")])),
+        }
+        command = [sys.executable, "-m", "coordinator.bench_ingest", "--publisher"]
+        self.proc = subprocess.Popen(
+            [*command, str(port), str(n), str(payload_bytes)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the publisher process did not start")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def published(self) -> int:
+        assert self.proc.stdout is not None
+        return int(self.proc.stdout.readline().split()[1])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def _raw(port: int, publisher: _Publisher, n: int) -> tuple[float, int]:
+    """Seconds until a bare paho subscriber got all ``n`` messages, and how many it got."""
+    count, done, first = [0], threading.Event(), threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        count[0] += 1
+        if count[0] >= n:
+            done.set()
+
+    def on_subscribe(*args: object) -> None:
+        first.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=mqtt.MQTTv5)
+    client.on_message, client.on_subscribe = on_message, on_subscribe
+    client.connect("127.0.0.1", port)
+    client.subscribe(up_subscription(RUN), qos=1)
+    client.loop_start()
+    first.wait(30)
+    start = time.perf_counter()
+    publisher.go()
+    done.wait(TIMEOUT_S)
+    elapsed = time.perf_counter() - start
+    publisher.published()
+    client.disconnect()
+    client.loop_stop()
+    return elapsed, count[0]
+
+
+def _coordinator(
+    port: int, publisher: _Publisher, n: int, payload_bytes: int, state_dir: Path, sync: bool
+) -> tuple[float, int]:
+    """Seconds until the service persisted and acknowledged all ``n`` updates, and how many it kept."""
+    spec = AdapterSpec()
+    config = ServiceConfig(
+        run=RUN, method="fedit", rounds=1, min_clients=n, deadline_s=TIMEOUT_S, clients=_clients(n)
+    )
+    agg = aggregators.create("fedit", spec, device="auto")
+    service = RoundService(
+        config, spec, agg, _template(payload_bytes), RoundStore(state_dir, sync=sync), MetricsLog(None)
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(service, LinkConfig("bench-coordinator", port=port), stop))
+    thread.start()
+    while service.state is None:
+        time.sleep(0.01)
+    time.sleep(0.5)  # subscribed
+    start = time.perf_counter()
+    publisher.go()
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(service.accepted) < n and not service.history and time.monotonic() < deadline:
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    publisher.published()
+    thread.join(TIMEOUT_S)
+    stop.set()
+    kept = service.history[0]["participants"] if service.history else len(service.accepted)
+    return elapsed, kept
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--publisher"]:
+        return _publish(int(argv[1]), int(argv[2]), int(argv[3]))
+    parser = argparse.ArgumentParser(prog="fleetlora bench ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=1000, help="updates per pass (default 1000)")
+    parser.add_argument("--payload", type=int, default=1_000_000, help="bytes per update (default 1 MB)")
+    parser.add_argument("--state-dir", default="", help="coordinator state folder (default: a temp dir)")
+    parser.add_argument(
+        "--no-sync", action="store_true", help="persist without fsync (survives kill -9 only)"
+    )
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="fleetlora-bench-ingest-"))
+    os.chmod(workdir, 0o755)  # mosquitto started as root drops to its own user
+    state_dir = Path(args.state_dir) if args.state_dir else workdir / "state"
+    total_mb = args.updates * args.payload / 1e6
+    # Room for a whole pass in the broker's queue: a slow subscriber must not make it drop messages.
+    broker_config = BrokerConfig(max_queued_bytes=2 * args.updates * args.payload + 64 * 2**20)
+    try:
+        with Mosquitto(workdir / "broker", broker_config) as broker:
+            publisher = _Publisher(broker.port, args.updates, args.payload)
+            try:
+                raw_s, raw_got = _raw(broker.port, publisher, args.updates)
+                rate = total_mb / raw_s
+                print(f"raw paho subscriber: {raw_got}/{args.updates} in {raw_s:.2f} s ({rate:.0f} MB/s)")
+                coord_s, kept = _coordinator(
+                    broker.port, publisher, args.updates, args.payload, state_dir, not args.no_sync
+                )
+            finally:
+                publisher.close()
+        mode = "no fsync" if args.no_sync else "fsync per batch"
+        print(
+            f"coordinator ({mode}): {kept}/{args.updates} in {coord_s:.2f} s ({total_mb / coord_s:.0f} MB/s)"
+        )
+        print(f"ingest: ratio_to_raw={raw_s / coord_s:.2f} lost={args.updates - kept}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,400 @@
+"""The coordinator's round lifecycle, independent of the transport.
+
+open round ``r`` (sample clients, set the deadline, announce the global adapter) -> collect updates ->
+close at quorum or deadline -> aggregate -> checkpoint -> announce round ``r + 1`` ... -> final.
+
+The transport (:mod:`coordinator.service_mqtt`) feeds received envelopes to :meth:`RoundService.receive`
+and acknowledges them to the broker only after it returns: by then every accepted envelope is in the
+store, so a ``kill -9`` at any moment loses nothing the broker considers delivered. It publishes what
+:meth:`RoundService.tick` and :attr:`RoundService.announcement` return.
+
+Policy for updates that are not simply "the first valid update of a sampled client for the open round"
+(each one counted by reason in the metrics, none ever touching the global adapter):
+
+- **invalid** (size, framing, schema, spec, topic/header/HMAC disagreement, shapes, dtypes, NaN/inf):
+  rejected with the decoder's reason (``bad_mac``, ``shape``, ``non_finite``, ...).
+- **stale or early**: an update for any round but the open one (a closed round, or a future one) is
+  rejected as ``wrong_round``. A round closes when it is aggregated; nothing is accepted for it later.
+- **late**: an update for the open round is accepted until the round closes, even after its deadline
+  (the deadline only allows closing; see below).
+- **not sampled**: an update from a client the open round did not sample is rejected (``not_sampled``).
+- **duplicate**: a second, different update (another message id) from the same client for the same
+  round is rejected as ``replay``: the first one wins. The *same* message again (a QoS 1 redelivery
+  after a lost acknowledgement or a coordinator restart) is acknowledged and counted as
+  ``redelivered``, not as a rejection.
+
+Closing: a round closes as soon as every sampled client has reported (clients named in the
+announcement), or at its deadline when at least ``min_clients`` updates are in. A deadline reached
+with fewer extends the round by another ``deadline_s`` (re-announced, updates kept), counted as
+``deadline_extended``, rather than aggregating too few updates or dropping the ones received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
+from coordinator.metrics import MetricsLog
+from coordinator.store import RoundState, RoundStore, StoreError
+from edge_client.topics import parse_up_topic
+from edge_client.wire import (
+    DEFAULT_MAX_BYTES,
+    DecodedUpdate,
+    EnvelopeError,
+    GlobalHeader,
+    Reason,
+    decode_update,
+    encode_global,
+    is_sampled,
+)
+from edge_client.wire_tensors import template_of
+from export.spec import AdapterSpec
+from export.state import State, num_bytes
+
+log = logging.getLogger(__name__)
+
+REDELIVERED = "redelivered"
+
+
+class ServiceError(ValueError):
+    """A coordinator configuration that cannot run, or a state directory from another run."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The round lifecycle's parameters (the flags of ``fleetlora coordinator serve``).
+
+    ``clients``: the fleet roster; each round samples ``clients_per_round`` of them (0 = all) with a
+    seeded hash draw, and names them in the announcement. Without a roster the fleet is open: every
+    client whose stable hash draw falls below ``sample_fraction`` takes part (:func:`is_sampled`),
+    and a round closes at its deadline.
+    """
+
+    run: str
+    method: str
+    rounds: int
+    min_clients: int = 1
+    deadline_s: float = 60.0
+    clients: tuple[str, ...] = ()
+    clients_per_round: int = 0
+    sample_fraction: float = 1.0
+    seed: int = 0
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        per_round = self.clients_per_round or len(self.clients)
+        checks = [
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
+            (self.deadline_s > 0, f"deadline must be > 0 seconds, got {self.deadline_s}"),
+            (0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}"),
+            (len(set(self.clients)) == len(self.clients), "the client roster has duplicates"),
+            (
+                not self.clients or 0 <= self.clients_per_round <= len(self.clients),
+                f"clients_per_round must be in [0, {len(self.clients)}], got {self.clients_per_round}",
+            ),
+            (
+                not self.clients or self.min_clients <= per_round,
+                f"min_clients={self.min_clients} exceeds the {per_round} clients sampled per round",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ServiceError(message)
+
+
+def sample_clients(roster: tuple[str, ...], k: int, seed: int, round: int) -> list[str]:
+    """``k`` clients of ``roster`` for ``round`` (all when ``k`` is 0): a seeded, stable hash draw."""
+    if not k or k >= len(roster):
+        return sorted(roster)
+    ranked = sorted(roster, key=lambda c: hashlib.sha256(f"{seed}:{round}:{c}".encode()).digest())
+    return sorted(ranked[:k])
+
+
+@dataclass
+class _Accepted:
+    update: DecodedUpdate
+    size: int
+
+
+@dataclass
+class _RoundTally:
+    rejected: Counter[str] = field(default_factory=Counter)
+    redelivered: int = 0
+    opened_at: float = field(default_factory=time.time)
+
+
+class RoundService:
+    """The round state machine; single-threaded (the transport calls it from one thread).
+
+    Parameters
+    ----------
+    config : ServiceConfig
+    spec : AdapterSpec
+        The adapter every client trains.
+    aggregator : Aggregator
+        The method (its device is where aggregation runs: CUDA when present).
+    initial : State
+        The freshly attached model's trainable state: round 1's global adapter and the template every
+        update is checked against.
+    store : RoundStore
+    metrics : MetricsLog
+    device_keys : mapping of client id to key, optional
+        With keys every update must carry a valid HMAC by its client's key; clients without a key are
+        refused (``bad_mac``). Without keys a SHA-256 checksum is required.
+    coordinator_key : bytes, optional
+        Signs the announcements (clients verify them with it).
+    clock : callable
+        Unix time (tests replace it).
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        spec: AdapterSpec,
+        aggregator: Aggregator,
+        initial: State,
+        store: RoundStore,
+        metrics: MetricsLog,
+        *,
+        device_keys: Mapping[str, bytes] | None = None,
+        coordinator_key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config, self.spec, self.agg = config, spec, aggregator
+        self.store, self.metrics, self.clock = store, metrics, clock
+        self.device_keys = dict(device_keys) if device_keys is not None else None
+        self.coordinator_key = coordinator_key
+        self.template = template_of(initial)
+        self._initial = initial
+        self.state: RoundState | None = None
+        self.global_state: State = {}
+        self.accepted: dict[str, _Accepted] = {}
+        self.tally = _RoundTally()
+        self.history: list[dict[str, Any]] = []
+        self._announcement = b""
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """Resume from the store, or open round 1; returns the announcement to publish (retained)."""
+        loaded = self.store.load()
+        if loaded is None:
+            self.global_state = self.agg.init_global(self._initial)
+            self.state = self._open_state(1)
+            self.store.commit_round(self.state, self.global_state)
+            resumed = 0
+        else:
+            state, global_state, updates = loaded
+            self._check_same_run(state)
+            self.state = state
+            self.global_state = {k: v.to(self.agg.device) for k, v in global_state.items()}
+            for client, payload in updates:  # re-validated: the files are ours, but cheap to check
+                try:
+                    decoded = self._decode(client, payload, state.round)
+                except EnvelopeError as e:
+                    log.error("stored update of %s, round %d, fails validation: %s", client, state.round, e)
+                    continue
+                self.accepted[client] = _Accepted(decoded, len(payload))
+            resumed = len(self.accepted)
+        self.metrics.write(
+            "start", run=self.config.run, method=self.config.method, round=self.state.round,
+            resumed_updates=resumed, done=self.state.done, device=str(self.agg.device),
+        )  # fmt: skip
+        self._announcement = self._encode_announcement()
+        return self._announcement
+
+    def _check_same_run(self, state: RoundState) -> None:
+        mine = (self.config.run, self.config.method, self.spec.digest())
+        theirs = (state.run, state.method, state.spec)
+        if mine != theirs:
+            raise StoreError(
+                f"the state directory holds run/method/spec {theirs}, not {mine}: use another --state-dir"
+            )
+
+    def _open_state(self, round: int) -> RoundState:
+        cfg = self.config
+        sampled = sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, round) if cfg.clients else None
+        return RoundState(
+            run=cfg.run, method=cfg.method, spec=self.spec.digest(), round=round,
+            deadline=self.clock() + cfg.deadline_s, sampled=sampled,
+            sample_fraction=None if sampled is not None else cfg.sample_fraction,
+            done=round > cfg.rounds,
+        )  # fmt: skip
+
+    @property
+    def round(self) -> int:
+        assert self.state is not None, "call start() first"
+        return self.state.round
+
+    @property
+    def finished(self) -> bool:
+        return self.state is not None and self.state.done
+
+    @property
+    def announcement(self) -> bytes:
+        """The current global adapter and round announcement (republish it after a reconnect)."""
+        return self._announcement
+
+    def seconds_to_deadline(self) -> float:
+        assert self.state is not None
+        return max(0.0, self.state.deadline - self.clock())
+
+    def _encode_announcement(self) -> bytes:
+        assert self.state is not None
+        payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
+        final = self.state.done
+        return encode_global(
+            payload, run=self.config.run, round=self.state.round, method=self.config.method,
+            spec=self.spec, deadline=self.state.deadline,
+            clients=None if final else self.state.sampled,
+            sample_fraction=0.0 if final else self.state.sample_fraction,
+            rank=self.spec.rank if self.spec.family == "lora" else None, final=final,
+            key=self.coordinator_key,
+        )  # fmt: skip
+
+    # ---- receiving --------------------------------------------------------------------------------
+
+    def _decode(self, client: str, payload: bytes, round: int) -> DecodedUpdate:
+        if self.device_keys is not None and client not in self.device_keys:
+            raise EnvelopeError(Reason.BAD_MAC, f"no device key for client {client!r}")
+        key = self.device_keys[client] if self.device_keys is not None else None
+        return decode_update(
+            payload, expected_run=self.config.run, expected_client=client, rounds=round, spec=self.spec,
+            template=self.template, key=key, max_bytes=self.config.max_bytes, method=self.config.method,
+        )  # fmt: skip
+
+    def _sampled(self, header: GlobalHeader | None, client: str) -> bool:
+        assert self.state is not None
+        if self.state.sampled is not None:
+            return client in self.state.sampled
+        assert header is not None
+        return is_sampled(header, client)
+
+    def _fraction_header(self) -> GlobalHeader | None:
+        """A header carrying the open round's hash-draw parameters (open fleets only)."""
+        state = self.state
+        assert state is not None
+        if state.sampled is not None:
+            return None
+        return GlobalHeader(
+            run=state.run, round=state.round, method=state.method, spec=state.spec, spec_json={},
+            deadline=state.deadline, clients=None, sample_fraction=state.sample_fraction, rank=None,
+            final=False, msg_id="", sent_at=0.0, signed=False,
+        )  # fmt: skip
+
+    def receive(self, messages: list[tuple[str, bytes]]) -> int:
+        """Validate ``(topic, payload)`` envelopes and persist the accepted ones; returns how many.
+
+        When this returns, every accepted update is in the store: the caller may acknowledge all of
+        ``messages`` to the broker (rejected ones too: a refused envelope must not come back).
+        """
+        if self.state is None or self.state.done:
+            for _, _payload in messages:
+                self._reject(Reason.WRONG_ROUND.value, None, "the run is finished")
+            return 0
+        fresh: list[tuple[str, bytes]] = []
+        header = self._fraction_header()
+        for topic, payload in messages:
+            client = None
+            try:
+                run, client = parse_up_topic(topic)
+                if run != self.config.run:
+                    raise EnvelopeError(Reason.TOPIC_MISMATCH, f"run {run!r} is not {self.config.run!r}")
+                decoded = self._decode(client, payload, self.state.round)
+                if not self._sampled(header, client):
+                    raise EnvelopeError(Reason.NOT_SAMPLED, f"{client} is not sampled in round {self.round}")
+                first = self.accepted.get(client)
+                if first is not None:
+                    if first.update.header.msg_id == decoded.header.msg_id:
+                        self.tally.redelivered += 1
+                        self.metrics.write(REDELIVERED, client=client, round=self.round)
+                        continue
+                    raise EnvelopeError(
+                        Reason.REPLAY, f"{client} already sent round {self.round}: the first update wins"
+                    )
+            except EnvelopeError as e:
+                self._reject(e.reason.value, client, e.message)
+                continue
+            self.accepted[client] = _Accepted(decoded, len(payload))
+            fresh.append((client, payload))
+        self.store.save_updates(self.round, fresh)
+        return len(fresh)
+
+    def _reject(self, reason: str, client: str | None, message: str) -> None:
+        self.tally.rejected[reason] += 1
+        self.metrics.rejected(reason, client, message)
+        log.info("rejected an update from %s: %s: %s", client or "?", reason, message)
+
+    # ---- closing ----------------------------------------------------------------------------------
+
+    def _everyone_in(self) -> bool:
+        assert self.state is not None
+        return self.state.sampled is not None and set(self.state.sampled) <= set(self.accepted)
+
+    def tick(self) -> bytes | None:
+        """Close, extend or leave the open round; returns a new announcement when there is one."""
+        state = self.state
+        if state is None or state.done:
+            return None
+        due = self.clock() >= state.deadline
+        if self._everyone_in() or (due and len(self.accepted) >= self.config.min_clients):
+            self._close_round()
+        elif due:
+            state.deadline = self.clock() + self.config.deadline_s
+            state.extensions += 1
+            self.store.save_state(state)
+            self.metrics.write(
+                "deadline_extended", round=state.round, accepted=len(self.accepted),
+                min_clients=self.config.min_clients, deadline=state.deadline,
+            )  # fmt: skip
+        else:
+            return None
+        self._announcement = self._encode_announcement()
+        return self._announcement
+
+    def _close_round(self) -> None:
+        state = self.state
+        assert state is not None
+        clients = sorted(self.accepted)
+        decoded = [self.accepted[c].update for c in clients]
+        updates = [
+            ClientUpdate(
+                c, d.state, d.header.num_examples, rank=d.header.rank, meta={"heads": d.header.heads}
+            )
+            for c, d in zip(clients, decoded, strict=True)
+        ]
+        start = time.perf_counter()
+        self.agg.metrics = {}
+        self.global_state = self.agg.aggregate(self.global_state, updates)
+        if self.agg.device.type == "cuda":
+            torch.cuda.synchronize(self.agg.device)
+        aggregate_s = time.perf_counter() - start
+        record = self.metrics.write(
+            "round", round=state.round, participants=len(updates), clients=clients,
+            sampled=len(state.sampled) if state.sampled is not None else None,
+            examples=sum(u.num_examples for u in updates),
+            bytes_up=sum(a.size for a in self.accepted.values()),
+            bytes_down=num_bytes(self.global_state), rejected=dict(self.tally.rejected),
+            redelivered=self.tally.redelivered, deadline_extensions=state.extensions,
+            aggregate_s=aggregate_s, round_s=time.time() - self.tally.opened_at,
+            device=str(self.agg.device),
+            **{k: v for k, v in self.agg.metrics.items() if k == "divergence"},
+        )  # fmt: skip
+        self.history.append(record)
+        self.state = self._open_state(state.round + 1)
+        self.store.commit_round(self.state, self.global_state)
+        self.accepted = {}
+        self.tally = _RoundTally()
+        if self.state.done:
+            self.metrics.write(
+                "done", rounds=self.config.rounds, rejected_total=dict(self.metrics.rejections)
+            )

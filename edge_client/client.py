@@ -1,0 +1,276 @@
+"""The device loop: global announcement -> sampled? -> train within the budget -> publish one update.
+
+:class:`EdgeClient` holds one device's logic and its progress; it does no threading of its own. A real
+device runs it with :func:`run_device` (one worker thread beside the MQTT loop); the simulator drives
+hundreds of them from one worker over one shared :class:`~edge_client.mqtt_pool.MqttPool`.
+
+Restarts: the progress (last round handled, the update not yet acknowledged) is a small JSON file
+written atomically, and the encoded update is saved beside it *before* it is published. A client that
+restarts and sees the same round again re-publishes that saved envelope (same message id: the
+coordinator recognises a redelivery) instead of training the round twice; a round it never saw (it was
+offline) is logged and counted in ``missed``, never skipped silently.
+
+An update above the broker's packet limit is refused locally (:class:`PayloadTooLarge`): the round is
+marked ``refused`` with the reason, nothing is sent, and the link stays connected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_client.local_round import LocalPlan, run_local_round
+from edge_client.mqtt_link import Delivery, MqttLink, MqttLinkError, PayloadTooLarge
+from edge_client.topics import global_topic, up_topic
+from edge_client.trainer import Batch, Trainer, TrainMetrics
+from edge_client.wire import (
+    DEFAULT_MAX_BYTES,
+    EnvelopeError,
+    GlobalHeader,
+    decode_global,
+    encode_update,
+    is_sampled,
+)
+from edge_client.wire_tensors import template_of
+from export.spec import AdapterSpec
+from export.state import State
+
+log = logging.getLogger(__name__)
+
+PlanFn = Callable[[GlobalHeader], LocalPlan]
+BatchesFn = Callable[[GlobalHeader, LocalPlan], Iterable[Batch]]
+TrainedFn = Callable[[GlobalHeader, TrainMetrics], None]
+
+# What handle_global did with an announcement.
+TRAINED, RESENT, NOT_SAMPLED, ALREADY_DONE, FINAL, REJECTED, REFUSED = (
+    "trained", "resent", "not_sampled", "already_done", "final", "rejected", "refused",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Who this device is in which run, and its keys (``key`` signs updates, ``coordinator_key``
+    verifies announcements). ``state_file``: where progress survives restarts (None: memory only)."""
+
+    run: str
+    client_id: str
+    spec: AdapterSpec
+    num_examples: int
+    key: bytes | None = None
+    coordinator_key: bytes | None = None
+    state_file: Path | None = None
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclass
+class Progress:
+    """The persisted part of a client: the last round handled and an update awaiting acknowledgement."""
+
+    last_round: int = 0
+    pending_round: int = 0  # 0: none; else its envelope is saved in the pending file
+    missed: int = 0  # rounds announced while this client was away (never seen)
+    last_outcome: str = ""
+    last_error: str = ""  # the most recent error (kept after later successes, for the operator)
+    refused: list[int] = field(default_factory=list)  # rounds whose update could not be sent
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class EdgeClient:
+    """One device's side of the protocol (see the module docstring).
+
+    Parameters
+    ----------
+    config : EdgeConfig
+    link : MqttLink
+        Connected (or connecting) to the broker; the client subscribes to the global topic on it.
+    trainer : Trainer
+        Trains the adapter (eager torch or ExecuTorch).
+    template : State
+        The model's full trainable state (shapes and the tensors a payload is padded against).
+    plan_fn : callable
+        The round's :class:`LocalPlan` (steps, rank, heads) from the announcement: the device budget.
+    batches_fn : callable
+        The local mini-batches for a plan.
+    on_trained : callable, optional
+        Called with the local training metrics of each round (for logs and the simulator).
+    """
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        link: MqttLink,
+        trainer: Trainer,
+        template: State,
+        plan_fn: PlanFn,
+        batches_fn: BatchesFn,
+        on_trained: TrainedFn | None = None,
+    ) -> None:
+        self.config, self.link, self.trainer = config, link, trainer
+        self.template = template
+        self.shapes = template_of(template)
+        self.plan_fn, self.batches_fn, self.on_trained = plan_fn, batches_fn, on_trained
+        self.progress = self._load_progress()
+        self.finished = threading.Event()
+        self._delivery: Delivery | None = None
+        self._pending_envelope: bytes | None = None
+        self._up_topic = up_topic(config.run, config.client_id)
+
+    # ---- progress file ----------------------------------------------------------------------------
+
+    @property
+    def _pending_file(self) -> Path | None:
+        f = self.config.state_file
+        return f.with_name(f.name + ".pending.env") if f is not None else None
+
+    def _load_progress(self) -> Progress:
+        f = self.config.state_file
+        if f is None or not f.exists():
+            return Progress()
+        return Progress(**json.loads(f.read_text()))
+
+    def _save(self) -> None:
+        if self.config.state_file is not None:
+            _write_atomically(self.config.state_file, json.dumps(asdict(self.progress)).encode())
+
+    def _finish(self, outcome: str, error: str = "", round: int = 0) -> str:
+        self.progress.last_outcome = outcome
+        if error:
+            self.progress.last_error = error
+            if round and round not in self.progress.refused:
+                self.progress.refused.append(round)
+        self._save()
+        return outcome
+
+    # ---- the protocol -----------------------------------------------------------------------------
+
+    def subscribe(self, deliver: Callable[[EdgeClient, bytes], None]) -> None:
+        """Have every announcement handed to ``deliver(self, payload)`` (on the MQTT loop thread)."""
+        self.link.subscribe(global_topic(self.config.run), lambda topic, payload: deliver(self, payload))
+
+    def handle_global(self, payload: bytes) -> str:
+        """Act on one announcement; returns what was done (``trained``, ``not_sampled``, ...)."""
+        cfg, progress = self.config, self.progress
+        try:
+            decoded = decode_global(
+                payload, expected_run=cfg.run, spec=cfg.spec, template=self.shapes,
+                key=cfg.coordinator_key, min_round=progress.last_round, max_bytes=cfg.max_bytes,
+            )  # fmt: skip
+        except EnvelopeError as e:
+            log.warning("%s: announcement refused: %s", cfg.client_id, e)
+            return REJECTED  # not persisted: a bad message says nothing about our progress
+        header = decoded.header
+        if progress.pending_round and progress.pending_round == header.round:
+            return self._publish_pending(header.round, resent=True)
+        if progress.pending_round and progress.pending_round < header.round:
+            log.warning(
+                "%s: round %d closed before its update was acked", cfg.client_id, progress.pending_round
+            )
+            progress.pending_round = 0
+        if header.final:
+            self.finished.set()
+            progress.last_round = max(progress.last_round, header.round)
+            return self._finish(FINAL)
+        if header.round <= progress.last_round:
+            return ALREADY_DONE
+        if progress.last_round and header.round > progress.last_round + 1:
+            gap = header.round - progress.last_round - 1
+            progress.missed += gap
+            log.warning("%s: missed %d round(s) before round %d (offline)", cfg.client_id, gap, header.round)
+        if not is_sampled(header, cfg.client_id):
+            progress.last_round = header.round
+            return self._finish(NOT_SAMPLED)
+        return self._train_and_publish(header, decoded.state)
+
+    def _train_and_publish(self, header: GlobalHeader, payload: State) -> str:
+        cfg = self.config
+        plan = self.plan_fn(header)
+        upload, metrics = run_local_round(
+            self.trainer, cfg.spec, payload, self.template, self.batches_fn(header, plan), plan
+        )
+        if self.on_trained is not None:
+            self.on_trained(header, metrics)
+        lora = cfg.spec.family == "lora"
+        envelope = encode_update(
+            upload, run=cfg.run, round=header.round, client=cfg.client_id, method=header.method,
+            spec=cfg.spec, num_examples=cfg.num_examples, local_steps=metrics.steps,
+            compute_s=metrics.seconds, rank=(plan.rank or cfg.spec.rank) if lora else None,
+            heads=sorted(plan.heads) if plan.heads is not None else None, key=cfg.key,
+        )  # fmt: skip
+        self._pending_envelope = envelope
+        if self._pending_file is not None:
+            _write_atomically(self._pending_file, envelope)  # before publishing: a restart resends it
+        self.progress.pending_round = header.round
+        self.progress.last_round = header.round
+        self._save()
+        return self._publish_pending(header.round, resent=False)
+
+    def _publish_pending(self, round: int, resent: bool) -> str:
+        envelope = self._pending_envelope
+        if envelope is None and self._pending_file is not None and self._pending_file.exists():
+            envelope = self._pending_file.read_bytes()
+        if envelope is None:
+            self.progress.pending_round = 0
+            return self._finish(REFUSED, f"the update of round {round} was lost before it was sent", round)
+        try:
+            self._delivery = self.link.publish(self._up_topic, envelope, qos=1)
+        except PayloadTooLarge as e:
+            log.error("%s: round %d update not sent: %s", self.config.client_id, round, e)
+            self.progress.pending_round = 0
+            self._pending_envelope = None
+            return self._finish(REFUSED, str(e), round)
+        except MqttLinkError as e:  # the bounded queue is full: kept pending, resent on the next announcement
+            log.error("%s: round %d update not queued: %s", self.config.client_id, round, e)
+            return self._finish(REFUSED, str(e))  # still pending: not a refusal of the round
+        return self._finish(RESENT if resent else TRAINED)
+
+    def settle(self, timeout_s: float = 0.0) -> bool:
+        """Once the broker acknowledged the pending update, forget it; True when nothing is pending."""
+        delivery = self._delivery
+        if delivery is not None and delivery.wait(timeout_s):
+            self._delivery = None
+            if delivery.error is None:
+                self.progress.pending_round = 0
+                self._pending_envelope = None
+                if self._pending_file is not None:
+                    self._pending_file.unlink(missing_ok=True)
+                self._save()
+            else:
+                log.error("%s: update not delivered: %s", self.config.client_id, delivery.error)
+        return self.progress.pending_round == 0
+
+
+def run_device(client: EdgeClient, stop: threading.Event, poll_s: float = 0.5) -> Progress:
+    """A device's main loop: handle announcements on this thread until the final one or ``stop``."""
+    inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    client.subscribe(lambda _client, payload: inbox.put(payload))
+    while not stop.is_set():
+        try:
+            payload = inbox.get(timeout=poll_s)
+        except queue.Empty:
+            client.settle()
+            continue
+        while True:  # only the newest announcement matters: older ones are superseded
+            try:
+                payload = inbox.get_nowait()
+            except queue.Empty:
+                break
+        outcome = client.handle_global(payload)
+        log.info("%s: %s (round %d)", client.config.client_id, outcome, client.progress.last_round)
+        client.settle(timeout_s=poll_s)
+        if client.finished.is_set() and client.settle():
+            break
+    return client.progress

@@ -1,0 +1,155 @@
+"""The coordinator's round state machine without a broker: policy for bad, late, duplicate updates; resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from deploy_helpers import adapted, client_ids, make_service, spec_for
+
+from coordinator.metrics import read_metrics
+from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
+from coordinator.store import RoundStore, StoreError
+from edge_client.topics import up_topic
+from edge_client.wire import encode_update
+from export.state import State
+
+METHOD = "fedit"
+
+
+def update_for(service: RoundService, client: str, round: int, *, scale: float = 1.0, **kw: object) -> bytes:
+    state: State = {k: v.cpu() + scale * 0.01 for k, v in service.global_state.items()}
+    args = {"num_examples": 10, "local_steps": 1, "compute_s": 0.1, "rank": service.spec.rank, **kw}
+    return encode_update(
+        state,
+        run="t",
+        round=round,
+        client=client,
+        method=METHOD,
+        spec=service.spec,
+        **args,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> RoundService:
+    svc = make_service(METHOD, tmp_path, client_ids(3), rounds=2)
+    svc.start()
+    return svc
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ServiceError, match="min_clients"):
+        ServiceConfig(run="t", method=METHOD, rounds=1, min_clients=4, clients=client_ids(3))
+    with pytest.raises(ServiceError, match="rounds"):
+        ServiceConfig(run="t", method=METHOD, rounds=0)
+
+
+def test_sampling_is_seeded_and_stable() -> None:
+    roster = client_ids(10)
+    a = sample_clients(roster, 4, seed=1, round=3)
+    assert a == sample_clients(roster, 4, seed=1, round=3) and len(a) == 4
+    assert any(sample_clients(roster, 4, seed=1, round=r) != a for r in range(4, 10))
+    assert sample_clients(roster, 0, seed=1, round=3) == sorted(roster)
+
+
+def test_every_refusal_is_counted_and_never_touches_the_global(service: RoundService) -> None:
+    before = {k: v.clone() for k, v in service.global_state.items()}
+    good = update_for(service, "dev0", 1)
+    tampered = bytearray(update_for(service, "dev1", 1))
+    tampered[-1] ^= 0xFF
+    nan_state = {k: v.cpu().clone() for k, v in service.global_state.items()}
+    next(iter(nan_state.values()))[0] = float("nan")
+    nan = encode_update(
+        nan_state, run="t", round=1, client="dev2", method=METHOD, spec=service.spec,
+        num_examples=1, local_steps=1, compute_s=0.0, rank=service.spec.rank,
+    )  # fmt: skip
+    accepted = service.receive(
+        [
+            (up_topic("t", "dev0"), good),
+            (up_topic("t", "dev0"), good),  # the same message again: a redelivery
+            (up_topic("t", "dev0"), update_for(service, "dev0", 1, scale=2.0)),  # a second update
+            (up_topic("t", "dev1"), bytes(tampered)),
+            (up_topic("t", "dev2"), nan),
+            (up_topic("t", "dev1"), update_for(service, "dev1", 2)),  # a future round
+            (up_topic("t", "outsider"), update_for(service, "outsider", 1)),
+            (up_topic("t", "dev2"), update_for(service, "dev1", 1)),  # header says dev1, topic dev2
+            ("fleetlora/t/up/a/b", good),
+            (up_topic("t", "dev1"), b"garbage"),
+        ]
+    )
+    assert accepted == 1
+    assert dict(service.tally.rejected) == {
+        "replay": 1, "bad_mac": 1, "non_finite": 1, "wrong_round": 1, "not_sampled": 1,
+        "topic_mismatch": 1, "bad_topic": 1, "bad_magic": 1,
+    }  # fmt: skip
+    assert service.tally.redelivered == 1
+    assert service.tick() is None  # dev1 and dev2 are still due and the deadline is far
+    assert all(torch.equal(before[k], service.global_state[k]) for k in before)
+    reasons = [
+        r["reason"] for r in read_metrics(service.store.root / "metrics.jsonl") if r["event"] == "rejected"
+    ]
+    assert len(reasons) == 8
+
+
+def test_round_closes_when_everyone_reported_and_stale_updates_are_refused(service: RoundService) -> None:
+    late = update_for(service, "dev0", 1, scale=3.0)
+    service.receive([(up_topic("t", c), update_for(service, c, 1)) for c in client_ids(3)])
+    announcement = service.tick()
+    assert announcement is not None and service.round == 2
+    service.receive([(up_topic("t", "dev0"), late)])
+    assert service.tally.rejected == {"wrong_round": 1}
+    rounds = [r for r in read_metrics(service.store.root / "metrics.jsonl") if r["event"] == "round"]
+    assert rounds[0]["participants"] == 3 and rounds[0]["clients"] == list(client_ids(3))
+
+
+def test_deadline_without_quorum_extends_the_round_and_keeps_updates(tmp_path: Path) -> None:
+    now = [1000.0]
+    svc = make_service(METHOD, tmp_path, client_ids(3), min_clients=2, deadline_s=10.0)
+    svc.clock = lambda: now[0]
+    svc.start()
+    svc.receive([(up_topic("t", "dev0"), update_for(svc, "dev0", 1))])
+    now[0] += 11
+    assert svc.tick() is not None and svc.round == 1 and svc.state is not None and svc.state.extensions == 1
+    svc.receive([(up_topic("t", "dev1"), update_for(svc, "dev1", 1))])  # late but the round is open
+    assert svc.tick() is None  # quorum now, but the extended deadline is not reached yet
+    now[0] += 11
+    assert svc.tick() is not None and svc.round == 2
+    assert svc.history[0]["participants"] == 2 and svc.history[0]["deadline_extensions"] == 1
+
+
+def test_a_restarted_service_resumes_the_round_with_its_accepted_updates(tmp_path: Path) -> None:
+    first = make_service(METHOD, tmp_path, client_ids(3))
+    first.start()
+    payload = update_for(first, "dev0", 1)
+    first.receive([(up_topic("t", "dev0"), payload)])
+    second = make_service(METHOD, tmp_path, client_ids(3))
+    second.start()
+    assert second.round == 1 and list(second.accepted) == ["dev0"]
+    second.receive([(up_topic("t", "dev0"), payload)])  # the broker redelivers what was not acked
+    assert second.tally.redelivered == 1 and not second.tally.rejected
+    other = make_service("fedit", tmp_path, client_ids(3))
+    other.config = ServiceConfig(run="other", method=METHOD, rounds=2, clients=client_ids(3))
+    with pytest.raises(StoreError, match="another --state-dir"):
+        other.start()
+
+
+def test_a_crash_between_writing_the_global_and_committing_keeps_the_old_round(tmp_path: Path) -> None:
+    svc = make_service(METHOD, tmp_path, client_ids(3))
+    svc.start()
+    svc.receive([(up_topic("t", "dev0"), update_for(svc, "dev0", 1))])
+    store = RoundStore(tmp_path, sync=False)
+    # The new global of round 2 is written, the process dies before state.json moves on.
+    store._write_all([(store.global_path(2), b"partial garbage")])
+    loaded = store.load()
+    assert loaded is not None and loaded[0].round == 1 and [c for c, _ in loaded[2]] == ["dev0"]
+
+
+def test_the_initial_global_is_the_attached_models_state(tmp_path: Path) -> None:
+    svc = make_service(METHOD, tmp_path, client_ids(2))
+    svc.start()
+    model = adapted(spec_for(METHOD))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(svc.global_state[name].cpu(), p.detach())
