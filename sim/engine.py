@@ -44,13 +44,20 @@ class World:
     clients: list[VirtualClient]
     deadline_s: float
     models: dict[str, nn.Module] = field(default_factory=dict)  # adapter family -> adapted model
+    initial: dict[str, State] = field(default_factory=dict)  # adapter family -> freshly attached state
 
     def model(self, family: str) -> nn.Module:
         """The one shared adapted model of a family, built on first use."""
         if family not in self.models:
             base, _ = build_model(self.config.model, len(self.classes), seed=self.config.seed)
             self.models[family] = attach(base, self.config.spec(family))
+            self.initial[family] = trainable_state(self.models[family])
         return self.models[family]
+
+    def initial_state(self, family: str) -> State:
+        """The adapter every method of a family starts from (the model itself moves on as methods run)."""
+        self.model(family)
+        return self.initial[family]
 
 
 def build_world(config: SimConfig) -> World:
@@ -86,8 +93,8 @@ def make_transport(world: World, family: str, train: bool = True) -> Transport:
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport
 
-        return MqttTransport(trainer, trainer.get_trainable(), world.train, broker_url=config.broker)
-    return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
+        return MqttTransport(trainer, world.initial_state(family), world.train, broker_url=config.broker)
+    return InProcTransport(model, trainer, world.initial_state(family), world.train, train_fn=train)
 
 
 def plan_for(
@@ -118,7 +125,7 @@ def run_method(
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
     transport = make_transport(world, family, train)
     model = world.model(family)
-    template = trainable_state(model)
+    template = world.initial_state(family)
     global_state = agg.init_global(template)
     history: list[dict[str, Any]] = []
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()

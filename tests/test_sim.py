@@ -100,3 +100,8 @@ def test_bad_config_and_flags_fail_clearly(capsys) -> None:
     assert "unknown method" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sim", "--rounds", "-1"])
+
+
+def test_methods_run_back_to_back_start_from_the_same_adapter(world) -> None:
+    first = strip_wall(run_method(world, "fedit"))
+    assert strip_wall(run_method(world, "fedit")) == first
