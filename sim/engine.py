@@ -44,13 +44,26 @@ class World:
     clients: list[VirtualClient]
     deadline_s: float
     models: dict[str, nn.Module] = field(default_factory=dict)  # adapter family -> adapted model
+    # family -> the fresh adapter: every method starts from it, not from the last method's global
+    initial: dict[str, State] = field(default_factory=dict)
 
     def model(self, family: str) -> nn.Module:
         """The one shared adapted model of a family, built on first use."""
         if family not in self.models:
-            base, _ = build_model(self.config.model, len(self.classes), seed=self.config.seed)
-            self.models[family] = attach(base, self.config.spec(family))
+            self.models[family] = adapted_model(self.config, len(self.classes), family)
+            self.initial[family] = trainable_state(self.models[family])
         return self.models[family]
+
+
+def adapted_model(config: SimConfig, num_classes: int, family: str) -> nn.Module:
+    """The frozen base with a fresh adapter: bit-identical wherever it is built with the same config."""
+    base, _ = build_model(config.model, num_classes, seed=config.seed)
+    return attach(base, config.spec(family))
+
+
+def client_trainer(config: SimConfig, model: nn.Module) -> EagerTrainer:
+    """The trainer every virtual client uses (in this process or in a Ray actor)."""
+    return EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
 
 
 def build_world(config: SimConfig) -> World:
@@ -65,11 +78,18 @@ def build_world(config: SimConfig) -> World:
     test = prefix_inputs(
         base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test"
     )
+    return assemble_world(config, dataset.classes, base, train, test)
+
+
+def assemble_world(
+    config: SimConfig, classes: tuple[str, ...], base: nn.Module, train: Inputs, test: Inputs
+) -> World:
+    """A world from ready inputs: the fleet, its budgets (priced on ``base``) and the deadline."""
     enc = base.encoder.config
     n_params = sum(p.numel() for p in base.parameters())
     cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
     clients, deadline = build_fleet(config, train.labels.numpy(), cost)
-    return World(config, dataset.classes, train, test, clients, deadline)
+    return World(config, classes, train, test, clients, deadline)
 
 
 def method_family(method: str) -> str:
@@ -78,10 +98,14 @@ def method_family(method: str) -> str:
 
 def make_transport(world: World, family: str, train: bool = True) -> Transport:
     config = world.config
+    if config.transport == "ray":
+        from sim.ray_transport import RayTransport
+
+        return RayTransport(config, family, len(world.classes), world.train, train=train)
     if config.transport != "inproc":
         raise NotImplementedError(f"transport {config.transport!r} is not available in this build")
     model = world.model(family)
-    trainer = EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
+    trainer = client_trainer(config, model)
     return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
 
 
@@ -102,18 +126,25 @@ def plan_for(
 
 
 def run_method(
-    world: World, method: str, on_round: RoundCallback | None = None, train: bool = True
+    world: World,
+    method: str,
+    on_round: RoundCallback | None = None,
+    train: bool = True,
+    aggregator: aggregators.Aggregator | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every round of one method; returns (and reports through ``on_round``) per-round metrics."""
+    """Run every round of one method; returns (and reports through ``on_round``) per-round metrics.
+
+    ``aggregator`` replaces the method's registered one (``bench sim`` passes a no-op).
+    """
     config = world.config
     family = method_family(method)
     spec = config.spec(family)
     params = dict(config.method_params.get(method, {}))
-    agg = aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
+    agg = aggregator or aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
     transport = make_transport(world, family, train)
     model = world.model(family)
-    template = trainable_state(model)
+    template = world.initial[family]
     global_state = agg.init_global(template)
     history: list[dict[str, Any]] = []
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
