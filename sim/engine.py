@@ -109,16 +109,18 @@ def make_transport(world: World, family: str, train: bool = True) -> Transport:
     return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
 
 
-def plan_for(
-    client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, rng: np.random.Generator
-) -> LocalPlan:
-    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3)."""
+def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, seed: tuple[int, ...]) -> LocalPlan:
+    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3).
+
+    ``seed`` seeds the head draw; the generator is made only when heads are drawn (it costs more
+    than the rest of a client's bookkeeping).
+    """
     budget = client.budgets[spec.family]
     if spec.family == "ravan":
         heads = (
             None
             if budget.heads >= spec.heads
-            else tuple(sorted(rng.choice(spec.heads, budget.heads, replace=False)))
+            else tuple(sorted(np.random.default_rng(seed).choice(spec.heads, budget.heads, replace=False)))
         )
         return LocalPlan(budget.local_steps, heads=heads)
     rank = budget.rank if hetero_rank and budget.rank < spec.rank else None
@@ -157,7 +159,7 @@ def run_method(
             for i, draw in zip(picked, drop_draws, strict=True):
                 client = world.clients[i]
                 budget = client.budgets[family]
-                plan = plan_for(client, spec, hetero, np.random.default_rng([config.seed, rnd, i, 1]))
+                plan = plan_for(client, spec, hetero, (config.seed, rnd, int(i), 1))
                 payload = agg.payload_for(ClientInfo(client.cid, plan.rank, plan.heads), global_state)
                 bytes_down += num_bytes(payload)
                 if draw < client.profile.dropout:  # vanishes mid-round: the server waits to the deadline

@@ -14,6 +14,7 @@ indices and inputs as plain numpy arrays; no Python object of ours is pickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -65,7 +66,7 @@ def connect(address: str = "", num_cpus: int | None = None) -> None:
             _node_ip_address="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=False,
-            logging_level="warning",
+            logging_level=logging.WARNING,
         )
 
 
@@ -89,6 +90,12 @@ def metrics_to_json(m: TrainMetrics) -> str:
 
 def metrics_from_json(text: str) -> TrainMetrics:
     return TrainMetrics(**json.loads(text))
+
+
+def config_from_json(text: str) -> SimConfig:
+    """The run config an actor was given (JSON turned tuples into lists)."""
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
+    return SimConfig(**fields)
 
 
 def plan_to_json(job: ClientJob) -> str:
@@ -116,9 +123,7 @@ class ClientWorker:
     ):
         from sim.engine import adapted_model, client_trainer
 
-        config = SimConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(config_json).items()}
-        )
+        config = config_from_json(config_json)
         self.spec = config.spec(family)
         model = adapted_model(config, num_classes, family)
         self.trainer = client_trainer(config, model)
@@ -193,9 +198,8 @@ class RayTransport:
         # A fractional CPU lets more actors than cores share a machine (more models, not more speed).
         worker = ray.remote(num_cpus=min(1.0, cpus / n))(ClientWorker)
         config_json = json.dumps(config.to_dict())
-        self.actors = [
-            worker.remote(config_json, family, num_classes, inputs_ref, train)  # type: ignore[attr-defined]
-            for _ in range(n)
+        self.actors: list[Any] = [
+            worker.remote(config_json, family, num_classes, inputs_ref, train) for _ in range(n)
         ]
         self.pool = ActorPool(self.actors)
 

@@ -15,11 +15,15 @@ HELP = "run a benchmark (side-by-side timings in one run)"
 ORDER = 90
 EXAMPLES = """\
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
-fleetlora bench mqtt --clients 2000 --payload 100000"""
+fleetlora bench mqtt --clients 2000 --payload 100000
+fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
+fleetlora bench scale --clients 10000          # one in-process round of 10k clients: time and memory"""
 
 # name -> module with main(argv) -> int (imported only when run)
 BENCHMARKS = {
     "mqtt": "coordinator.bench_mqtt",
+    "sim": "sim.bench_sim",
+    "scale": "sim.bench_scale",
 }
 
 
