@@ -47,7 +47,9 @@ def test_backend_is_an_alias_of_transport() -> None:
 
     parser = argparse.ArgumentParser()
     sim_cli.add_arguments(parser)
-    args = parser.parse_args(["--backend", "ray", "--ray-address", "auto", "--ray-actors", "3"])
+    args = parser.parse_args(
+        ["--method", "fedit", "--backend", "ray", "--ray-address", "auto", "--ray-actors", "3"]
+    )
     config = sim_cli.config_from_args(args)
     assert isinstance(config, SimConfig)
     assert (config.transport, config.ray_address, config.ray_actors) == ("ray", "auto", 3)
@@ -83,13 +85,16 @@ def test_ray_results_come_back_in_job_order(one_thread: None) -> None:
     config = tiny_config(clients=8, clients_per_round=8)
     world = synthetic_world(config, examples_per_client=8)
     spec = config.spec("lora")
+    world.model("lora")
     payload = world.initial["lora"]
     # Uneven work (6 steps, then 1) makes the early jobs finish after the later ones.
     jobs = [
         ClientJob(c, payload, LocalPlan(6 if k < 2 else 1), 4, (0, 0, k)) for k, c in enumerate(world.clients)
     ]
     inproc = make_transport(world, "lora")
-    ray_transport = make_transport(dataclasses.replace(world, config=dataclasses.replace(config, transport="ray")), "lora")
+    ray_transport = make_transport(
+        dataclasses.replace(world, config=dataclasses.replace(config, transport="ray")), "lora"
+    )
     try:
         expected = inproc.run(spec, jobs)
         got = ray_transport.run(spec, jobs)
