@@ -9,6 +9,8 @@ stage, the peak during the round, and bytes per client against the adapter's and
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import threading
 import time
@@ -28,6 +30,15 @@ MB = 1 << 20
 def rss_bytes() -> int:
     """Resident memory of this process."""
     return int(psutil.Process().memory_info().rss)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc; elsewhere RSS keeps freed pages
+        libc.malloc_trim(0)
 
 
 class PeakRss:
@@ -128,7 +139,7 @@ def main(argv: list[str]) -> int:
     with PeakRss() as peak:
         record = run_method(world, "fedit")[0]
     seconds = time.perf_counter() - t1
-    gc.collect()
+    release_freed_memory()
     after = rss_bytes()
     in_flight = (peak.peak - before) / args.clients
     print(f"round: {seconds:.1f} s, {record['participants']} updates, accuracy {record['accuracy']:.3f}")

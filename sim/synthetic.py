@@ -28,7 +28,9 @@ def random_inputs(
     start = min(config.layers) if config.layers else 0
     if start == 0:
         return Inputs(ids, mask, labels, 0)
-    hidden = torch.cat([base.prefix(ids[s : s + 512], mask[s : s + 512], start) for s in range(0, size, 512)])
+    prefix = base.prefix  # MeanPoolClassifier.prefix: embeddings and the frozen blocks below ``start``
+    chunks = [prefix(ids[s : s + 512], mask[s : s + 512], start) for s in range(0, size, 512)]  # type: ignore[operator]
+    hidden = torch.cat(chunks)
     return Inputs(hidden.contiguous(), mask, labels, start)
 
 
