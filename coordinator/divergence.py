@@ -14,8 +14,16 @@ import torch
 
 
 def lowrank_fro2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``||x @ y||_F^2`` for ``x`` (..., d, m) and ``y`` (..., m, k) in O(m^2 (d + k)); batched."""
+    """``||x @ y||_F^2`` for ``x`` (..., d, m) and ``y`` (..., m, k); batched.
+
+    Through the ``m x m`` Gram matrices when they are smaller than the ``d x k`` product, else
+    through the product: with ``m = U r`` (all clients' ranks) the Gram matrices of 2,000 clients
+    would take gigabytes, while the product stays ``d x k``.
+    """
     x64, y64 = x.double(), y.double()
+    d, m, k = x.shape[-2], x.shape[-1], y.shape[-1]
+    if d * k <= m * m:
+        return (x64 @ y64).square().sum(dim=(-1, -2))
     gx = x64.transpose(-1, -2) @ x64
     gy = y64 @ y64.transpose(-1, -2)
     return (gx * gy).sum(dim=(-1, -2)).clamp_min(0)

@@ -48,6 +48,8 @@ class SimConfig:
     out: str = "runs/sim"
     transport: str = "inproc"
     broker: str = ""
+    ray_address: str = ""  # "" = a private Ray on this machine; "auto" or host:port = join a cluster
+    ray_actors: int = 0  # Ray actors (one model each); 0 = one per CPU of the cluster
     trainer: str = "eager"
     weighting: str = "examples"
     eval_examples: int = 0  # 0 = the whole test split
@@ -77,6 +79,7 @@ class SimConfig:
                 self.trainer in ("eager", "executorch"),
                 f"trainer must be eager or executorch: {self.trainer!r}",
             ),
+            (self.ray_actors >= 0, f"ray_actors must be >= 0, got {self.ray_actors}"),
             (self.max_len >= 8, f"max_len must be >= 8, got {self.max_len}"),
             (self.deadline_s >= 0, f"deadline_s must be >= 0, got {self.deadline_s}"),
             (bool(self.methods), "give at least one method"),

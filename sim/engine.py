@@ -44,13 +44,13 @@ class World:
     clients: list[VirtualClient]
     deadline_s: float
     models: dict[str, nn.Module] = field(default_factory=dict)  # adapter family -> adapted model
-    initial: dict[str, State] = field(default_factory=dict)  # adapter family -> freshly attached state
+    # family -> the fresh adapter: every method starts from it, not from the last method's global
+    initial: dict[str, State] = field(default_factory=dict)
 
     def model(self, family: str) -> nn.Module:
         """The one shared adapted model of a family, built on first use."""
         if family not in self.models:
-            base, _ = build_model(self.config.model, len(self.classes), seed=self.config.seed)
-            self.models[family] = attach(base, self.config.spec(family))
+            self.models[family] = adapted_model(self.config, len(self.classes), family)
             self.initial[family] = trainable_state(self.models[family])
         return self.models[family]
 
@@ -58,6 +58,17 @@ class World:
         """The adapter every method of a family starts from (the model itself moves on as methods run)."""
         self.model(family)
         return self.initial[family]
+
+
+def adapted_model(config: SimConfig, num_classes: int, family: str) -> nn.Module:
+    """The frozen base with a fresh adapter: bit-identical wherever it is built with the same config."""
+    base, _ = build_model(config.model, num_classes, seed=config.seed)
+    return attach(base, config.spec(family))
+
+
+def client_trainer(config: SimConfig, model: nn.Module) -> EagerTrainer:
+    """The trainer every virtual client uses (in this process or in a Ray actor)."""
+    return EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
 
 
 def build_world(config: SimConfig) -> World:
@@ -73,11 +84,18 @@ def build_world(config: SimConfig) -> World:
     test = prefix_inputs(
         base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test"
     )
+    return assemble_world(config, dataset.classes, base, train, test)
+
+
+def assemble_world(
+    config: SimConfig, classes: tuple[str, ...], base: Any, train: Inputs, test: Inputs
+) -> World:
+    """A world from ready inputs: the fleet, its budgets (priced on ``base``) and the deadline."""
     enc = base.encoder.config
     n_params = sum(p.numel() for p in base.parameters())
     cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
     clients, deadline = build_fleet(config, train.labels.numpy(), cost)
-    return World(config, dataset.classes, train, test, clients, deadline)
+    return World(config, classes, train, test, clients, deadline)
 
 
 def method_family(method: str) -> str:
@@ -86,10 +104,14 @@ def method_family(method: str) -> str:
 
 def make_transport(world: World, family: str, train: bool = True) -> Transport:
     config = world.config
+    if config.transport == "ray":
+        from sim.ray_transport import RayTransport
+
+        return RayTransport(config, family, len(world.classes), world.train, train=train)
     if config.transport not in ("inproc", "mqtt") or (config.transport == "mqtt" and not train):
-        raise NotImplementedError(f"transport {config.transport!r} is not available in this build")
+        raise NotImplementedError(f"transport {config.transport!r} cannot run this job")
     model = world.model(family)
-    trainer = EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
+    trainer = client_trainer(config, model)
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport
 
@@ -97,16 +119,18 @@ def make_transport(world: World, family: str, train: bool = True) -> Transport:
     return InProcTransport(model, trainer, world.initial_state(family), world.train, train_fn=train)
 
 
-def plan_for(
-    client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, rng: np.random.Generator
-) -> LocalPlan:
-    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3)."""
+def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, seed: tuple[int, ...]) -> LocalPlan:
+    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3).
+
+    ``seed`` seeds the head draw; the generator is made only when heads are drawn (it costs more
+    than the rest of a client's bookkeeping).
+    """
     budget = client.budgets[spec.family]
     if spec.family == "ravan":
         heads = (
             None
             if budget.heads >= spec.heads
-            else tuple(sorted(rng.choice(spec.heads, budget.heads, replace=False)))
+            else tuple(sorted(np.random.default_rng(seed).choice(spec.heads, budget.heads, replace=False)))
         )
         return LocalPlan(budget.local_steps, heads=heads)
     rank = budget.rank if hetero_rank and budget.rank < spec.rank else None
@@ -114,14 +138,21 @@ def plan_for(
 
 
 def run_method(
-    world: World, method: str, on_round: RoundCallback | None = None, train: bool = True
+    world: World,
+    method: str,
+    on_round: RoundCallback | None = None,
+    train: bool = True,
+    aggregator: aggregators.Aggregator | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every round of one method; returns (and reports through ``on_round``) per-round metrics."""
+    """Run every round of one method; returns (and reports through ``on_round``) per-round metrics.
+
+    ``aggregator`` replaces the method's registered one (``bench sim`` passes a no-op).
+    """
     config = world.config
     family = method_family(method)
     spec = config.spec(family)
     params = dict(config.method_params.get(method, {}))
-    agg = aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
+    agg = aggregator or aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
     transport = make_transport(world, family, train)
     model = world.model(family)
@@ -138,7 +169,7 @@ def run_method(
             for i, draw in zip(picked, drop_draws, strict=True):
                 client = world.clients[i]
                 budget = client.budgets[family]
-                plan = plan_for(client, spec, hetero, np.random.default_rng([config.seed, rnd, i, 1]))
+                plan = plan_for(client, spec, hetero, (config.seed, rnd, int(i), 1))
                 payload = agg.payload_for(ClientInfo(client.cid, plan.rank, plan.heads), global_state)
                 bytes_down += num_bytes(payload)
                 if draw < client.profile.dropout:  # vanishes mid-round: the server waits to the deadline

@@ -37,6 +37,23 @@ class ClientResult:
     metrics: TrainMetrics = field(default_factory=TrainMetrics)
 
 
+def train_client(
+    trainer: Trainer,
+    spec: AdapterSpec,
+    template: State,
+    inputs: Inputs,
+    indices: np.ndarray,
+    plan: LocalPlan,
+    batch_size: int,
+    data_seed: tuple[int, ...],
+    payload: State,
+) -> tuple[State, TrainMetrics]:
+    """One client's round from its payload: the same batches and numbers in every transport."""
+    rng = np.random.default_rng(data_seed)
+    batches = inputs.client_batches(indices, batch_size, plan.local_steps, rng)
+    return run_local_round(trainer, spec, payload, template, batches, plan)
+
+
 class Transport(Protocol):
     def run(self, spec: AdapterSpec, jobs: list[ClientJob]) -> list[ClientResult]: ...
 
@@ -61,12 +78,16 @@ class InProcTransport:
             if not self.train_fn:  # `bench sim --no-train`: measure everything but the training
                 results.append(ClientResult(job.client.cid, job.payload))
                 continue
-            rng = np.random.default_rng(job.data_seed)
-            batches = self.train_inputs.client_batches(
-                job.client.indices, job.batch_size, job.plan.local_steps, rng
-            )
-            upload, metrics = run_local_round(
-                self.trainer, spec, job.payload, self.template, batches, job.plan
+            upload, metrics = train_client(
+                self.trainer,
+                spec,
+                self.template,
+                self.train_inputs,
+                job.client.indices,
+                job.plan,
+                job.batch_size,
+                job.data_seed,
+                job.payload,
             )
             results.append(ClientResult(job.client.cid, upload, metrics))
         return results

@@ -19,7 +19,9 @@ EXAMPLES = """\
 fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
 fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
-fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber"""
+fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
+fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
+fleetlora bench scale --clients 10000          # one in-process round of 10k clients: time and memory"""
 
 # name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
@@ -27,6 +29,8 @@ BENCHMARKS = {
     "all": "sim.bench_all",
     "mqtt": "coordinator.bench_mqtt",
     "ingest": "coordinator.bench_ingest",
+    "sim": "sim.bench_sim",
+    "scale": "sim.bench_scale",
 }
 
 

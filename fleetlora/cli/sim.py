@@ -13,7 +13,8 @@ HELP = "emulate a fleet on one machine and compare aggregation methods"
 EXAMPLES = """fleetlora sim                  # MiniLM + Reuters-R8, 20 clients, fedit/fedrpca/flora_na/ravan
 fleetlora sim --method fedit,ravan --rounds 5 --clients 50 --alpha 0.1
 fleetlora sim --dataset trec6 --partition iid --local-steps 5 --out runs/trec
-fleetlora sim --method all --config experiment.toml   # TOML keys match the flags"""
+fleetlora sim --method all --config experiment.toml   # TOML keys match the flags
+fleetlora sim --transport ray --ray-actors 4    # clients spread over Ray actors (same numbers)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,9 +80,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eval-examples", type=int, default=d.eval_examples, help="test examples evaluated (0 = all)"
     )
     p.add_argument(
-        "--transport", choices=["inproc", "mqtt", "ray"], default=d.transport, help="how clients are reached"
+        "--transport",
+        "--backend",
+        dest="transport",
+        choices=["inproc", "mqtt", "ray"],
+        default=d.transport,
+        help="how clients are reached",
     )
     p.add_argument("--broker", default="", help="mqtt://host:port of an external broker (default: embedded)")
+    p.add_argument(
+        "--ray-address",
+        default=d.ray_address,
+        help="ray: 'auto' or host:port joins a running cluster (default: a private one on 127.0.0.1)",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=int,
+        default=d.ray_actors,
+        help="ray: actors, each holding the model once (0 = one per CPU)",
+    )
     p.add_argument(
         "--trainer", choices=["eager", "executorch"], default=d.trainer, help="client trainer backend"
     )
@@ -132,6 +149,8 @@ def config_from_args(args: argparse.Namespace) -> object:
             out=args.out,
             transport=args.transport,
             broker=args.broker,
+            ray_address=args.ray_address,
+            ray_actors=args.ray_actors,
             trainer=args.trainer,
             method_params=params,
         )

@@ -1,0 +1,107 @@
+"""The Ray transport gives exactly the in-process numbers; ``--backend`` is ``--transport``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from sim.config import SimConfig
+
+os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def tiny_config(**changes: object) -> SimConfig:
+    base = SimConfig(
+        methods=("fedit",),
+        model="tiny-bert",
+        clients=6,
+        clients_per_round=6,
+        rounds=2,
+        partition="iid",
+        local_steps=2,
+        batch_size=4,
+        layers=(1,),
+        max_len=16,
+        ray_actors=2,
+        out="runs/test-ray",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Ray gives each one-CPU actor one torch thread; the reference must use as many (float sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_backend_is_an_alias_of_transport() -> None:
+    from fleetlora.cli import sim as sim_cli
+
+    parser = argparse.ArgumentParser()
+    sim_cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--method", "fedit", "--backend", "ray", "--ray-address", "auto", "--ray-actors", "3"]
+    )
+    config = sim_cli.config_from_args(args)
+    assert isinstance(config, SimConfig)
+    assert (config.transport, config.ray_address, config.ray_actors) == ("ray", "auto", 3)
+
+
+@pytest.mark.ray
+def test_ray_and_inproc_give_identical_round_metrics(one_thread: None) -> None:
+    pytest.importorskip("ray")
+    from sim.engine import run_method
+    from sim.synthetic import synthetic_world
+
+    config = tiny_config()
+    world = synthetic_world(config, examples_per_client=8)
+    inproc = run_method(world, "fedit")
+    ray_world = dataclasses.replace(world, config=dataclasses.replace(config, transport="ray"))
+    over_ray = run_method(ray_world, "fedit")
+    assert sum(r["participants"] for r in inproc) > 0
+    for a, b in zip(inproc, over_ray, strict=True):
+        a.pop("wall_time_s"), b.pop("wall_time_s")
+        assert a == b  # accuracy, losses, bytes, divergence: bit for bit
+
+
+@pytest.mark.ray
+def test_ray_results_come_back_in_job_order(one_thread: None) -> None:
+    pytest.importorskip("ray")
+    import numpy as np
+
+    from edge_client.local_round import LocalPlan
+    from sim.engine import make_transport
+    from sim.synthetic import synthetic_world
+    from sim.transports import ClientJob
+
+    config = tiny_config(clients=8, clients_per_round=8)
+    world = synthetic_world(config, examples_per_client=8)
+    spec = config.spec("lora")
+    world.model("lora")
+    payload = world.initial["lora"]
+    # Uneven work (6 steps, then 1) makes the early jobs finish after the later ones.
+    jobs = [
+        ClientJob(c, payload, LocalPlan(6 if k < 2 else 1), 4, (0, 0, k)) for k, c in enumerate(world.clients)
+    ]
+    inproc = make_transport(world, "lora")
+    ray_transport = make_transport(
+        dataclasses.replace(world, config=dataclasses.replace(config, transport="ray")), "lora"
+    )
+    try:
+        expected = inproc.run(spec, jobs)
+        got = ray_transport.run(spec, jobs)
+    finally:
+        ray_transport.close()
+    assert [r.cid for r in got] == [j.client.cid for j in jobs]
+    for e, g in zip(expected, got, strict=True):
+        assert e.metrics.losses == g.metrics.losses
+        assert e.upload.keys() == g.upload.keys()
+        assert all(np.array_equal(e.upload[k].numpy(), g.upload[k].numpy()) for k in e.upload)
