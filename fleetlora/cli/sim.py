@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 
 from fleetlora.cli import CliError, as_list, non_negative_float, positive_int
 
@@ -65,6 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--heads", type=positive_int, default=d.heads, help="Ravan heads (default: %(default)s)")
     p.add_argument(
+        "--lora-alpha", type=non_negative_float, default=d.lora_alpha, help="LoRA alpha (scale alpha/r)"
+    )
+    p.add_argument(
+        "--target-modules",
+        default=",".join(d.target_modules),
+        help="adapted linear layers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--weighting",
+        choices=["examples", "uniform"],
+        default=d.weighting,
+        help="client weights in aggregation",
+    )
+    p.add_argument(
         "--layers", default=",".join(map(str, d.layers)), help="adapted blocks, e.g. 4,5 ('' = all)"
     )
     p.add_argument(
@@ -124,36 +139,16 @@ def config_from_args(args: argparse.Namespace) -> object:
             args.method_params if isinstance(args.method_params, dict) else json.loads(args.method_params)
         )
         layers = tuple(int(x) for x in as_list(args.layers)) if args.layers != "" else ()
-        return SimConfig(
-            methods=tuple(methods),
-            model=args.model,
-            dataset=args.dataset,
-            clients=args.clients,
-            clients_per_round=args.clients_per_round,
-            rounds=args.rounds,
-            partition=args.partition,
-            alpha=args.alpha,
-            device_mix=args.device_mix,
-            local_steps=args.local_steps,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            rank=args.rank,
-            heads=args.heads,
-            layers=layers,
-            max_len=args.max_len,
-            deadline_s=args.deadline,
-            eval_examples=args.eval_examples,
-            seed=args.seed,
-            out=args.out,
-            transport=args.transport,
-            broker=args.broker,
-            ray_address=args.ray_address,
-            ray_actors=args.ray_actors,
-            trainer=args.trainer,
-            method_params=params,
-        )
+        special = {
+            "methods": tuple(methods),
+            "layers": layers,
+            "target_modules": tuple(as_list(args.target_modules)),
+            "deadline_s": args.deadline,
+            "method_params": params,
+        }
+        # every other config field has a flag of the same name
+        plain = {f.name: getattr(args, f.name) for f in fields(SimConfig) if f.name not in special}
+        return SimConfig(**plain, **special)
     except (ConfigError, ValueError) as e:
         raise CliError(str(e)) from e
 
