@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from export.adapters import train_heads
 from export.state import State, load_trainable_state, trainable_state
 
 Batch = dict[str, torch.Tensor]
@@ -91,6 +92,10 @@ class EagerTrainer:
 
     def get_trainable(self) -> State:
         return trainable_state(self.model)
+
+    def train_heads(self, heads: list[int] | None) -> None:
+        """Ravan: train only these head indices in every layer (``None``: all)."""
+        train_heads(self.model, heads)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
