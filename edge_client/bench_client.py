@@ -1,0 +1,106 @@
+"""``fleetlora bench client``: one local training step, ExecuTorch runtime vs eager torch.
+
+For each adapter family and each XNNPACK setting, the training program is exported once, then both
+backends train the same batches from the same adapter, alternating, and the median step time of
+each is reported. The last line is the headline ratio: the worst ``executorch / eager`` over the
+XNNPACK configurations (what devices run), or over all when XNNPACK is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _OneStep:
+    local_steps: int = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleetlora bench client", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm", help="registered model (default minilm)")
+    p.add_argument("--families", default="lora,ravan", help="adapter families, comma-separated")
+    p.add_argument("--xnnpack", choices=("on", "off", "both"), default="both", help="XNNPACK settings to run")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per example (default 64)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank / Ravan budget rank")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per backend")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per backend (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for eager (default 1)")
+    return p
+
+
+def _batch(batch: int, seq: int, classes: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[: batch // 2, seq // 2 :] = 0
+    return {
+        "input_ids": torch.randint(1, 30000, (batch, seq), generator=gen),
+        "attention_mask": mask,
+        "labels": torch.randint(0, classes, (batch,), generator=gen),
+    }
+
+
+def _median_step_ms(trainer: object, batch: dict[str, torch.Tensor], warmup: int, steps: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        trainer.train([batch], _OneStep())  # type: ignore[attr-defined]
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from edge_client.executorch_trainer import ExecuTorchTrainer
+    from edge_client.trainer import EagerTrainer, OptimizerConfig
+    from export.adapters import attach
+    from export.build import BuildReport, build_training_program
+    from export.models import build_model
+    from export.spec import AdapterSpec
+    from fleetlora.cli import as_list
+
+    classes = 8
+    batch = _batch(args.batch, args.seq_len, classes)
+    batch_range = (2, max(2, args.batch))
+    opt = OptimizerConfig(lr=1e-3, momentum=0.9)
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.xnnpack]
+    print(
+        f"{args.model}, batch {args.batch} x {args.seq_len} tokens, {args.threads} eager thread(s), "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    ratios: dict[tuple[str, bool], float] = {}
+    for family in as_list(args.families):
+        spec = AdapterSpec(family=family, rank=args.rank)  # type: ignore[arg-type]
+        model, _ = build_model(args.model, classes)
+        model = attach(model, spec)
+        eager = EagerTrainer(model, opt)
+        start_state = eager.get_trainable()
+        for xnnpack in settings:
+            report = BuildReport()
+            pte, ptd = build_training_program(
+                model, args.seq_len, batch_range, classes, xnnpack=xnnpack, report=report
+            )
+            et = ExecuTorchTrainer(pte, ptd, seq_len=args.seq_len, batch_range=batch_range, optimizer=opt)
+            et.set_trainable(start_state)
+            eager.set_trainable(start_state)
+            et_ms = _median_step_ms(et, batch, args.warmup, args.steps)
+            eager_ms = _median_step_ms(eager, batch, args.warmup, args.steps)
+            ratios[(family, xnnpack)] = et_ms / eager_ms
+            label = f"{family} {'xnnpack' if xnnpack else 'portable'}"
+            print(
+                f"  {label:<16s} executorch {et_ms:8.1f} ms  eager {eager_ms:8.1f} ms  "
+                f"ratio {et_ms / eager_ms:5.2f}  (export {sum(report.stages.values()):.0f} s, "
+                f".pte {len(pte) / 1e6:.1f} MB, .ptd {len(ptd) / 1e3:.0f} KB)"
+            )
+    headline = [r for (_, x), r in ratios.items() if x] or list(ratios.values())
+    print(f"client: executorch_over_eager={max(headline):.2f}")
+    return 0
