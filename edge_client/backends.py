@@ -20,7 +20,7 @@ def eager_model_from_bundle(bundle: Bundle) -> nn.Module:
     from export.adapters import attach
     from export.models import build_model
 
-    model, _ = build_model(bundle.info.model, bundle.info.num_classes)
+    model, _ = build_model(bundle.info.model, bundle.info.num_classes, bundle.info.model_seed)
     return attach(model, bundle.spec)
 
 

@@ -12,8 +12,10 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank / Ravan budget rank")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per backend")
     p.add_argument("--steps", type=int, default=10, help="timed steps per backend (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for eager (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="threads for eager torch and XNNPACK (default 1)")
+    p.add_argument("--cache", default="", help="folder to keep exported programs in and reuse on reruns")
     return p
 
 
@@ -56,14 +59,43 @@ def _median_step_ms(trainer: object, batch: dict[str, torch.Tensor], warmup: int
     return statistics.median(times)
 
 
+def _program(
+    model: nn.Module,
+    args: argparse.Namespace,
+    family: str,
+    xnnpack: bool,
+    batch_range: tuple[int, int],
+    classes: int,
+) -> tuple[bytes, bytes, float]:
+    """``(train.pte, adapter.ptd, export seconds)``, from ``--cache`` when it holds them."""
+    from export.build import BuildReport, build_training_program
+
+    kind = "xnnpack" if xnnpack else "portable"
+    name = f"{args.model}-{family}-r{args.rank}-{kind}-{args.seq_len}x{batch_range[1]}"
+    folder = Path(args.cache) / name if args.cache else None
+    if folder is not None and (folder / "train.pte").is_file() and (folder / "adapter.ptd").is_file():
+        return (folder / "train.pte").read_bytes(), (folder / "adapter.ptd").read_bytes(), 0.0
+    report = BuildReport()
+    pte, ptd = build_training_program(
+        model, args.seq_len, batch_range, classes, xnnpack=xnnpack, report=report
+    )
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.pte").write_bytes(pte)
+        (folder / "adapter.ptd").write_bytes(ptd)
+    return pte, ptd, sum(report.stages.values())
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(args.threads)  # XNNPACK's threads, to match eager's
 
     from edge_client.executorch_trainer import ExecuTorchTrainer
     from edge_client.trainer import EagerTrainer, OptimizerConfig
     from export.adapters import attach
-    from export.build import BuildReport, build_training_program
     from export.models import build_model
     from export.spec import AdapterSpec
     from fleetlora.cli import as_list
@@ -74,7 +106,7 @@ def main(argv: list[str]) -> int:
     opt = OptimizerConfig(lr=1e-3, momentum=0.9)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.xnnpack]
     print(
-        f"{args.model}, batch {args.batch} x {args.seq_len} tokens, {args.threads} eager thread(s), "
+        f"{args.model}, batch {args.batch} x {args.seq_len} tokens, {args.threads} thread(s) each, "
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )
     ratios: dict[tuple[str, bool], float] = {}
@@ -85,10 +117,7 @@ def main(argv: list[str]) -> int:
         eager = EagerTrainer(model, opt)
         start_state = eager.get_trainable()
         for xnnpack in settings:
-            report = BuildReport()
-            pte, ptd = build_training_program(
-                model, args.seq_len, batch_range, classes, xnnpack=xnnpack, report=report
-            )
+            pte, ptd, export_s = _program(model, args, family, xnnpack, batch_range, classes)
             et = ExecuTorchTrainer(pte, ptd, seq_len=args.seq_len, batch_range=batch_range, optimizer=opt)
             et.set_trainable(start_state)
             eager.set_trainable(start_state)
@@ -98,7 +127,7 @@ def main(argv: list[str]) -> int:
             label = f"{family} {'xnnpack' if xnnpack else 'portable'}"
             print(
                 f"  {label:<16s} executorch {et_ms:8.1f} ms  eager {eager_ms:8.1f} ms  "
-                f"ratio {et_ms / eager_ms:5.2f}  (export {sum(report.stages.values()):.0f} s, "
+                f"ratio {et_ms / eager_ms:5.2f}  (export {export_s:.0f} s, "
                 f".pte {len(pte) / 1e6:.1f} MB, .ptd {len(ptd) / 1e3:.0f} KB)"
             )
     headline = [r for (_, x), r in ratios.items() if x] or list(ratios.values())

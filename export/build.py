@@ -126,6 +126,7 @@ def build_bundle(
         trainable={k: list(v.shape) for k, v in state.items()},
         labels=tuple(labels),
         xnnpack=xnnpack,
+        model_seed=model_seed,
     )
     with report.stage("write bundle", log):
         bundle = write_bundle(out, train_pte=pte, adapter_ptd=ptd, infer_pte=infer, spec=spec, info=info)

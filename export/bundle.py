@@ -49,6 +49,7 @@ class BundleInfo:
     trainable: dict[str, list[int]]
     labels: tuple[str, ...] = ()
     xnnpack: bool = False
+    model_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class BundleInfo:
             "batch_max": self.batch_max,
             "labels": list(self.labels),
             "xnnpack": self.xnnpack,
+            "model_seed": self.model_seed,
             "train_inputs": ["input_ids", "attention_mask", "labels"],
             "train_outputs": ["loss", "logits"],
             "infer_inputs": ["input_ids", "attention_mask"],
@@ -80,6 +82,7 @@ class BundleInfo:
                 trainable={str(k): [int(n) for n in v] for k, v in d["trainable"].items()},
                 labels=tuple(str(x) for x in d.get("labels", [])),
                 xnnpack=bool(d.get("xnnpack", False)),
+                model_seed=int(d.get("model_seed", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"bundle.json is malformed: {e!r}") from e

@@ -180,6 +180,7 @@ def test_manifest_detects_tampering(tiny: Bundle, tmp_path: Path) -> None:
     (copy / ADAPTER_PTD).write_bytes(bytes(blob))
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(copy)
+    shutil.copy2(tiny.path / ADAPTER_PTD, copy / ADAPTER_PTD)
     (copy / INFER_PTE).unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(copy)
