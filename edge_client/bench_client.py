@@ -1,7 +1,7 @@
 """``fleetlora bench client``: one local training step, ExecuTorch runtime vs eager torch.
 
 For each adapter family and each XNNPACK setting, the training program is exported once, then both
-backends train the same batches from the same adapter, alternating, and the median step time of
+backends train the same batch from the same adapter, step by step in turn, and the median step time of
 each is reported. The last line is the headline ratio: the worst ``executorch / eager`` over the
 XNNPACK configurations (what devices run), or over all when XNNPACK is off.
 """
@@ -49,14 +49,18 @@ def _batch(batch: int, seq: int, classes: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _median_step_ms(trainer: object, batch: dict[str, torch.Tensor], warmup: int, steps: int) -> float:
-    times = []
+def _median_step_ms(
+    trainers: list[object], batch: dict[str, torch.Tensor], warmup: int, steps: int
+) -> list[float]:
+    """Median step time of each trainer; steps alternate between them so load drifts hit all alike."""
+    times: list[list[float]] = [[] for _ in trainers]
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        trainer.train([batch], _OneStep())  # type: ignore[attr-defined]
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for trainer, out in zip(trainers, times, strict=True):
+            start = time.perf_counter()
+            trainer.train([batch], _OneStep())  # type: ignore[attr-defined]
+            if i >= warmup:
+                out.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 def _program(
@@ -121,8 +125,7 @@ def main(argv: list[str]) -> int:
             et = ExecuTorchTrainer(pte, ptd, seq_len=args.seq_len, batch_range=batch_range, optimizer=opt)
             et.set_trainable(start_state)
             eager.set_trainable(start_state)
-            et_ms = _median_step_ms(et, batch, args.warmup, args.steps)
-            eager_ms = _median_step_ms(eager, batch, args.warmup, args.steps)
+            et_ms, eager_ms = _median_step_ms([et, eager], batch, args.warmup, args.steps)
             ratios[(family, xnnpack)] = et_ms / eager_ms
             label = f"{family} {'xnnpack' if xnnpack else 'portable'}"
             print(
