@@ -68,14 +68,16 @@ def rewrite_addmm(ep: ExportedProgram) -> int:
 def strip_state_prefix(ep: ExportedProgram, prefix: str) -> ExportedProgram:
     """A copy of ``ep`` whose parameter, buffer and constant names lose a leading ``prefix``.
 
-    Every state name must carry the prefix (the whole model sits under one wrapper attribute);
-    otherwise a name could collide after stripping.
+    Names without the prefix (tensor constants that tracing lifted, ``lifted_tensor_0``) are kept;
+    a rename that would make two names equal is refused.
     """
 
     def strip(name: str) -> str:
-        if not name.startswith(prefix):
-            raise ValueError(f"state name {name!r} does not start with {prefix!r}")
-        return name[len(prefix) :]
+        return name[len(prefix) :] if name.startswith(prefix) else name
+
+    for names in (ep.state_dict, ep.constants):
+        if len({strip(n) for n in names}) != len(names):
+            raise ValueError(f"stripping {prefix!r} would merge two state names")
 
     def renamed_target(target: str | None) -> str | None:
         if target is not None and (target in ep.state_dict or target in ep.constants):
