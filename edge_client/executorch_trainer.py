@@ -58,6 +58,8 @@ class ExecuTorchTrainer:
             raise ValueError(f"the ExecuTorch runtime offers SGD only, not {self.opt_config.name!r}")
         self.seq_len = seq_len
         self.batch_range = batch_range
+        # The runtime reads constants straight out of these buffers: keep them alive as long as it.
+        self._buffers = (train_pte, adapter_ptd)
         self._module = TrainingModule(_load_for_executorch_from_buffer(train_pte, adapter_ptd))
         self._heads: list[int] | None = None
         # named_parameters() exists only after a first forward_backward: run one on dummy inputs
