@@ -18,6 +18,7 @@ ORDER = 90
 EXAMPLES = """\
 fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
 fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
+fleetlora bench client --steps 10             # ExecuTorch runtime vs eager step time on MiniLM
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
 fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
 fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
@@ -26,6 +27,7 @@ fleetlora bench scale --clients 10000          # one in-process round of 10k cli
 # name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
     "aggregate": "coordinator.bench_aggregate:main",
+    "client": "edge_client.bench_client:main",
     "all": "sim.bench_all",
     "mqtt": "coordinator.bench_mqtt",
     "ingest": "coordinator.bench_ingest",

@@ -1,0 +1,177 @@
+"""Put a bundle and a client on a device: a local folder, an ssh host, or an Android phone over adb.
+
+A flashed folder holds::
+
+    bundle/            the verified bundle (train.pte, adapter.ptd, infer.pte, specs, manifest)
+    credentials/       copies of the credential files given (password, CA, client cert and key)
+    client.toml        broker URL, run id, client id, device profile, credential paths (relative)
+    run-client.sh      starts the client with one command: python -m fleetlora client --config client.toml
+
+The folder is staged locally first; ``local:`` copies it, ``ssh:`` and ``adb:`` run ``scp``/``adb``
+command lines (printed and not run with ``dry_run``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.bundle import Bundle
+
+CLIENT_TOML = "client.toml"
+RUN_SCRIPT = "run-client.sh"
+BUNDLE_DIR = "bundle"
+CREDENTIALS_DIR = "credentials"
+CREDENTIAL_KEYS = ("password_file", "ca_file", "cert_file", "key_file")
+
+RUN_CLIENT_SH = """#!/bin/sh
+# Start the fleetlora client of this flashed folder (PYTHON overrides the interpreter).
+set -e
+cd "$(dirname "$0")"
+exec "${PYTHON:-python3}" -m fleetlora client --config client.toml "$@"
+"""
+
+
+class FlashError(ValueError):
+    """A target that cannot be parsed or reached, or a missing tool or file."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to flash: ``kind`` is ``local``, ``ssh`` or ``adb``; ``host`` is ``user@host`` for ssh."""
+
+    kind: str
+    path: str
+    host: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """``local:DIR``, ``ssh:user@host:/path`` or ``adb:/data/local/tmp/fleetlora``."""
+        kind, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise FlashError(f"target {text!r} must be local:DIR, ssh:user@host:/path or adb:/path")
+        if kind == "local":
+            return cls("local", rest)
+        if kind == "ssh":
+            host, sep, path = rest.partition(":")
+            if not sep or not host or not path:
+                raise FlashError(f"ssh target {text!r} must be ssh:user@host:/path")
+            return cls("ssh", path, host)
+        if kind == "adb":
+            if not rest.startswith("/"):
+                raise FlashError(f"adb target path must be absolute, got {rest!r}")
+            return cls("adb", rest)
+        raise FlashError(f"unknown target kind {kind!r}; use local, ssh or adb")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What ``fleetlora client`` needs; credential paths are local files copied into the folder."""
+
+    broker: str
+    run_id: str
+    client_id: str
+    device: str
+    backend: str = "executorch"
+    credentials: dict[str, str] = field(default_factory=dict)
+
+    def to_toml(self) -> str:
+        """The ``client.toml`` text; credential paths point into the flashed ``credentials/``."""
+        values: dict[str, str] = {
+            "broker": self.broker,
+            "run_id": self.run_id,
+            "client_id": self.client_id,
+            "device": self.device,
+            "backend": self.backend,
+            "bundle": BUNDLE_DIR,
+        }
+        for key, local in sorted(self.credentials.items()):
+            values[key] = f"{CREDENTIALS_DIR}/{Path(local).name}"
+        # JSON string escaping is valid TOML basic-string escaping.
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:
+    """Lay out the flashed folder's contents under ``folder`` (see the module docstring)."""
+    unknown = sorted(set(config.credentials) - set(CREDENTIAL_KEYS))
+    if unknown:
+        raise FlashError(f"unknown credential keys {unknown}; use {CREDENTIAL_KEYS}")
+    shutil.copytree(bundle.path, folder / BUNDLE_DIR, dirs_exist_ok=True)
+    names = [Path(p).name for p in config.credentials.values()]
+    if len(set(names)) != len(names):
+        raise FlashError(f"credential files must have distinct names, got {sorted(names)}")
+    if config.credentials:
+        creds = folder / CREDENTIALS_DIR
+        creds.mkdir(exist_ok=True)
+        for key, local in config.credentials.items():
+            if not Path(local).is_file():
+                raise FlashError(f"{key}: file not found: {local}")
+            shutil.copy2(local, creds / Path(local).name)
+    (folder / CLIENT_TOML).write_text(config.to_toml())
+    script = folder / RUN_SCRIPT
+    script.write_text(RUN_CLIENT_SH)
+    script.chmod(0o755)
+    return folder
+
+
+def commands(target: Target, staged: Path) -> list[list[str]]:
+    """The command lines that copy ``staged``'s contents to an ssh or adb target."""
+    items = [str(p) for p in sorted(staged.iterdir())]
+    if target.kind == "ssh":
+        remote = target.path.rstrip("/") + "/"
+        return [
+            ["ssh", target.host, "mkdir", "-p", target.path],
+            ["scp", "-r", "-p", *items, f"{target.host}:{remote}"],
+        ]
+    if target.kind == "adb":
+        return [
+            ["adb", "shell", "mkdir", "-p", target.path],
+            ["adb", "push", *items, target.path.rstrip("/") + "/"],
+            ["adb", "shell", "chmod", "755", f"{target.path.rstrip('/')}/{RUN_SCRIPT}"],
+        ]
+    raise FlashError(f"{target.kind} targets are copied directly, not by command lines")
+
+
+def flash(
+    bundle: Bundle,
+    config: ClientConfig,
+    target: Target,
+    *,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[list[str]]:
+    """Flash ``bundle`` and a client for ``config`` to ``target``; returns the command lines run.
+
+    ``local`` copies into the folder (kept files there are overwritten). ``ssh``/``adb`` need
+    ``ssh``+``scp`` or ``adb`` on the PATH; with ``dry_run`` nothing is written anywhere and the
+    command lines are only logged.
+    """
+    with tempfile.TemporaryDirectory(prefix="fleetlora-flash-") as tmp:
+        staged = stage(bundle, config, Path(tmp))
+        if target.kind == "local":
+            dest = Path(target.path)
+            log(f"{'would copy' if dry_run else 'copying'} {bundle.path} + client to {dest}")
+            if not dry_run:
+                shutil.copytree(staged, dest, dirs_exist_ok=True)
+                log(f"start it with: {dest / RUN_SCRIPT}")
+            return []
+        cmds = commands(target, staged)
+        if dry_run:
+            for cmd in cmds:
+                log("would run: " + " ".join(cmd))
+            return cmds
+        missing = sorted({cmd[0] for cmd in cmds if shutil.which(cmd[0]) is None})
+        if missing:
+            raise FlashError(f"{', '.join(missing)} not found on PATH; use --dry-run to see the commands")
+        for cmd in cmds:
+            log("running: " + " ".join(cmd))
+            result = subprocess.run(cmd, check=False)
+            if result.returncode != 0:
+                raise FlashError(f"{cmd[0]} failed with exit status {result.returncode}: {' '.join(cmd)}")
+        log(f"start it with: {target.path.rstrip('/')}/{RUN_SCRIPT} (on the device)")
+        return cmds

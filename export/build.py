@@ -1,0 +1,134 @@
+"""Build a bundle: model -> adapter -> training program + inference program -> folder.
+
+:func:`build_bundle` runs the stages of :mod:`export.executorch_program` in order and reports how
+long each took and how big each output is (``fleetlora export`` prints that report).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from export import executorch_program as prog
+from export.adapters import attach, merge
+from export.bundle import Bundle, BundleInfo, write_bundle
+from export.models import build_model
+from export.passes import ADDMM, count_op, rewrite_addmm
+from export.ravan import set_trainable_heads
+from export.spec import AdapterSpec
+from export.state import trainable_state
+
+
+@dataclass
+class BuildReport:
+    """Seconds per stage (in order), file sizes in bytes and the number of ``addmm`` rewritten."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    addmm_rewritten: int = 0
+
+    @contextmanager
+    def stage(self, name: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.stages[name] = time.perf_counter() - start
+        if log is not None:
+            log(f"{name:<22s} {self.stages[name]:8.2f} s")
+
+
+def build_training_program(
+    model: nn.Module,
+    seq_len: int,
+    batch_range: tuple[int, int],
+    num_classes: int,
+    *,
+    xnnpack: bool,
+    report: BuildReport,
+    log: Callable[[str], None] | None = None,
+) -> tuple[bytes, bytes]:
+    """``(train.pte, adapter.ptd)`` of an adapted model; the ``.ptd`` has one buffer per trainable key."""
+    inputs = prog.example_inputs(batch_range[0], seq_len, num_classes)
+    with report.stage("capture (joint graph)", log):
+        ep = prog.capture(model, inputs, batch_range)
+    with report.stage("rewrite addmm", log):
+        before = count_op(ep, ADDMM)
+        report.addmm_rewritten = rewrite_addmm(ep)
+        if count_op(ep, ADDMM) != before - report.addmm_rewritten:
+            raise RuntimeError("addmm rewrite left an inconsistent graph")
+    with report.stage("to_edge" + (" + xnnpack" if xnnpack else ""), log):
+        edge = prog.to_edge_program(ep, xnnpack)
+    with report.stage("to_executorch (train)", log):
+        pte, template_ptd = prog.to_training_program(edge)
+        ptd = prog.write_adapter_ptd(template_ptd, trainable_state(model))
+    return pte, ptd
+
+
+def build_inference_program(
+    model: nn.Module,
+    seq_len: int,
+    batch_range: tuple[int, int],
+    *,
+    xnnpack: bool,
+    report: BuildReport,
+    log: Callable[[str], None] | None = None,
+) -> bytes:
+    """``infer.pte``: a merged copy of the adapted model, forward only (``model`` is left intact)."""
+    with report.stage("infer: merge + capture", log):
+        merged = merge(copy.deepcopy(model))
+        ids, mask, _ = prog.example_inputs(batch_range[0], seq_len, 2)
+        ep = prog.capture_inference(merged, (ids, mask), batch_range)
+    with report.stage("infer: to_executorch", log):
+        return prog.to_inference_program(prog.to_edge_program(ep, xnnpack))
+
+
+def build_bundle(
+    model_name: str,
+    spec: AdapterSpec,
+    *,
+    num_classes: int,
+    seq_len: int,
+    out: str | Path,
+    batch_range: tuple[int, int] = (2, 64),
+    labels: tuple[str, ...] = (),
+    xnnpack: bool = False,
+    model_seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Bundle, BuildReport]:
+    """Build the registered ``model_name`` with ``spec``'s adapter and write a bundle to ``out``.
+
+    The training program trains every Ravan head; a client training a subset of heads zeroes the
+    other heads' gradients at run time (see ``edge_client.executorch_trainer``).
+    """
+    if labels and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels given for {num_classes} classes")
+    report = BuildReport()
+    with report.stage("build model + adapter", log):
+        model, _ = build_model(model_name, num_classes, model_seed)
+        model = attach(model, spec)
+        set_trainable_heads(model, None)
+    pte, ptd = build_training_program(
+        model, seq_len, batch_range, num_classes, xnnpack=xnnpack, report=report, log=log
+    )
+    infer = build_inference_program(model, seq_len, batch_range, xnnpack=xnnpack, report=report, log=log)
+    state = trainable_state(model)
+    info = BundleInfo(
+        model=model_name,
+        num_classes=num_classes,
+        seq_len=seq_len,
+        batch_min=batch_range[0],
+        batch_max=batch_range[1],
+        trainable={k: list(v.shape) for k, v in state.items()},
+        labels=tuple(labels),
+        xnnpack=xnnpack,
+        model_seed=model_seed,
+    )
+    with report.stage("write bundle", log):
+        bundle = write_bundle(out, train_pte=pte, adapter_ptd=ptd, infer_pte=infer, spec=spec, info=info)
+    report.sizes = {p.name: p.stat().st_size for p in sorted(bundle.path.iterdir()) if p.is_file()}
+    return bundle, report

