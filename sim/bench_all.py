@@ -129,6 +129,47 @@ def quality_rows(
     return rows
 
 
+def hetero_config(grid: Grid, out: Path) -> SimConfig:
+    """Compute heterogeneity: right-skewed budgets (mostly weak phones); Ravan vs HetLoRA and FlexLoRA."""
+    return SimConfig(
+        methods=("ravan", "hetlora", "flexlora"),
+        dataset=grid.datasets[0],
+        device_mix="right_skewed",
+        rounds=grid.rounds,
+        clients=grid.clients,
+        clients_per_round=grid.clients_per_round,
+        out=str(out / "hetero-right-skewed"),
+    )
+
+
+def plot_layer_divergence(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """FLoRA-NA's divergence against FedIT's, per adapted layer, over rounds (one panel per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ("fedit", "flora_na") if any(r["method"] == m for r in records)]
+    if len(methods) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, style in zip(methods, ("--", "-"), strict=True):
+        rs = [r for r in records if r["method"] == method]
+        layers = sorted(k for k in rs[0] if k.startswith("divergence/"))
+        for i, key in enumerate(layers):
+            label = f"{method}" if i == 0 else None
+            ax.plot([r["round"] for r in rs], [r[key] for r in rs], style, color=f"C{i % 10}", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("divergence from exact average (per layer)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(title="dashed: FedIT, solid: FLoRA-NA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def versions() -> str:
     out = []
     for pkg in PACKAGES:
@@ -140,7 +181,7 @@ def versions() -> str:
 
 
 def main(argv: list[str]) -> int:
-    from sim.report import markdown_table
+    from sim.report import markdown_table, summary_rows
     from sim.run import run_experiment
 
     p = argparse.ArgumentParser(
@@ -177,6 +218,9 @@ def main(argv: list[str]) -> int:
         results.append((config, run_experiment(config, quiet=True)))
         print(f"  sim {config.out} done", file=sys.stderr, flush=True)
     rows = quality_rows(results, grid.target)
+    hetero = hetero_config(grid, Path(args.runs))
+    hetero_rows = summary_rows(run_experiment(hetero, quiet=True))
+    div_plot = plot_layer_divergence(results[0][1], Path(args.out).with_name("benchmarks_divergence.png"))
     cmd = "fleetlora bench all" + (" --quick" if args.quick else "")
     report = "\n".join(
         [
@@ -196,6 +240,14 @@ def main(argv: list[str]) -> int:
             f"{grid.clients} clients, {grid.clients_per_round} per round)",
             "",
             markdown_table(rows),
+            "",
+            f"## Compute heterogeneity (right-skewed device mix, {hetero.dataset}, alpha {hetero.alpha})",
+            "",
+            markdown_table(hetero_rows),
+            "",
+            "## Divergence per layer, FLoRA-NA against FedIT",
+            "",
+            f"![divergence]({div_plot.name})" if div_plot else "(fedit and flora_na not both in the grid)",
             "",
         ]
     )
