@@ -33,7 +33,7 @@ class SimConfig:
     alpha: float = 0.3
     device_mix: str = "default"
     local_steps: int = 0
-    max_steps: int = 8
+    max_steps: int = 5
     batch_size: int = 16
     lr: float = 2e-3
     optimizer: str = "adamw"
@@ -41,7 +41,7 @@ class SimConfig:
     lora_alpha: float = 16.0
     heads: int = 4
     target_modules: tuple[str, ...] = ("query", "value")
-    layers: tuple[int, ...] = (4, 5)
+    layers: tuple[int, ...] = (5,)
     max_len: int = 32
     deadline_s: float = 0.0  # virtual round deadline; 0 = derived from the device mix
     seed: int = 0
@@ -52,7 +52,7 @@ class SimConfig:
     ray_actors: int = 0  # Ray actors (one model each); 0 = one per CPU of the cluster
     trainer: str = "eager"
     weighting: str = "examples"
-    eval_examples: int = 0  # 0 = the whole test split
+    eval_examples: int = 1000  # a fixed random subset of the test split; 0 = all of it
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

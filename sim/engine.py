@@ -84,6 +84,8 @@ def build_world(config: SimConfig) -> World:
     test = prefix_inputs(
         base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test"
     )
+    if config.eval_examples:  # evaluate on a fixed random subset of the test split, not its first rows
+        test = test.subset(np.random.default_rng(12345).permutation(len(test)))
     return assemble_world(config, dataset.classes, base, train, test)
 
 

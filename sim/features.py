@@ -34,6 +34,10 @@ class Inputs:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def subset(self, idx: np.ndarray) -> Inputs:
+        i = torch.as_tensor(idx, dtype=torch.int64)
+        return Inputs(self.x[i], self.attention_mask[i], self.labels[i], self.start_layer)
+
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
         idx_t = torch.as_tensor(idx, dtype=torch.int64)
         out: Batch = {"attention_mask": self.attention_mask[idx_t], "labels": self.labels[idx_t]}
