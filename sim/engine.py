@@ -21,6 +21,7 @@ from coordinator.aggregators import ClientInfo, ClientUpdate
 from edge_client.local_round import LocalPlan, start_state
 from edge_client.trainer import EagerTrainer, OptimizerConfig, evaluate
 from export.adapters import attach
+from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, tokenize_cached
 from export.models import build_model
 from export.spec import AdapterSpec
@@ -43,14 +44,16 @@ class World:
     test: Inputs
     clients: list[VirtualClient]
     deadline_s: float
-    models: dict[str, nn.Module] = field(default_factory=dict)  # adapter family -> adapted model
+    models: dict[str, nn.Module] = field(default_factory=dict)  # adapter spec (JSON) -> adapted model
 
-    def model(self, family: str) -> nn.Module:
-        """The one shared adapted model of a family, built on first use."""
-        if family not in self.models:
+    def model(self, family: str, spec: AdapterSpec | None = None) -> nn.Module:
+        """The one shared adapted model of a spec (default: the family's), built on first use."""
+        spec = spec or self.config.spec(family)
+        key = spec.to_json()
+        if key not in self.models:
             base, _ = build_model(self.config.model, len(self.classes), seed=self.config.seed)
-            self.models[family] = attach(base, self.config.spec(family))
-        return self.models[family]
+            self.models[key] = attach(base, spec)
+        return self.models[key]
 
 
 def build_world(config: SimConfig) -> World:
@@ -77,11 +80,13 @@ def method_family(method: str) -> str:
     return aggregators.get(method).family
 
 
-def make_transport(world: World, family: str, train: bool = True) -> Transport:
+def make_transport(
+    world: World, family: str, train: bool = True, spec: AdapterSpec | None = None
+) -> Transport:
     config = world.config
     if config.transport != "inproc":
         raise NotImplementedError(f"transport {config.transport!r} is not available in this build")
-    model = world.model(family)
+    model = world.model(family, spec)
     trainer = EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
     return InProcTransport(model, trainer, trainer.get_trainable(), world.train, train_fn=train)
 
@@ -108,14 +113,17 @@ def run_method(
     """Run every round of one method; returns (and reports through ``on_round``) per-round metrics."""
     config = world.config
     family = method_family(method)
-    spec = config.spec(family)
+    spec = aggregators.get(method).client_spec(config.spec(family))  # e.g. FFA-LoRA freezes A
     params = dict(config.method_params.get(method, {}))
     agg = aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train)
-    model = world.model(family)
+    transport = make_transport(world, family, train, spec)
+    model = world.model(family, spec)
     template = trainable_state(model)
     global_state = agg.init_global(template)
+    # Tensors each client keeps between rounds (FedSA-LoRA's B): a newcomer starts from the template's.
+    local_keys = [k for k in template if agg.local_suffixes and k.endswith(agg.local_suffixes)]
+    local_states: dict[str, State] = {}
     history: list[dict[str, Any]] = []
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
     try:
@@ -139,8 +147,16 @@ def run_method(
                     round_time = world.deadline_s
                     continue
                 round_time = max(round_time, budget.round_s)
-                jobs.append(ClientJob(client, payload, plan, budget.batch_size, (config.seed, rnd, int(i))))
+                keep = (
+                    local_states.get(client.cid, {k: template[k] for k in local_keys}) if local_keys else None
+                )
+                jobs.append(
+                    ClientJob(
+                        client, payload, plan, budget.batch_size, (config.seed, rnd, int(i)), keep_local=keep
+                    )
+                )
             results = transport.run(spec, jobs)
+            local_states.update({r.cid: r.local for r in results if r.local})
             updates = [
                 ClientUpdate(
                     r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads}
@@ -151,9 +167,24 @@ def run_method(
             agg.metrics = {}
             if updates:  # never aggregate from nothing: a round without updates keeps the global
                 global_state = agg.aggregate(global_state, updates)
+            newcomer = {k: template[k] for k in local_keys}  # the global view: a client with no local state
             accuracy, loss = evaluate_global(
-                model, spec, agg, global_state, template, world.test, config.eval_examples
+                model, spec, agg, global_state, template, world.test, config.eval_examples, newcomer
             )
+            local_acc = [
+                evaluate_global(
+                    model,
+                    spec,
+                    agg,
+                    global_state,
+                    template,
+                    world.test,
+                    config.eval_examples,
+                    local_states[r.cid],
+                )[0]
+                for r in results
+                if r.cid in local_states
+            ]
             virtual_time += round_time
             bytes_up_total += bytes_up
             bytes_down_total += bytes_down
@@ -162,6 +193,7 @@ def run_method(
                 "method": method,
                 "round": rnd + 1,
                 "accuracy": accuracy,
+                "accuracy_local": float(np.mean(local_acc)) if local_acc else None,
                 "loss": loss,
                 "train_loss": float(np.mean(train_losses)) if train_losses else None,
                 "participants": len(updates),
@@ -196,8 +228,13 @@ def evaluate_global(
     template: State,
     test: Inputs,
     limit: int,
+    keep_local: State | None = None,
 ) -> tuple[float, float]:
-    """Accuracy and loss of the global adapter on the held-out test split."""
-    view = agg.payload_for(ClientInfo("__eval__"), global_state)
-    load_trainable_state(model, start_state(spec, view, template))
-    return evaluate(model, test.eval_batches(limit=limit))
+    """Accuracy and loss of the global adapter (with a client's kept tensors) on the held-out test split.
+
+    A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only.
+    """
+    view = {**agg.payload_for(ClientInfo("__eval__"), global_state), **(keep_local or {})}
+    with applied_base_delta(model, split_base_delta(view)[1]):
+        load_trainable_state(model, start_state(spec, view, template))
+        return evaluate(model, test.eval_batches(limit=limit))

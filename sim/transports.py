@@ -28,6 +28,7 @@ class ClientJob:
     plan: LocalPlan
     batch_size: int
     data_seed: tuple[int, ...]  # seeds this client's batch order this round: same for every method
+    keep_local: State | None = None  # tensors the client kept from its last round (FedSA-LoRA's B)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ClientResult:
     cid: str
     upload: State
     metrics: TrainMetrics = field(default_factory=TrainMetrics)
+    local: State = field(default_factory=dict)  # the kept tensors after training, for its next round
 
 
 class Transport(Protocol):
@@ -66,9 +68,11 @@ class InProcTransport:
                 job.client.indices, job.batch_size, job.plan.local_steps, rng
             )
             upload, metrics = run_local_round(
-                self.trainer, spec, job.payload, self.template, batches, job.plan
+                self.trainer, spec, job.payload, self.template, batches, job.plan, job.keep_local
             )
-            results.append(ClientResult(job.client.cid, upload, metrics))
+            trained = self.trainer.get_trainable() if job.keep_local else {}
+            local = {k: trained[k] for k in job.keep_local or {}}
+            results.append(ClientResult(job.client.cid, upload, metrics, local))
         return results
 
     def close(self) -> None:
