@@ -3,6 +3,9 @@ and the simulator running every method (tiny BERT, TREC-6)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ from coordinator.aggregators.hetlora import sparsity_weights
 from coordinator.aggregators.ranks import pad_updates
 from coordinator.divergence import lora_divergence
 from edge_client.local_round import LocalPlan, run_local_round
-from edge_client.trainer import EagerTrainer, OptimizerConfig
+from edge_client.trainer import Batch, EagerTrainer, OptimizerConfig, StepBudget, TrainMetrics
 from export.base_delta import applied_base_delta, base_delta_layers, base_version, dense_base_delta
 from export.spec import AdapterSpec
 from export.state import BASE_DELTA, BASE_DELTA_A, BASE_DELTA_B, LORA_A, LORA_B, State
@@ -205,7 +208,10 @@ def test_flexlora_gives_each_rank_its_eckart_young_truncation():
 
 def test_lowrank_svd_matches_the_dense_svd():
     gen = torch.Generator().manual_seed(8)
-    b, a = torch.randn(2, 40, 9, generator=gen, dtype=torch.float64), torch.randn(2, 9, 30, generator=gen, dtype=torch.float64)
+    b, a = (
+        torch.randn(2, 40, 9, generator=gen, dtype=torch.float64),
+        torch.randn(2, 9, 30, generator=gen, dtype=torch.float64),
+    )
     u, s, vh = lowrank_svd(b, a)
     torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, b @ a)
     dense = torch.linalg.svdvals(b @ a)
@@ -220,7 +226,8 @@ def test_hetlora_pads_weights_by_norm_and_truncates_downloads():
         for prefix in LAYERS:
             assert v.state[prefix + LORA_A].shape == (RANK, 30)
             torch.testing.assert_close(  # zero-padding keeps the client's product
-                v.state[prefix + LORA_B] @ v.state[prefix + LORA_A], u.state[prefix + LORA_B] @ u.state[prefix + LORA_A]
+                v.state[prefix + LORA_B] @ v.state[prefix + LORA_A],
+                u.state[prefix + LORA_B] @ u.state[prefix + LORA_A],
             )
     out = create("hetlora", SPEC, device="cpu").aggregate(glob, ups)
     prefix = next(iter(LAYERS))
@@ -261,7 +268,8 @@ def test_fedexp_beta_follows_its_rule_and_task_arithmetic_scales_the_mean():
     glob, ups = uploads([RANK] * 4, seed=11)
     p = weights(ups)
     deltas = [
-        torch.cat([(u.state[k] - glob[k]).flatten().double() for k in sorted(glob) if k != DENSE]) for u in ups
+        torch.cat([(u.state[k] - glob[k]).flatten().double() for k in sorted(glob) if k != DENSE])
+        for u in ups
     ]
     mean = sum(w * d for w, d in zip(p, deltas, strict=True))
     spread = sum(w * d.square().sum() for w, d in zip(p, deltas, strict=True))
@@ -273,7 +281,9 @@ def test_fedexp_beta_follows_its_rule_and_task_arithmetic_scales_the_mean():
     for key in out:
         torch.testing.assert_close(out[key], ta[key])
     key = "l0.query" + LORA_A
-    want = glob[key].double() + 3.0 * sum(w * (u.state[key] - glob[key]).double() for w, u in zip(p, ups, strict=True))
+    want = glob[key].double() + 3.0 * sum(
+        w * (u.state[key] - glob[key]).double() for w, u in zip(p, ups, strict=True)
+    )
     got = create("task_arithmetic", SPEC, device="cpu", beta=3.0).aggregate(glob, ups)
     close(got[key], want)
 
@@ -308,7 +318,7 @@ class NoBaseDeltaTrainer:
 
     def select_heads(self, heads: list[int] | None) -> None: ...
 
-    def train(self, batches, budget):  # noqa: ANN001, ANN201
+    def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics:
         raise AssertionError("must not train on a stale base")
 
     def get_trainable(self) -> State:
@@ -317,7 +327,8 @@ class NoBaseDeltaTrainer:
 
 def test_local_round_keeps_local_tensors_and_refuses_a_base_it_cannot_apply():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3))
+    linear = nn.Linear(4, 3)
+    model = nn.Sequential(linear)
 
     class Wrapped(nn.Module):
         def __init__(self) -> None:
@@ -331,14 +342,20 @@ def test_local_round_keeps_local_tensors_and_refuses_a_base_it_cannot_apply():
     trainer = EagerTrainer(wrapped, OptimizerConfig(name="sgd", lr=0.1))
     template = {k: v.detach().clone() for k, v in wrapped.named_parameters()}
     spec = AdapterSpec()
-    batch = {"input_ids": torch.randn(8, 4), "attention_mask": torch.ones(8), "labels": torch.zeros(8, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randn(8, 4),
+        "attention_mask": torch.ones(8),
+        "labels": torch.zeros(8, dtype=torch.long),
+    }
     keep = {"net.0.bias": torch.zeros(3)}
     payload = {"net.0.weight": template["net.0.weight"], "net.0" + BASE_DELTA: torch.ones(3, 4)}
-    upload, metrics = run_local_round(trainer, spec, payload, template, [batch], LocalPlan(1), keep_local=keep)
+    upload, metrics = run_local_round(
+        trainer, spec, payload, template, [batch], LocalPlan(1), keep_local=keep
+    )
     assert metrics.steps == 1 and set(upload) == {"net.0.weight"}  # the kept bias is not uploaded
     assert not torch.equal(trainer.get_trainable()["net.0.bias"], keep["net.0.bias"])  # it trained
     x = batch["input_ids"]
-    plain = nn.functional.linear(x, model[0].weight, model[0].bias)
+    plain = nn.functional.linear(x, linear.weight, linear.bias)
     assert torch.equal(wrapped(x, batch["attention_mask"]), plain)  # the base delta was removed
     with pytest.raises(TypeError, match="base delta"):
         run_local_round(NoBaseDeltaTrainer(), spec, payload, template, [batch], LocalPlan(1), keep_local=keep)
@@ -346,7 +363,7 @@ def test_local_round_keeps_local_tensors_and_refuses_a_base_it_cannot_apply():
 
 # ---- the simulator -------------------------------------------------------------------------------
 
-TINY = dict(
+TINY: dict[str, Any] = dict(
     model="tiny-bert",
     dataset="trec6",
     clients=4,
@@ -361,7 +378,7 @@ TINY = dict(
 
 
 def test_every_method_runs_in_the_simulator(tmp_path):
-    config = SimConfig(methods=tuple(available()), out=str(tmp_path / "all"), **TINY)  # type: ignore[arg-type]
+    config = SimConfig(methods=tuple(available()), out=str(tmp_path / "all"), **TINY)
     records = run_experiment(config, quiet=True)
     summary = (tmp_path / "all" / "summary.md").read_text()
     for method in available():
@@ -379,7 +396,7 @@ def test_every_method_runs_in_the_simulator(tmp_path):
 
 def test_heterogeneous_ranks_from_a_right_skewed_mix(tmp_path):
     methods = ("flora", "flexlora", "hetlora", "ravan")
-    config = SimConfig(  # type: ignore[arg-type]
+    config = SimConfig(
         methods=methods, device_mix="right_skewed", out=str(tmp_path / "het"), **{**TINY, "clients": 8}
     )
     records = run_experiment(config, quiet=True)
