@@ -3,17 +3,23 @@
 Download -> start state (Ravan: ``s_i = 1``; a lower-rank LoRA payload zero-padded to the model's
 rank) -> train within the budget -> upload (Ravan: ``s_i H_i`` of the trained heads only; LoRA: the
 client's rank slice; FFA-LoRA: B only, since A never trains).
+
+A payload may also carry a change of the frozen base (FLoRA, FedEx-LoRA; keys in
+:mod:`export.state`): it is applied for the round through the trainer's ``base_delta`` context and
+removed afterwards, never trained and never uploaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from edge_client.trainer import Batch, Trainer, TrainMetrics
 from export.adapters import lora_pad, lora_rank_slice, ravan_download, ravan_upload
+from export.base_delta import split_base_delta
 from export.spec import AdapterSpec
-from export.state import State
+from export.state import BASE_VERSION, State
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,30 @@ class LocalPlan:
 
 
 def start_state(spec: AdapterSpec, payload: State, template: State) -> State:
-    """The trainer's state at the start of a round, from the downloaded payload."""
-    state = ravan_download(payload) if spec.family == "ravan" else lora_pad(payload, template)
+    """The trainer's state at the start of a round, from the downloaded payload (base delta left out)."""
+    adapter, _ = split_base_delta(payload)
+    state = ravan_download(adapter) if spec.family == "ravan" else lora_pad(adapter, template)
     missing = set(template) - set(state)
     if missing:  # e.g. a payload that omits tensors this client keeps locally (FedSA-LoRA's B)
         raise KeyError(f"payload lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:2]}")
     return state
+
+
+def base_delta_context(trainer: object, payload: State) -> AbstractContextManager[None]:
+    """The payload's base delta applied to the trainer's model for the ``with`` block.
+
+    A backend without ``base_delta`` (the ExecuTorch program bakes its base in) cannot follow a method
+    that changes the base: that is refused here rather than trained on a stale base.
+    """
+    _, delta = split_base_delta(payload)
+    if not any(k != BASE_VERSION for k in delta):
+        return nullcontext()
+    apply = getattr(trainer, "base_delta", None)
+    if apply is None:
+        raise TypeError(
+            f"{type(trainer).__name__} cannot apply a base delta; this method needs the eager trainer"
+        )
+    return apply(delta)
 
 
 def upload_state(spec: AdapterSpec, trained: State, plan: LocalPlan) -> State:
@@ -55,13 +79,16 @@ def run_local_round(
     """Train one round from ``payload`` and return (upload, metrics).
 
     ``keep_local``: tensors the client keeps between rounds instead of taking them from the payload
-    (personalised methods); they override the payload.
+    (personalised methods, FedSA-LoRA's B); they override the payload and are not uploaded. Their
+    trained values are what ``trainer.get_trainable()`` holds after the call.
     """
     state = dict(payload)
     if keep_local:
         state.update(keep_local)
-    trainer.set_trainable(start_state(spec, state, template))
-    if spec.family == "ravan":
-        trainer.select_heads(list(plan.heads) if plan.heads is not None else None)
-    metrics = trainer.train(batches, plan)
-    return upload_state(spec, trainer.get_trainable(), plan), metrics
+    with base_delta_context(trainer, state):
+        trainer.set_trainable(start_state(spec, state, template))
+        if spec.family == "ravan":
+            trainer.select_heads(list(plan.heads) if plan.heads is not None else None)
+        metrics = trainer.train(batches, plan)
+    upload = upload_state(spec, trainer.get_trainable(), plan)
+    return {k: v for k, v in upload.items() if k not in (keep_local or {})}, metrics

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from export.base_delta import applied_base_delta
 from export.ravan import set_trainable_heads
 from export.state import State, load_trainable_state, trainable_state
 
@@ -98,6 +100,10 @@ class EagerTrainer:
 
     def select_heads(self, heads: list[int] | None) -> None:
         set_trainable_heads(self.model, heads)
+
+    def base_delta(self, delta: State) -> AbstractContextManager[None]:
+        """A coordinator-side change of the frozen base, applied for the ``with`` block."""
+        return applied_base_delta(self.model, delta)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

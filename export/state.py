@@ -19,6 +19,20 @@ LORA_B = ".lora_B.default.weight"
 RAVAN_H = ".ravan_H"
 RAVAN_S = ".ravan_s"
 RAVAN_HEADS = ".ravan_heads"  # int64 indices of the heads a client uploads (a slice of H)
+# A change of the frozen base a method made on the coordinator (FLoRA's merge, FedEx-LoRA's residual),
+# in weight units (the LoRA scale folded in): dense ``<prefix>.base_delta`` (d x k), or factored
+# ``<prefix>.base_delta_B`` (d x R) @ ``<prefix>.base_delta_A`` (R x k). Clients add it to the layer's
+# output (export.base_delta); it is never trained and never uploaded.
+BASE_DELTA = ".base_delta"
+BASE_DELTA_A = ".base_delta_A"
+BASE_DELTA_B = ".base_delta_B"
+BASE_VERSION = "base_delta.version"  # int64 scalar: how many merges the coordinator's base has had
+BASE_DELTA_SUFFIXES = (BASE_DELTA, BASE_DELTA_A, BASE_DELTA_B)
+
+
+def is_base_delta_key(key: str) -> bool:
+    """Whether ``key`` names a part of a base delta (or its version), not an adapter tensor."""
+    return key == BASE_VERSION or key.endswith(BASE_DELTA_SUFFIXES)
 
 
 class StateError(ValueError):
@@ -53,7 +67,7 @@ def layout(state: State | dict[str, object]) -> Layout:
                 out.lora[key[: -len(LORA_B)]] = (a_key, key)
         elif key.endswith(RAVAN_H):
             out.ravan[key[: -len(RAVAN_H)]] = key
-        elif key.endswith((RAVAN_S, RAVAN_HEADS)):
+        elif key.endswith((RAVAN_S, RAVAN_HEADS)) or is_base_delta_key(key):
             continue
         else:
             out.dense.append(key)

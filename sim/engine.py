@@ -21,6 +21,7 @@ from coordinator.aggregators import ClientInfo, ClientUpdate
 from edge_client.local_round import LocalPlan, start_state
 from edge_client.trainer import EagerTrainer, OptimizerConfig, evaluate
 from export.adapters import attach
+from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, tokenize_cached
 from export.models import build_model
 from export.spec import AdapterSpec
@@ -43,27 +44,32 @@ class World:
     test: Inputs
     clients: list[VirtualClient]
     deadline_s: float
-    models: dict[str, nn.Module] = field(default_factory=dict)  # adapter family -> adapted model
-    # family -> the fresh adapter: every method starts from it, not from the last method's global
+    models: dict[str, nn.Module] = field(default_factory=dict)  # adapter spec (JSON) -> adapted model
+    # spec (JSON) -> the fresh adapter: every method starts from it, not from the last method's global
     initial: dict[str, State] = field(default_factory=dict)
 
-    def model(self, family: str) -> nn.Module:
-        """The one shared adapted model of a family, built on first use."""
-        if family not in self.models:
-            self.models[family] = adapted_model(self.config, len(self.classes), family)
-            self.initial[family] = trainable_state(self.models[family])
-        return self.models[family]
+    def model(self, family: str, spec: AdapterSpec | None = None) -> nn.Module:
+        """The one shared adapted model of a spec (default: the family's), built on first use."""
+        spec = spec or self.config.spec(family)
+        key = spec.to_json()
+        if key not in self.models:
+            self.models[key] = adapted_model(self.config, len(self.classes), family, spec)
+            self.initial[key] = trainable_state(self.models[key])
+        return self.models[key]
 
-    def initial_state(self, family: str) -> State:
-        """The adapter every method of a family starts from (the model itself moves on as methods run)."""
-        self.model(family)
-        return self.initial[family]
+    def initial_state(self, family: str, spec: AdapterSpec | None = None) -> State:
+        """The adapter every method of a spec starts from (the model itself moves on as methods run)."""
+        spec = spec or self.config.spec(family)
+        self.model(family, spec)
+        return self.initial[spec.to_json()]
 
 
-def adapted_model(config: SimConfig, num_classes: int, family: str) -> nn.Module:
+def adapted_model(
+    config: SimConfig, num_classes: int, family: str, spec: AdapterSpec | None = None
+) -> nn.Module:
     """The frozen base with a fresh adapter: bit-identical wherever it is built with the same config."""
     base, _ = build_model(config.model, num_classes, seed=config.seed)
-    return attach(base, config.spec(family))
+    return attach(base, spec or config.spec(family))
 
 
 def client_trainer(config: SimConfig, model: nn.Module) -> EagerTrainer:
@@ -104,7 +110,9 @@ def method_family(method: str) -> str:
     return aggregators.get(method).family
 
 
-def make_transport(world: World, family: str, train: bool = True) -> Transport:
+def make_transport(
+    world: World, family: str, train: bool = True, spec: AdapterSpec | None = None
+) -> Transport:
     config = world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
@@ -112,13 +120,14 @@ def make_transport(world: World, family: str, train: bool = True) -> Transport:
         return RayTransport(config, family, len(world.classes), world.train, train=train)
     if config.transport not in ("inproc", "mqtt") or (config.transport == "mqtt" and not train):
         raise NotImplementedError(f"transport {config.transport!r} cannot run this job")
-    model = world.model(family)
+    model = world.model(family, spec)
     trainer = client_trainer(config, model)
+    template = world.initial_state(family, spec)
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport
 
-        return MqttTransport(trainer, world.initial_state(family), world.train, broker_url=config.broker)
-    return InProcTransport(model, trainer, world.initial_state(family), world.train, train_fn=train)
+        return MqttTransport(trainer, template, world.train, broker_url=config.broker)
+    return InProcTransport(model, trainer, template, world.train, train_fn=train)
 
 
 def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, seed: tuple[int, ...]) -> LocalPlan:
@@ -152,14 +161,17 @@ def run_method(
     """
     config = world.config
     family = method_family(method)
-    spec = config.spec(family)
+    spec = aggregators.get(method).client_spec(config.spec(family))  # e.g. FFA-LoRA freezes A
     params = dict(config.method_params.get(method, {}))
     agg = aggregator or aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train)
-    model = world.model(family)
-    template = world.initial_state(family)
+    transport = make_transport(world, family, train, spec)
+    model = world.model(family, spec)
+    template = world.initial_state(family, spec)
     global_state = agg.init_global(template)
+    # Tensors each client keeps between rounds (FedSA-LoRA's B): a newcomer starts from the template's.
+    local_keys = [k for k in template if agg.local_suffixes and k.endswith(agg.local_suffixes)]
+    local_states: dict[str, State] = {}
     history: list[dict[str, Any]] = []
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
     try:
@@ -183,8 +195,16 @@ def run_method(
                     round_time = world.deadline_s
                     continue
                 round_time = max(round_time, budget.round_s)
-                jobs.append(ClientJob(client, payload, plan, budget.batch_size, (config.seed, rnd, int(i))))
+                keep = (
+                    local_states.get(client.cid, {k: template[k] for k in local_keys}) if local_keys else None
+                )
+                jobs.append(
+                    ClientJob(
+                        client, payload, plan, budget.batch_size, (config.seed, rnd, int(i)), keep_local=keep
+                    )
+                )
             results = transport.run(spec, jobs)
+            local_states.update({r.cid: r.local for r in results if r.local})
             updates = [
                 ClientUpdate(
                     r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads}
@@ -195,9 +215,24 @@ def run_method(
             agg.metrics = {}
             if updates:  # never aggregate from nothing: a round without updates keeps the global
                 global_state = agg.aggregate(global_state, updates)
+            newcomer = {k: template[k] for k in local_keys}  # the global view: a client with no local state
             accuracy, loss = evaluate_global(
-                model, spec, agg, global_state, template, world.test, config.eval_examples
+                model, spec, agg, global_state, template, world.test, config.eval_examples, newcomer
             )
+            local_acc = [
+                evaluate_global(
+                    model,
+                    spec,
+                    agg,
+                    global_state,
+                    template,
+                    world.test,
+                    config.eval_examples,
+                    local_states[r.cid],
+                )[0]
+                for r in results
+                if r.cid in local_states
+            ]
             virtual_time += round_time
             bytes_up_total += bytes_up
             bytes_down_total += bytes_down
@@ -206,6 +241,7 @@ def run_method(
                 "method": method,
                 "round": rnd + 1,
                 "accuracy": accuracy,
+                "accuracy_local": float(np.mean(local_acc)) if local_acc else None,
                 "loss": loss,
                 "train_loss": float(np.mean(train_losses)) if train_losses else None,
                 "participants": len(updates),
@@ -240,8 +276,13 @@ def evaluate_global(
     template: State,
     test: Inputs,
     limit: int,
+    keep_local: State | None = None,
 ) -> tuple[float, float]:
-    """Accuracy and loss of the global adapter on the held-out test split."""
-    view = agg.payload_for(ClientInfo("__eval__"), global_state)
-    load_trainable_state(model, start_state(spec, view, template))
-    return evaluate(model, test.eval_batches(limit=limit))
+    """Accuracy and loss of the global adapter (with a client's kept tensors) on the held-out test split.
+
+    A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only.
+    """
+    view = {**agg.payload_for(ClientInfo("__eval__"), global_state), **(keep_local or {})}
+    with applied_base_delta(model, split_base_delta(view)[1]):
+        load_trainable_state(model, start_state(spec, view, template))
+        return evaluate(model, test.eval_batches(limit=limit))

@@ -36,16 +36,24 @@ def by_method(records: list[Record]) -> dict[str, list[Record]]:
 
 
 def summary_rows(records: list[Record]) -> list[dict[str, Any]]:
-    """One row per method: final and best accuracy, total bytes, virtual time, mean divergence."""
+    """One row per method: final and best accuracy, total bytes, virtual time, mean divergence.
+
+    When a method keeps part of its adapter on the clients (FedSA-LoRA), ``final_acc`` is the global
+    view (a client with no local state) and ``final_acc_local`` the mean over the last round's
+    clients with their own tensors; the column is shown only when some method has it.
+    """
     rows = []
+    personalised = any(r.get("accuracy_local") is not None for r in records)
     for method, rs in by_method(records).items():
         last = rs[-1]
         divs = [r["divergence"] for r in rs if r.get("divergence") is not None]
+        local = [r["accuracy_local"] for r in rs if r.get("accuracy_local") is not None]
         rows.append(
             {
                 "method": method,
                 "train_loss r1->rN": _loss_span(rs),
                 "final_acc": last["accuracy"],
+                **({"final_acc_local": local[-1] if local else math.nan} if personalised else {}),
                 "best_acc": max(r["accuracy"] for r in rs),
                 "MB_up": last["bytes_up_total"] / 1e6,
                 "MB_down": last["bytes_down_total"] / 1e6,

@@ -28,6 +28,7 @@ class ClientJob:
     plan: LocalPlan
     batch_size: int
     data_seed: tuple[int, ...]  # seeds this client's batch order this round: same for every method
+    keep_local: State | None = None  # tensors the client kept from its last round (FedSA-LoRA's B)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ClientResult:
     cid: str
     upload: State
     metrics: TrainMetrics = field(default_factory=TrainMetrics)
+    local: State = field(default_factory=dict)  # the kept tensors after training, for its next round
 
 
 def train_client(
@@ -47,11 +49,12 @@ def train_client(
     batch_size: int,
     data_seed: tuple[int, ...],
     payload: State,
+    keep_local: State | None = None,
 ) -> tuple[State, TrainMetrics]:
     """One client's round from its payload: the same batches and numbers in every transport."""
     rng = np.random.default_rng(data_seed)
     batches = inputs.client_batches(indices, batch_size, plan.local_steps, rng)
-    return run_local_round(trainer, spec, payload, template, batches, plan)
+    return run_local_round(trainer, spec, payload, template, batches, plan, keep_local)
 
 
 class Transport(Protocol):
@@ -88,8 +91,11 @@ class InProcTransport:
                 job.batch_size,
                 job.data_seed,
                 job.payload,
+                job.keep_local,
             )
-            results.append(ClientResult(job.client.cid, upload, metrics))
+            trained = self.trainer.get_trainable() if job.keep_local else {}
+            local = {k: trained[k] for k in job.keep_local or {}}
+            results.append(ClientResult(job.client.cid, upload, metrics, local))
         return results
 
     def close(self) -> None:

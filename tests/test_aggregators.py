@@ -1,8 +1,11 @@
 """Every registered aggregation method against the shared invariants, then each method's own (METHODS.md 6).
 
 The shared matrix runs over ``available()``, so a method registered later is covered automatically;
-states are built for the method's adapter family. Products (not factors) are compared, because
-FLoRA-NA's factors are only defined up to the gauge ``(c p, q / c)``.
+states are built for the method's adapter family, and uploads hold only what its clients send (no A
+when the method's client spec freezes it, nothing the method keeps on the client); a tensor a client
+does not send is the global one. Products (not factors) are compared, because FLoRA-NA's factors are
+only defined up to the gauge ``(c p, q / c)``; a base change a method makes (FLoRA, FedEx-LoRA) is
+part of the product.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from coordinator.aggregators import AggregationError, ClientUpdate, available, create, get
 from coordinator.divergence import exact_fro2, lora_divergence
 from coordinator.flora_na_solver import p_system, q_system, solve_als, solve_dense
+from export.base_delta import base_delta_layers, dense_base_delta
 from export.ravan import layer_seed, make_bases
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S
@@ -23,8 +27,12 @@ RAVAN_LAYERS = ("l0.query", "l1.value")
 HEADS, HEAD_RANK = 4, 3
 DENSE = "classifier.weight"
 
-# METHODS.md 6 G3: a single client returns its update for FedRPCA only with beta = 1 (or S = 0).
-SINGLE_CLIENT_PARAMS = {"fedrpca": {"beta": 1.0}}
+# METHODS.md 6 G3: a single client returns its update for FedRPCA only with beta = 1 (or S = 0);
+# Task Arithmetic is FedRPCA with L = 0 (R5), so it returns X + beta * Delta and needs beta = 1 for G1/G3.
+SINGLE_CLIENT_PARAMS = {"fedrpca": {"beta": 1.0}, "task_arithmetic": {"beta": 1.0}}
+IDENTICAL_CLIENT_PARAMS = {"task_arithmetic": {"beta": 1.0}}
+# METHODS.md 5 ("exact? n/a (B local)") and 6 G1 ("FedSA (the A-part)"): no global product to measure.
+NO_DIVERGENCE = {"fedsa_lora"}
 
 
 def spec_for(family: str, **kw) -> AdapterSpec:
@@ -59,23 +67,45 @@ def client_state(family: str, global_state, gen: torch.Generator, flat: bool = F
     return out
 
 
-def make_round(family: str, n_clients: int, seed: int = 0, identical: bool = False, flat: bool = False):
+def never_sent(method: str | None) -> tuple[str, ...]:
+    """Key suffixes a client of ``method`` does not upload (frozen or kept locally)."""
+    if method is None:
+        return ()
+    cls = get(method)
+    frozen = (LORA_A,) if cls.client_spec(spec_for(cls.family)).freeze_a else ()
+    return frozen + cls.local_suffixes
+
+
+def make_round(
+    family: str,
+    n_clients: int,
+    seed: int = 0,
+    identical: bool = False,
+    flat: bool = False,
+    method: str | None = None,
+):
     gen = torch.Generator().manual_seed(seed)
     glob = lora_global(gen) if family == "lora" else ravan_global(gen)
     first = client_state(family, glob, gen, flat)
+    drop = never_sent(method)
     updates = []
     for i in range(n_clients):
         state = first if identical else client_state(family, glob, gen, flat)
-        updates.append(
-            ClientUpdate(f"c{i}", {k: v.clone() for k, v in state.items()}, num_examples=3 + 5 * i)
-        )
+        sent = {k: v.clone() for k, v in state.items() if not (drop and k.endswith(drop))}
+        updates.append(ClientUpdate(f"c{i}", sent, num_examples=3 + 5 * i))
     return glob, updates
 
 
-def products(family: str, state) -> dict[str, torch.Tensor]:
-    """What each layer contributes: ``B A`` for LoRA, the heads ``s_i H_i`` for Ravan."""
+def lora_factor(state, shared, key: str) -> torch.Tensor:
+    """A factor of ``state``, or the shared (global) one its client never sends."""
+    return (state[key] if key in state else shared[key]).double()
+
+
+def products(family: str, state, shared=None) -> dict[str, torch.Tensor]:
+    """What each layer contributes: ``B A`` (plus any base change, in adapter units) for LoRA, the
+    heads ``s_i H_i`` for Ravan."""
     if family == "lora":
-        return {p: state[p + LORA_B].double() @ state[p + LORA_A].double() for p in LORA_LAYERS}
+        return {p: dense_delta(family, state, p, shared) for p in LORA_LAYERS}
     return {p: state[p + RAVAN_H].double() for p in RAVAN_LAYERS}
 
 
@@ -83,8 +113,8 @@ def aggregator(name: str, family: str, **params):
     return create(name, spec_for(family), device="cpu", **params)
 
 
-def assert_products_close(family, got, want, atol=1e-5):
-    g, w = products(family, got), products(family, want)
+def assert_products_close(family, got, want, atol=1e-5, shared=None):
+    g, w = products(family, got, shared), products(family, want, shared)
     for prefix in g:
         torch.testing.assert_close(g[prefix], w[prefix], atol=atol, rtol=1e-5, msg=prefix)
 
@@ -100,33 +130,34 @@ def method(request) -> str:
 def test_identical_clients_return_their_update(method):
     """G1; FedRPCA's deltas are flat, the case where PCP returns S = 0 (METHODS.md R3)."""
     family = get(method).family
-    glob, updates = make_round(family, 5, identical=True, flat=True)
-    agg = aggregator(method, family)
+    glob, updates = make_round(family, 5, identical=True, flat=True, method=method)
+    agg = aggregator(method, family, **IDENTICAL_CLIENT_PARAMS.get(method, {}))
     out = agg.aggregate(glob, updates)
-    assert_products_close(family, out, updates[0].state)
+    assert_products_close(family, out, updates[0].state, shared=glob)
     torch.testing.assert_close(out[DENSE], updates[0].state[DENSE])
-    assert agg.metrics["divergence"] < 1e-5
+    if method not in NO_DIVERGENCE:
+        assert agg.metrics["divergence"] < 1e-5
 
 
 def test_client_order_does_not_change_the_result(method):
     family = get(method).family
-    glob, updates = make_round(family, 6, seed=1)
+    glob, updates = make_round(family, 6, seed=1, method=method)
     first = aggregator(method, family).aggregate(glob, updates)
     second = aggregator(method, family).aggregate(glob, updates[::-1])
-    assert_products_close(family, first, second)
+    assert_products_close(family, first, second, shared=glob)
     torch.testing.assert_close(first[DENSE], second[DENSE])
 
 
 def test_single_client_returns_its_update(method):
     family = get(method).family
-    glob, updates = make_round(family, 1, seed=2)
+    glob, updates = make_round(family, 1, seed=2, method=method)
     out = aggregator(method, family, **SINGLE_CLIENT_PARAMS.get(method, {})).aggregate(glob, updates)
-    assert_products_close(family, out, updates[0].state)
+    assert_products_close(family, out, updates[0].state, shared=glob)
 
 
 def test_dense_keys_are_fedavg_with_example_weights(method):
     family = get(method).family
-    glob, updates = make_round(family, 4, seed=3)
+    glob, updates = make_round(family, 4, seed=3, method=method)
     out = aggregator(method, family).aggregate(glob, updates)
     n = torch.tensor([float(u.num_examples) for u in updates])
     want = sum(w * u.state[DENSE] for w, u in zip(n / n.sum(), updates, strict=True))
@@ -135,10 +166,15 @@ def test_dense_keys_are_fedavg_with_example_weights(method):
     torch.testing.assert_close(uniform[DENSE], sum(u.state[DENSE] for u in updates) / 4)
 
 
-def dense_delta(family: str, state, prefix: str) -> torch.Tensor:
-    """The layer's dense ``Delta W`` (LoRA: ``B A``; Ravan: ``sum_i B_i H_i A_i`` with GS bases)."""
+def dense_delta(family: str, state, prefix: str, shared=None) -> torch.Tensor:
+    """The layer's dense ``Delta W`` (LoRA: ``B A`` plus any base change over ``gamma``; Ravan:
+    ``sum_i B_i H_i A_i`` with GS bases). Factors a client never sends come from ``shared``."""
     if family == "lora":
-        return state[prefix + LORA_B].double() @ state[prefix + LORA_A].double()
+        product = lora_factor(state, shared, prefix + LORA_B) @ lora_factor(state, shared, prefix + LORA_A)
+        base = base_delta_layers({k: v for k, v in state.items() if k.startswith(prefix + ".base_delta")})
+        if prefix in base:
+            product = product + dense_base_delta(base[prefix]).double() / spec_for("lora").scaling
+        return product
     d, k = 16, 14
     b, a = make_bases(d, k, HEADS, HEAD_RANK, layer_seed(0, prefix), "gram_schmidt")
     return torch.einsum("idr,irs,isk->dk", b.double(), state[prefix + RAVAN_H].double(), a.double())
@@ -147,15 +183,17 @@ def dense_delta(family: str, state, prefix: str) -> torch.Tensor:
 def test_divergence_metric_matches_the_dense_definition(method):
     """``||global - sum p_u client_u||_F / ||sum p_u client_u||_F`` per layer, and its mean."""
     family = get(method).family
-    glob, updates = make_round(family, 5, seed=4)
+    if method in NO_DIVERGENCE:
+        pytest.skip(f"{method} keeps a factor on each client: no global product to diverge from")
+    glob, updates = make_round(family, 5, seed=4, method=method)
     agg = aggregator(method, family)
     out = agg.aggregate(glob, updates)
     n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
     p = n / n.sum()
     prefixes = LORA_LAYERS if family == "lora" else RAVAN_LAYERS
     for prefix in prefixes:
-        target = sum(w * dense_delta(family, u.state, prefix) for w, u in zip(p, updates, strict=True))
-        want = float((dense_delta(family, out, prefix) - target).norm() / target.norm())
+        target = sum(w * dense_delta(family, u.state, prefix, glob) for w, u in zip(p, updates, strict=True))
+        want = float((dense_delta(family, out, prefix, glob) - target).norm() / target.norm())
         assert agg.metrics[f"divergence/{prefix}"] == pytest.approx(want, rel=1e-6, abs=1e-6)
     mean = sum(agg.metrics[f"divergence/{prefix}"] for prefix in prefixes) / len(prefixes)
     assert agg.metrics["divergence"] == pytest.approx(mean)
@@ -163,7 +201,7 @@ def test_divergence_metric_matches_the_dense_definition(method):
 
 def test_mismatched_uploads_are_refused(method):
     family = get(method).family
-    glob, updates = make_round(family, 3, seed=5)
+    glob, updates = make_round(family, 3, seed=5, method=method)
     key = next(k for k in updates[1].state if k != DENSE)
     updates[1].state[key] = torch.zeros(7, 7)
     with pytest.raises(AggregationError):
@@ -173,10 +211,10 @@ def test_mismatched_uploads_are_refused(method):
 def test_small_batches_give_the_same_result(method):
     """Batching same-shaped layers is an implementation detail: one layer per batch must agree."""
     family = get(method).family
-    glob, updates = make_round(family, 4, seed=6)
+    glob, updates = make_round(family, 4, seed=6, method=method)
     big = aggregator(method, family).aggregate(glob, updates)
     small = aggregator(method, family, chunk_bytes=1).aggregate(glob, updates)
-    assert_products_close(family, big, small)
+    assert_products_close(family, big, small, shared=glob)
 
 
 # ---- Ravan (V1-V4) ----------------------------------------------------------------------------------

@@ -17,6 +17,16 @@ _MODULES: dict[str, str] = {
     "fedrpca": "coordinator.aggregators.fedrpca",
     "flora_na": "coordinator.aggregators.flora_na",
     "ravan": "coordinator.aggregators.ravan",
+    "ffa_lora": "coordinator.aggregators.single_factor",
+    "fedsa_lora": "coordinator.aggregators.single_factor",
+    "flora": "coordinator.aggregators.flora",
+    "flexlora": "coordinator.aggregators.flexlora",
+    "hetlora": "coordinator.aggregators.hetlora",
+    "fedex_lora": "coordinator.aggregators.fedex_lora",
+    "lora_fair": "coordinator.aggregators.lora_fair",
+    "fed_sb": "coordinator.aggregators.fed_sb",
+    "task_arithmetic": "coordinator.aggregators.scaled_avg",
+    "fedexp": "coordinator.aggregators.scaled_avg",
 }
 
 

@@ -74,6 +74,15 @@ class Aggregator(ABC):
     name: ClassVar[str] = ""
     family: ClassVar[str] = "lora"  # the adapter family this method aggregates
     work_copies: ClassVar[float] = 2.0  # float64 working copies of the stacked uploads a batch needs
+    # Clients train the LoRA rank their budget affords (payload_for then hands each what it can take).
+    heterogeneous_ranks: ClassVar[bool] = False
+    # Key suffixes of tensors each client keeps between rounds and never sends (FedSA-LoRA's B).
+    local_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def client_spec(cls, spec: AdapterSpec) -> AdapterSpec:
+        """The adapter clients of this method train, from the experiment's spec (FFA-LoRA freezes A)."""
+        return spec
 
     def __init__(
         self,
