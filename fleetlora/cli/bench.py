@@ -27,6 +27,7 @@ BENCHMARKS = {
     "all": "sim.bench_all",
     "mqtt": "coordinator.bench_mqtt",
     "ingest": "coordinator.bench_ingest",
+    "crash": "coordinator.drill_crash",
 }
 
 
