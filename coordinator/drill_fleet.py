@@ -95,7 +95,13 @@ class NudgeTrainer:
 
 
 def make_service(
-    state_dir: Path, clients: tuple[str, ...], template: State, *, sync: bool = False, **config: object
+    state_dir: Path,
+    clients: tuple[str, ...],
+    template: State,
+    *,
+    sync: bool = False,
+    device_keys: Mapping[str, bytes] | None = None,
+    **config: object,
 ) -> RoundService:
     """A FedIT coordinator over the dense template, persisting to ``state_dir``."""
     spec = AdapterSpec()
@@ -103,7 +109,8 @@ def make_service(
     service_config = ServiceConfig(run=RUN, method=METHOD, clients=clients, **options)  # type: ignore[arg-type]
     agg = aggregators.create(METHOD, spec, device="cpu")
     metrics = MetricsLog(state_dir / "metrics.jsonl")
-    return RoundService(service_config, spec, agg, template, RoundStore(state_dir, sync=sync), metrics)
+    store = RoundStore(state_dir, sync=sync)
+    return RoundService(service_config, spec, agg, template, store, metrics, device_keys=device_keys)
 
 
 class DrillFleet:

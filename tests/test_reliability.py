@@ -4,12 +4,23 @@ faults, dropouts and stragglers, hostile input, load, access control. The full-s
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from fault_proxy import FaultProxy
 
 from coordinator.broker import Mosquitto
 from coordinator.drill_crash import run_crash_drill
+from coordinator.drill_fleet import DrillFleet, client_names, dense_template, make_service, reference_run
+from coordinator.metrics import read_metrics
+from coordinator.service import RoundService
+from coordinator.service_mqtt import serve
+from edge_client.mqtt_link import LinkConfig
 
 pytestmark = pytest.mark.mqtt
 
@@ -25,3 +36,100 @@ def test_coordinator_sigkilled_20_times_ends_with_the_uninterrupted_global(
     assert report.equal, "the final global differs from the uninterrupted run with the same updates"
     assert any(report.resumed_updates), "no kill landed mid-round with updates on disk"
     assert set(report.rejected) <= {"wrong_round"}  # only stale resends of closed rounds
+
+
+# ---- broker faults, dropouts and stragglers ---------------------------------------------------------
+
+
+def serve_drill(service: RoundService, port: int) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    link = LinkConfig("coordinator", port=port, backoff_max_s=0.5)
+    thread = threading.Thread(target=serve, args=(service, link, stop), daemon=True)
+    thread.start()
+    return thread, stop
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_broker_sigkilled_mid_round_every_client_resumes_and_no_round_is_corrupted(
+    start_mosquitto: Callable[..., Mosquitto], broker_dir: Path
+) -> None:
+    broker = start_mosquitto()  # no persistence: a SIGKILL forgets sessions, queues and the retained global
+    names, template = client_names(6), dense_template(8192)
+    service = make_service(broker_dir / "state", names, template, rounds=3)
+    thread, stop = serve_drill(service, broker.port)
+    fleet = DrillFleet(broker.port, names[:3], template).start()
+    try:
+        wait_for(lambda: len(service.accepted) >= 2, "updates of round 1")
+        broker.kill()
+        broker.start()
+        for late in names[3:]:
+            fleet.join(late)
+        thread.join(90)
+        assert service.finished
+        wait_for(fleet.finished, "every device to see the final announcement")
+    finally:
+        stop.set()
+        fleet.close()
+    expected, expected_clients = reference_run(broker_dir / "reference", names, template, rounds=3)
+    assert [r["clients"] for r in service.history] == expected_clients
+    assert all(torch.equal(service.global_state[k].cpu(), expected[k]) for k in expected)
+    assert set(service.metrics.rejections) <= {"wrong_round"}
+
+
+def test_a_connection_cut_during_upload_is_resumed_and_counted_once(
+    mosquitto: Mosquitto, broker_dir: Path
+) -> None:
+    names, template = client_names(3), dense_template(256 * 1024)
+    proxy = FaultProxy(mosquitto.port)
+    service = make_service(broker_dir / "state", names, template, rounds=1)
+    thread, stop = serve_drill(service, mosquitto.port)
+    fleet = DrillFleet(mosquitto.port, names[:2], template)
+    fleet.port = proxy.port  # the third device reaches the broker through the flaky line
+    proxy.cut_after(64 * 1024)  # its connect and subscribe are ~100 bytes: the cut lands in the update
+    flaky = fleet.join(names[2])
+    fleet.start()
+    try:
+        thread.join(90)
+        assert service.finished
+        wait_for(fleet.finished, "every device to see the final announcement")
+    finally:
+        stop.set()
+        fleet.close()
+        proxy.close()
+    assert proxy.cuts == 1 and flaky.link.connects >= 2
+    assert service.history[0]["clients"] == list(names) and not service.metrics.rejections
+    expected, _ = reference_run(broker_dir / "reference", names, template, rounds=1)
+    assert all(torch.equal(service.global_state[k].cpu(), expected[k]) for k in expected)
+
+
+def test_dropouts_close_at_the_deadline_with_the_quorum_and_too_few_extend(
+    mosquitto: Mosquitto, broker_dir: Path
+) -> None:
+    names, template = client_names(10), dense_template(4096)
+    vanished = names[:3]  # 30% of round 1's clients vanish when it is announced
+    service = make_service(broker_dir / "state", names, template, rounds=2, min_clients=5, deadline_s=3.0)
+    thread, stop = serve_drill(service, mosquitto.port)
+    fleet = DrillFleet(mosquitto.port, names, template, vanish={1: vanished}).start()
+    try:
+        wait_for(lambda: service.round == 2, "round 1 to close at its deadline")
+        service.config = dataclasses.replace(service.config, min_clients=8)  # round 2 needs 8 of the 7 left
+        extended = lambda: any(e["event"] == "deadline_extended" for e in read_metrics(service.metrics.path))  # noqa: E731
+        wait_for(extended, "round 2's deadline to be extended")
+        fleet.join(vanished[0])  # a straggler comes back, with no memory of the run
+        thread.join(120)
+        assert service.finished
+    finally:
+        stop.set()
+        fleet.close()
+    first, second = service.history
+    assert first["clients"] == sorted(set(names) - set(vanished)) and first["deadline_extensions"] == 0
+    assert second["participants"] == 8 and second["deadline_extensions"] >= 1
+    assert vanished[0] in second["clients"]
+    assert all(r["participants"] >= 5 for r in service.history)

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "mqtt": "coordinator.bench_mqtt",
     "ingest": "coordinator.bench_ingest",
     "crash": "coordinator.drill_crash",
+    "hostile": "coordinator.drill_hostile",
 }
 
 
