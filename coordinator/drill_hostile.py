@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,13 +217,13 @@ def run_hostile_drill(
     report.expected = dict(Counter(KINDS[kinds[i % len(kinds)]] for i in range(envelopes)))
     redeliveries = report.expected.pop("redelivered")
     initial = {k: v.clone() for k, v in service.global_state.items()}
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
     crashed: list[BaseException] = []
 
     def serve_guarded() -> None:
         try:
-            serve(service, LinkConfig("coordinator", port=port), stop)
-        except BaseException as e:  # noqa: BLE001 - a crash is what this drill counts
+            serve(service, LinkConfig("coordinator", port=port), stop, ready=ready)
+        except BaseException as e:
             crashed.append(e)
 
     thread = threading.Thread(target=serve_guarded, daemon=True)
@@ -233,12 +233,13 @@ def run_hostile_drill(
     start = time.monotonic()
     try:
         thread.start()
+        _wait(lambda: ready.is_set() or bool(crashed), timeout_s)
         _send(attacker, [(up_topic(RUN, c), honest[c]) for c in first])
         _wait(lambda: len(service.accepted) == len(first) or bool(crashed), timeout_s)
         _send(attacker, barrage)
         total = lambda: sum(service.tally.rejected.values()) + service.tally.redelivered  # noqa: E731
         _wait(lambda: total() >= envelopes or bool(crashed) or not thread.is_alive(), timeout_s)
-        report.counted = dict(service.tally.rejected)
+        report.counted = {**service.tally.rejected, "redelivered": service.tally.redelivered}
         report.global_untouched = service.round == 1 and all(
             torch.equal(initial[k], service.global_state[k]) for k in initial
         )
@@ -254,7 +255,6 @@ def run_hostile_drill(
         attacker.close()
     report.crashes = len(crashed) + (1 if thread.is_alive() else 0)
     report.seconds = time.monotonic() - start
-    report.counted["redelivered"] = service.tally.redelivered
     report.expected["redelivered"] = redeliveries
     expected, _ = reference_run(workdir / "reference", names, template, rounds=1)
     report.final_equal = service.finished and all(
@@ -270,9 +270,9 @@ def _send(link: MqttLink, messages: list[tuple[str, bytes]]) -> None:
             raise RuntimeError(f"the broker did not take a message: {delivery.error}")
 
 
-def _wait(condition: object, timeout_s: float) -> None:
+def _wait(condition: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"the coordinator did not process the envelopes within {timeout_s} s")
         time.sleep(0.05)
@@ -293,7 +293,8 @@ def main(argv: list[str]) -> int:
             )
         for reason in sorted(set(report.counted) | set(report.expected)):
             print(
-                f"{reason:>15}: counted {report.counted.get(reason, 0):6d}  expected {report.expected.get(reason, 0):6d}"
+                f"{reason:>15}: counted {report.counted.get(reason, 0):6d}  "
+                f"expected {report.expected.get(reason, 0):6d}"
             )
         print(report.line())
     finally:

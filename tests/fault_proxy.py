@@ -43,7 +43,9 @@ class FaultProxy:
             threading.Thread(target=self._pump, args=(client, upstream, pair, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, pair, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, ...], up: bool) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, ...], up: bool
+    ) -> None:
         with contextlib.suppress(OSError):  # the other direction closed the pair first
             while data := src.recv(CHUNK):
                 if up and self._spend(len(data)):

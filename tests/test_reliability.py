@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fault_proxy import FaultProxy
 from coordinator.broker import Mosquitto
 from coordinator.drill_crash import run_crash_drill
 from coordinator.drill_fleet import DrillFleet, client_names, dense_template, make_service, reference_run
+from coordinator.drill_hostile import KINDS, run_hostile_drill
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService
 from coordinator.service_mqtt import serve
@@ -133,3 +135,20 @@ def test_dropouts_close_at_the_deadline_with_the_quorum_and_too_few_extend(
     assert second["participants"] == 8 and second["deadline_extensions"] >= 1
     assert vanished[0] in second["clients"]
     assert all(r["participants"] >= 5 for r in service.history)
+
+
+# ---- hostile input -----------------------------------------------------------------------------------
+
+
+def test_10000_hostile_envelopes_crash_nothing_touch_nothing_and_are_counted_by_reason(
+    mosquitto: Mosquitto, broker_dir: Path
+) -> None:
+    report = run_hostile_drill(mosquitto.port, broker_dir, envelopes=10_000, clients=20)
+    assert report.crashes == 0
+    assert report.counted == report.expected and report.mismatched == 0
+    assert set(report.expected) == set(KINDS.values())  # every kind was sent and counted
+    assert report.global_untouched and report.honest_only and report.final_equal
+    logged = Counter(
+        r["reason"] for r in read_metrics(broker_dir / "state" / "metrics.jsonl") if r["event"] == "rejected"
+    )
+    assert logged == {k: v for k, v in report.expected.items() if k != "redelivered"}
