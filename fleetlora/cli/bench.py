@@ -19,7 +19,10 @@ EXAMPLES = """\
 fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
 fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
-fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber"""
+fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
+fleetlora bench load --clients 3000             # 3000 devices publish in the same second: lost, memory
+fleetlora bench crash --kills 20                # coordinator SIGKILLed 20 times: final global unchanged
+fleetlora bench hostile --envelopes 10000       # bad envelopes of every kind: counted by reason"""
 
 # name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
@@ -29,6 +32,7 @@ BENCHMARKS = {
     "ingest": "coordinator.bench_ingest",
     "crash": "coordinator.drill_crash",
     "hostile": "coordinator.drill_hostile",
+    "load": "coordinator.drill_load",
 }
 
 
