@@ -17,7 +17,7 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -124,8 +124,10 @@ class DrillFleet:
     template : State
     vanish : mapping of round to client ids, optional
         Those clients close their link when that round is announced, without answering (dropouts).
-    link_options : mapping, optional
+    link_options : mapping, or a callable of the client id giving one, optional
         Extra :class:`LinkConfig` fields (credentials, TLS, back-off).
+    keys : mapping of client id to HMAC key, optional
+        Each device signs its updates with its key.
     """
 
     def __init__(
@@ -135,11 +137,13 @@ class DrillFleet:
         template: State,
         *,
         vanish: Mapping[int, Iterable[str]] | None = None,
-        link_options: Mapping[str, object] | None = None,
+        link_options: Mapping[str, object] | Callable[[str], Mapping[str, object]] | None = None,
+        keys: Mapping[str, bytes] | None = None,
     ) -> None:
         self.port, self.template = port, template
         self.vanish = {r: set(ids) for r, ids in (vanish or {}).items()}
-        self.link_options = dict(link_options or {})
+        self.link_options = link_options if callable(link_options) else (lambda _c: link_options or {})
+        self.keys = dict(keys or {})
         self.pool = MqttPool(name="drill-fleet")
         self.inbox: queue.SimpleQueue[tuple[EdgeClient, bytes]] = queue.SimpleQueue()
         self.devices: dict[str, EdgeClient] = {}
@@ -151,12 +155,15 @@ class DrillFleet:
 
     def join(self, client: str) -> EdgeClient:
         """Bring ``client`` online (again, after it vanished: a fresh process with no memory)."""
-        options = {"backoff_max_s": 1.0, "connect_jitter_s": 0.2, **self.link_options}
+        options = {"backoff_max_s": 1.0, "connect_jitter_s": 0.2, **self.link_options(client)}
         link = MqttLink(
             LinkConfig(client, port=self.port, status_topic=status_topic(RUN, client), **options),  # type: ignore[arg-type]
             pool=self.pool,
         )
-        config = EdgeConfig(run=RUN, client_id=client, spec=AdapterSpec(), num_examples=examples_of(client))
+        config = EdgeConfig(
+            run=RUN, client_id=client, spec=AdapterSpec(), num_examples=examples_of(client),
+            key=self.keys.get(client),
+        )  # fmt: skip
         device = EdgeClient(config, link, NudgeTrainer(client), self.template, _plan, _batches)
         self.devices[client] = device
         self.outcomes.setdefault(client, [])

@@ -4,7 +4,9 @@ faults, dropouts and stragglers, hostile input, load, access control. The full-s
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import logging
 import threading
 import time
 from collections import Counter
@@ -15,15 +17,19 @@ import pytest
 import torch
 from fault_proxy import FaultProxy
 
-from coordinator.broker import Mosquitto
+from coordinator.broker import BrokerConfig, Mosquitto
+from coordinator.broker_credentials import load_device, make_test_ca
 from coordinator.drill_crash import run_crash_drill
-from coordinator.drill_fleet import DrillFleet, client_names, dense_template, make_service, reference_run
+from coordinator.drill_fleet import RUN, DrillFleet, client_names, dense_template, make_service, reference_run
 from coordinator.drill_hostile import KINDS, run_hostile_drill
 from coordinator.drill_load import run_load_drill
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService
 from coordinator.service_mqtt import serve
-from edge_client.mqtt_link import LinkConfig
+from edge_client.keys import read_keyring
+from edge_client.mqtt_link import LinkConfig, MqttLink, PublishRefused
+from edge_client.topics import global_topic, up_topic
+from fleetlora.cli import main as cli_main
 
 pytestmark = pytest.mark.mqtt
 
@@ -165,3 +171,70 @@ def test_1000_devices_publishing_in_the_same_second_lose_nothing(
     assert report.lost == 0
     # Memory: the round's decoded updates plus aggregation; nothing that grows beyond the round.
     assert report.rss_peak_mb - report.rss_before_mb < 12 * report.clients * report.payload_bytes / 2**20 + 64
+
+
+# ---- access -----------------------------------------------------------------------------------------
+
+
+def test_enrolled_devices_over_tls_cannot_impersonate_or_publish_the_global_and_no_secret_is_logged(
+    start_mosquitto: Callable[..., Mosquitto],
+    broker_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pki, keys = broker_dir / "pki", broker_dir / "keys"
+    make_test_ca(pki)
+    names = client_names(3)
+    for name in names:
+        assert cli_main(["devices", "enroll", name, "--pki", str(pki), "--keys", str(keys)]) == 0
+    assert cli_main(["devices", "enroll", "coordinator", "--pki", str(pki), "--coordinator"]) == 0
+    assert cli_main(["devices", "enroll", names[0], "--pki", str(pki), "--keys", str(keys)]) == 2  # once only
+    enroll_output = capsys.readouterr()
+    acl = (pki / "acl").read_text()
+    assert "pattern write fleetlora/+/up/%u" in acl and "user coordinator" in acl
+    broker = start_mosquitto(BrokerConfig(port=None, tls_port=0, credentials=pki))
+
+    def tls(name: str) -> dict[str, object]:
+        password = load_device(pki, name).password
+        return {
+            "username": name,
+            "password": password,
+            "tls": True,
+            "ca_cert": pki / "ca.crt",
+        }
+
+    template = dense_template(4096)
+    service = make_service(broker_dir / "state", names, template, rounds=2, device_keys=read_keyring(keys))
+    stop = threading.Event()
+    coordinator = LinkConfig("coordinator", port=broker.port, backoff_max_s=0.5, **tls("coordinator"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=serve, args=(service, coordinator, stop), daemon=True)
+    thread.start()
+    fleet = DrillFleet(broker.port, names, template, link_options=tls, keys=read_keyring(keys)).start()
+    impostor = MqttLink(LinkConfig(names[0] + "-2", port=broker.port, **tls(names[0]))).start()  # type: ignore[arg-type]
+    try:
+        as_other = impostor.publish(up_topic(RUN, names[1]), b"forged")
+        as_global = impostor.publish(global_topic(RUN), b"forged", retain=True)
+        for refused in (as_other, as_global):
+            assert refused.wait(30) and isinstance(refused.error, PublishRefused)
+            assert "Not authorized" in str(refused.error)
+        thread.join(120)
+        assert service.finished
+        wait_for(fleet.finished, "every device to take the final announcement")
+    finally:
+        stop.set()
+        fleet.close()
+        impostor.close()
+    assert [r["clients"] for r in service.history] == [list(names)] * 2 and not service.metrics.rejections
+    secrets = [load_device(pki, n).password for n in (*names, "coordinator")]
+    secrets += [f.read_text().strip() for f in keys.glob("*.key")]
+    secrets += [base64.b64encode(bytes.fromhex(f.read_text().strip())).decode() for f in keys.glob("*.key")]
+    logs = {
+        "logging": caplog.text,
+        "cli": enroll_output.out + enroll_output.err,
+        "metrics": (broker_dir / "state" / "metrics.jsonl").read_text(),
+        "broker": broker.log_tail(10**7),
+    }
+    assert all(len(s) >= 24 for s in secrets) and caplog.records and names[0] in logs["broker"]
+    leaks = [(where, s[:6]) for where, text in logs.items() for s in secrets if s in text]
+    assert not leaks, f"secrets in the logs: {leaks}"
