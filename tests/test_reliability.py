@@ -129,7 +129,8 @@ def test_dropouts_close_at_the_deadline_with_the_quorum_and_too_few_extend(
     try:
         wait_for(lambda: service.round == 2, "round 1 to close at its deadline")
         service.config = dataclasses.replace(service.config, min_clients=8)  # round 2 needs 8 of the 7 left
-        extended = lambda: any(e["event"] == "deadline_extended" for e in read_metrics(service.metrics.path))  # noqa: E731
+        metrics = broker_dir / "state" / "metrics.jsonl"
+        extended = lambda: any(e["event"] == "deadline_extended" for e in read_metrics(metrics))  # noqa: E731
         wait_for(extended, "round 2's deadline to be extended")
         fleet.join(vanished[0])  # a straggler comes back, with no memory of the run
         thread.join(120)
