@@ -4,7 +4,8 @@ One private loopback mosquitto. A publisher child process pre-encodes N signed-c
 envelopes of about 1 MB (one per client) and, on cue, publishes them all with QoS 1 over a few links.
 It does so twice, in the same run: first to a bare paho subscriber that only counts messages (the raw
 ceiling of broker + paho on this machine), then to the real coordinator service, which validates every
-envelope, persists the accepted ones (one segment and one fsync per batch: group commit; ``--no-sync``: none) and acknowledges them after that.
+envelope, persists the accepted ones (group commit: one segment file and one fsync per batch;
+``--no-sync``: none) and acknowledges the batch after that.
 Each side is timed from the cue to its last message (received, resp. persisted and acknowledged).
 Last line: ``ingest: ratio_to_raw=<coordinator throughput / raw throughput> lost=<updates missing>``.
 """
