@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fleetlora bench crash", description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs of the coordinator (default 20)")
     parser.add_argument("--clients", type=int, default=20, help="devices (default 20)")
-    parser.add_argument("--rounds", type=int, default=80, help="rounds of the run (default 80)")
+    parser.add_argument("--rounds", type=int, default=120, help="rounds of the run (default 120)")
     parser.add_argument("--payload", type=int, default=65536, help="bytes per update (default 64 KiB)")
     parser.add_argument("--max-delay", type=float, default=1.0, help="longest life before its kill (s)")
     parser.add_argument("--seed", type=int, default=0)

@@ -38,10 +38,10 @@ def test_coordinator_sigkilled_20_times_ends_with_the_uninterrupted_global(
     mosquitto: Mosquitto, broker_dir: Path
 ) -> None:
     report = run_crash_drill(
-        mosquitto.port, broker_dir, kills=20, clients=6, rounds=60, payload_bytes=4096, max_delay_s=0.5
+        mosquitto.port, broker_dir, kills=20, clients=6, rounds=100, payload_bytes=4096, max_delay_s=0.5
     )
     assert report.kills == 20 and report.lives == 21
-    assert report.rounds == 60 and all(len(clients) == 6 for clients in report.aggregated)
+    assert report.rounds == 100 and all(len(clients) == 6 for clients in report.aggregated)
     assert report.equal, "the final global differs from the uninterrupted run with the same updates"
     assert any(report.resumed_updates), "no kill landed mid-round with updates on disk"
     assert set(report.rejected) <= {"wrong_round"}  # only stale resends of closed rounds
