@@ -14,8 +14,10 @@ service, the store and the broker, not a transformer.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -218,9 +220,6 @@ def _batches(header: GlobalHeader, plan: LocalPlan) -> Iterator[Batch]:
 
 def _round_of(payload: bytes) -> int:
     """The round of an announcement (0 when it does not decode: the device will refuse it itself)."""
-    import json
-    import struct
-
     try:
         (n,) = struct.unpack_from(">I", payload, 4)
         return int(json.loads(payload[8 : 8 + n])["round"])
