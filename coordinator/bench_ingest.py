@@ -4,7 +4,8 @@ One private loopback mosquitto. A publisher child process pre-encodes N signed-c
 envelopes of about 1 MB (one per client) and, on cue, publishes them all with QoS 1 over a few links.
 It does so twice, in the same run: first to a bare paho subscriber that only counts messages (the raw
 ceiling of broker + paho on this machine), then to the real coordinator service, which validates every
-envelope, persists the accepted ones (``--sync``: fsync per batch) and acknowledges them after that.
+envelope, persists the accepted ones (group commit: one segment file and one fsync per batch;
+``--no-sync``: none) and acknowledges the batch after that.
 Each side is timed from the cue to its last message (received, resp. persisted and acknowledged).
 Last line: ``ingest: ratio_to_raw=<coordinator throughput / raw throughput> lost=<updates missing>``.
 """
@@ -206,7 +207,7 @@ def main(argv: list[str]) -> int:
                 )
             finally:
                 publisher.close()
-        mode = "no fsync" if args.no_sync else "fsync per batch"
+        mode = "no fsync" if args.no_sync else "fsync per batch: group commit"
         print(
             f"coordinator ({mode}): {kept}/{args.updates} in {coord_s:.2f} s ({total_mb / coord_s:.0f} MB/s)"
         )

@@ -211,6 +211,15 @@ class ChildBroker:
                 proc.wait()
         self._close_output()
 
+    def kill(self) -> None:
+        """SIGKILL the child, as a crash would: it saves nothing (no persistence flush, no last words)."""
+        proc, self._proc = self._proc, None
+        atexit.unregister(self.stop)
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self._close_output()
+
     def restart(self, timeout: float = 10.0) -> Self:
         """Stop and start again on the same port(s)."""
         self.stop()

@@ -13,6 +13,9 @@ Policy for updates that are not simply "the first valid update of a sampled clie
 
 - **invalid** (size, framing, schema, spec, topic/header/HMAC disagreement, shapes, dtypes, NaN/inf):
   rejected with the decoder's reason (``bad_mac``, ``shape``, ``non_finite``, ...).
+- **outsized** (only with ``clip_norm``): an update whose delta from the global adapter has an L2 norm
+  above ``clip_norm`` is scaled back to that norm (``clip_mode="scale"``, counted as ``clipped``) or
+  rejected as ``outsized`` (``clip_mode="reject"``); see :mod:`coordinator.clipping`.
 - **stale or early**: an update for any round but the open one (a closed round, or a future one) is
   rejected as ``wrong_round``. A round closes when it is aggregated; nothing is accepted for it later.
 - **late**: an update for the open round is accepted until the round closes, even after its deadline
@@ -42,6 +45,7 @@ from typing import Any
 import torch
 
 from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
+from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog
 from coordinator.store import RoundState, RoundStore, StoreError
 from edge_client.topics import parse_up_topic
@@ -76,6 +80,9 @@ class ServiceConfig:
     seeded hash draw, and names them in the announcement. Without a roster the fleet is open: every
     client whose stable hash draw falls below ``sample_fraction`` takes part (:func:`is_sampled`),
     and a round closes at its deadline.
+
+    ``clip_norm``: 0 = off; else the largest L2 norm of an update's delta that is aggregated as sent
+    (``clip_mode``: ``scale`` larger ones down to it, or ``reject`` them as ``outsized``).
     """
 
     run: str
@@ -88,6 +95,8 @@ class ServiceConfig:
     sample_fraction: float = 1.0
     seed: int = 0
     max_bytes: int = DEFAULT_MAX_BYTES
+    clip_norm: float = 0.0
+    clip_mode: ClipMode = "scale"
 
     def __post_init__(self) -> None:
         per_round = self.clients_per_round or len(self.clients)
@@ -96,6 +105,11 @@ class ServiceConfig:
             (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
             (self.deadline_s > 0, f"deadline must be > 0 seconds, got {self.deadline_s}"),
             (0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}"),
+            (
+                0 <= self.clip_norm < float("inf"),
+                f"clip_norm must be finite and >= 0 (0 = off), got {self.clip_norm}",
+            ),
+            (self.clip_mode in CLIP_MODES, f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}"),
             (len(set(self.clients)) == len(self.clients), "the client roster has duplicates"),
             (
                 not self.clients or 0 <= self.clients_per_round <= len(self.clients),
@@ -129,6 +143,7 @@ class _Accepted:
 class _RoundTally:
     rejected: Counter[str] = field(default_factory=Counter)
     redelivered: int = 0
+    clipped: int = 0
     opened_at: float = field(default_factory=time.time)
 
 
@@ -181,6 +196,7 @@ class RoundService:
         self.tally = _RoundTally()
         self.history: list[dict[str, Any]] = []
         self._announcement = b""
+        self._sent: tuple[int, State] | None = None  # (round, what clients of that round trained from)
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -264,13 +280,33 @@ class RoundService:
     # ---- receiving --------------------------------------------------------------------------------
 
     def _decode(self, client: str, payload: bytes, round: int) -> DecodedUpdate:
+        """Validate an envelope, then apply the norm limit (the same way on receipt and on resume)."""
         if self.device_keys is not None and client not in self.device_keys:
             raise EnvelopeError(Reason.BAD_MAC, f"no device key for client {client!r}")
         key = self.device_keys[client] if self.device_keys is not None else None
-        return decode_update(
+        decoded = decode_update(
             payload, expected_run=self.config.run, expected_client=client, rounds=round, spec=self.spec,
             template=self.template, key=key, max_bytes=self.config.max_bytes, method=self.config.method,
         )  # fmt: skip
+        limit = self.config.clip_norm
+        if limit:
+            sent = self._sent_payload()
+            norm = delta_norm(decoded.state, sent, decoded.header.heads)
+            if norm > limit:
+                if self.config.clip_mode == "reject":
+                    raise EnvelopeError(Reason.OUTSIZED, f"delta norm {norm:.4g} exceeds the limit {limit:g}")
+                decoded.state = scale_delta(decoded.state, sent, decoded.header.heads, limit / norm)
+                self.tally.clipped += 1
+                self.metrics.write("clipped", client=client, round=round, norm=norm, limit=limit)
+        return decoded
+
+    def _sent_payload(self) -> State:
+        """The adapter the open round's clients received (what an update's delta is measured from)."""
+        assert self.state is not None
+        if self._sent is None or self._sent[0] != self.state.round:
+            payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
+            self._sent = (self.state.round, {k: v.detach().to("cpu") for k, v in payload.items()})
+        return self._sent[1]
 
     def _sampled(self, header: GlobalHeader | None, client: str) -> bool:
         assert self.state is not None
@@ -384,7 +420,8 @@ class RoundService:
             examples=sum(u.num_examples for u in updates),
             bytes_up=sum(a.size for a in self.accepted.values()),
             bytes_down=num_bytes(self.global_state), rejected=dict(self.tally.rejected),
-            redelivered=self.tally.redelivered, deadline_extensions=state.extensions,
+            redelivered=self.tally.redelivered, clipped=self.tally.clipped,
+            deadline_extensions=state.extensions,
             aggregate_s=aggregate_s, round_s=time.time() - self.tally.opened_at,
             device=str(self.agg.device),
             **{k: v for k, v in self.agg.metrics.items() if k == "divergence"},

@@ -2,7 +2,10 @@
 
 The link's loop thread only receives: each update is handed to the service thread, which validates a
 batch of them, persists the accepted ones (one flush for the batch), and only then acknowledges the
-whole batch to the broker (MQTT 5 manual PUBACK). A coordinator killed before that point leaves the
+whole batch to the broker (MQTT 5 manual PUBACK). The link announces a receive maximum of
+``BATCH_MAX`` (MQTT 5): the broker may hold back deliveries beyond it until earlier ones are
+acknowledged (see RELIABILITY.md for what mosquitto 2.0.11 was measured to do under a burst).
+A coordinator killed before that point leaves the
 messages unacknowledged in its broker session, and the broker delivers them again when it comes back
 (same client id, no clean start, session expiry). The announcement is published retained, QoS 1,
 and again after every reconnect (a restarted broker without persistence has forgotten it).
@@ -55,7 +58,8 @@ def serve(
     """
     run = service.config.run
     announcement = service.start()
-    link = MqttLink(replace(link_config, manual_ack=True)).start()
+    window = link_config.receive_maximum or BATCH_MAX
+    link = MqttLink(replace(link_config, manual_ack=True, receive_maximum=window)).start()
     inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
     link.subscribe_acked(up_subscription(run, share_group), inbox.put)
     topic = global_topic(run)

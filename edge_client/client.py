@@ -10,6 +10,12 @@ restarts and sees the same round again re-publishes that saved envelope (same me
 coordinator recognises a redelivery) instead of training the round twice; a round it never saw (it was
 offline) is logged and counted in ``missed``, never skipped silently.
 
+End to end, not only to the broker: the broker's acknowledgement of an update does not prove the
+coordinator got it (a broker killed without persistence forgets what it had queued). So the client
+keeps its last sent envelope in memory until a newer round is announced, and sends it again when the
+coordinator *re-announces* the same round (a new announcement id: it does so after every reconnect and
+at a deadline extension). The coordinator counts an envelope it already has as ``redelivered``.
+
 An update above the broker's packet limit is refused locally (:class:`PayloadTooLarge`): the round is
 marked ``refused`` with the reason, nothing is sent, and the link stays connected.
 """
@@ -127,6 +133,8 @@ class EdgeClient:
         self.finished = threading.Event()
         self._delivery: Delivery | None = None
         self._pending_envelope: bytes | None = None
+        self._sent: tuple[int, bytes] | None = None  # the last acknowledged update: (round, envelope)
+        self._answered = ""  # the id of the announcement the last update answered
         self._up_topic = up_topic(config.run, config.client_id)
 
     # ---- progress file ----------------------------------------------------------------------------
@@ -174,6 +182,13 @@ class EdgeClient:
             return REJECTED  # not persisted: a bad message says nothing about our progress
         header = decoded.header
         if progress.pending_round and progress.pending_round == header.round:
+            self._answered = header.msg_id
+            return self._publish_pending(header.round, resent=True)
+        sent = self._sent
+        if sent is not None and sent[0] == header.round and header.msg_id != self._answered:
+            # Re-announced: the coordinator may have lost it (broker restart); it drops a repeat.
+            self._answered, self._pending_envelope = header.msg_id, sent[1]
+            progress.pending_round = header.round
             return self._publish_pending(header.round, resent=True)
         if progress.pending_round and progress.pending_round < header.round:
             log.warning(
@@ -210,7 +225,7 @@ class EdgeClient:
             compute_s=metrics.seconds, rank=(plan.rank or cfg.spec.rank) if lora else None,
             heads=sorted(plan.heads) if plan.heads is not None else None, key=cfg.key,
         )  # fmt: skip
-        self._pending_envelope = envelope
+        self._pending_envelope, self._answered = envelope, header.msg_id
         if self._pending_file is not None:
             _write_atomically(self._pending_file, envelope)  # before publishing: a restart resends it
         self.progress.pending_round = header.round
@@ -221,7 +236,7 @@ class EdgeClient:
     def _publish_pending(self, round: int, resent: bool) -> str:
         envelope = self._pending_envelope
         if envelope is None and self._pending_file is not None and self._pending_file.exists():
-            envelope = self._pending_file.read_bytes()
+            envelope = self._pending_envelope = self._pending_file.read_bytes()
         if envelope is None:
             self.progress.pending_round = 0
             return self._finish(REFUSED, f"the update of round {round} was lost before it was sent", round)
@@ -243,6 +258,8 @@ class EdgeClient:
         if delivery is not None and delivery.wait(timeout_s):
             self._delivery = None
             if delivery.error is None:
+                if self._pending_envelope is not None:
+                    self._sent = (self.progress.pending_round, self._pending_envelope)
                 self.progress.pending_round = 0
                 self._pending_envelope = None
                 if self._pending_file is not None:

@@ -164,6 +164,8 @@ class MqttLink:
         if self._mqtt5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = cfg.session_expiry_s
+            if cfg.receive_maximum is not None:
+                properties.ReceiveMaximum = cfg.receive_maximum
         # Never a clean start: a restarted client resumes its session (QoS 1 messages queued for it), and
         # mosquitto 2.0.11 persists across its own restarts only sessions that did not begin clean.
         client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=properties)

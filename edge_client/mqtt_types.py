@@ -81,6 +81,9 @@ class LinkConfig:
     inflight_window: int = 20
     connect_timeout_s: float = 5.0
     manual_ack: bool = False  # QoS 1 messages of subscribe_acked() are acknowledged by ack(), not on receipt
+    # MQTT 5: at most this many QoS 1 messages unacknowledged towards us (None: the protocol's 65535).
+    # A receiver that acknowledges after persisting sets it to bound what it holds in memory.
+    receive_maximum: int | None = None
 
     def __post_init__(self) -> None:
         if not self.client_id or any(c in self.client_id for c in "/+#"):
@@ -96,6 +99,8 @@ class LinkConfig:
             < 1
         ):
             raise MqttLinkError("max_packet_size, max_queued_messages/bytes and inflight_window must be >= 1")
+        if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
+            raise MqttLinkError(f"receive_maximum must be in 1..65535, got {self.receive_maximum}")
         if (self.client_cert is None) != (self.client_key is None):
             raise MqttLinkError("client_cert and client_key go together")
 

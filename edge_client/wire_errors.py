@@ -36,6 +36,7 @@ class Reason(StrEnum):
     DUPLICATE = "duplicate"  # a chunk (or chunked message) received twice
     CAPACITY = "capacity"  # a bounded buffer (reassembler, replay guard) is full
     NOT_SAMPLED = "not_sampled"  # an update from a client the open round did not sample
+    OUTSIZED = "outsized"  # an update whose delta norm exceeds the coordinator's clip limit (reject mode)
 
 
 class EnvelopeError(ValueError):

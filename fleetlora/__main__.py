@@ -2,4 +2,5 @@ import sys
 
 from fleetlora.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # multiprocessing's forkserver imports the main module: do not run it there
+    sys.exit(main())

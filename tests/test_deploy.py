@@ -123,6 +123,11 @@ def test_tls_acl_refuses_a_device_publishing_as_another(
         impostor.close()
 
 
+def persisted_clients(store: RoundStore) -> list[str]:
+    loaded = store.load()
+    return sorted(client for client, _ in loaded[2]) if loaded is not None else []
+
+
 def _serve_command(state_dir: Path, port: int, clients: tuple[str, ...], rounds: int) -> list[str]:
     spec = spec_for("fedit").to_json()
     return [
@@ -145,10 +150,10 @@ def test_coordinator_killed_mid_round_resumes_and_keeps_every_update(
     early = [device(c, i, "fedit", mosquitto.port).start() for i, c in enumerate(clients[:2])]
     late = None
     try:
-        wait_for(lambda: len(list(store.round_dir(1).glob("*.env"))) == 2, what="two persisted updates")
+        wait_for(lambda: len(persisted_clients(store)) == 2, what="two persisted updates")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
-        persisted = sorted(p.name for p in store.round_dir(1).glob("*.env"))
+        persisted = persisted_clients(store)
         late = device(clients[2], 2, "fedit", mosquitto.port).start()  # publishes while it is down
         second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr[-2000:]
@@ -157,7 +162,7 @@ def test_coordinator_killed_mid_round_resumes_and_keeps_every_update(
             first.kill()
         for d in [*early, *([late] if late else [])]:
             d.close()
-    assert persisted == ["dev0.env", "dev1.env"]
+    assert persisted == ["dev0", "dev1"]
     starts = events(state_dir, "start")
     assert [s["resumed_updates"] for s in starts] == [0, 2] and starts[1]["round"] == 1
     rounds = events(state_dir, "round")

@@ -153,3 +153,38 @@ def test_the_initial_global_is_the_attached_models_state(tmp_path: Path) -> None
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(svc.global_state[name].cpu(), p.detach())
+
+
+def _norm_service(tmp_path: Path, mode: str) -> RoundService:
+    svc = make_service(METHOD, tmp_path, client_ids(2), rounds=1, clip_norm=1.0, clip_mode=mode)
+    svc.start()
+    return svc
+
+
+def test_clip_norm_scales_an_outsized_update_back_to_the_limit(tmp_path: Path) -> None:
+    from coordinator.clipping import delta_norm
+
+    svc = _norm_service(tmp_path, "scale")
+    small, huge = update_for(svc, "dev0", 1, scale=0.01), update_for(svc, "dev1", 1, scale=1e30)
+    assert svc.receive([(up_topic("t", "dev0"), small), (up_topic("t", "dev1"), huge)]) == 2
+    sent = {k: v.cpu() for k, v in svc.global_state.items()}
+    assert delta_norm(svc.accepted["dev1"].update.state, sent, None) == pytest.approx(1.0, rel=1e-5)
+    assert delta_norm(svc.accepted["dev0"].update.state, sent, None) < 1.0  # left as sent
+    assert svc.tally.clipped == 1 and not svc.tally.rejected
+    resumed = make_service(METHOD, tmp_path, client_ids(2), rounds=1, clip_norm=1.0)
+    resumed.start()  # the stored envelope is the original: clipped again, identically
+    for k, v in svc.accepted["dev1"].update.state.items():
+        assert torch.equal(resumed.accepted["dev1"].update.state[k], v)
+    assert svc.tick() is not None
+    assert all(torch.isfinite(v).all() for v in svc.global_state.values())
+    assert svc.history[0]["clipped"] == 1
+
+
+def test_clip_norm_reject_mode_refuses_outsized_updates_by_reason(tmp_path: Path) -> None:
+    svc = _norm_service(tmp_path, "reject")
+    before = {k: v.clone() for k, v in svc.global_state.items()}
+    assert svc.receive([(up_topic("t", "dev1"), update_for(svc, "dev1", 1, scale=1e30))]) == 0
+    assert svc.tally.rejected == {"outsized": 1} and not svc.accepted
+    assert all(torch.equal(before[k], svc.global_state[k]) for k in before)
+    with pytest.raises(ServiceError, match="clip_mode"):
+        ServiceConfig(run="t", method=METHOD, rounds=1, clip_norm=1.0, clip_mode="zero")  # type: ignore[arg-type]

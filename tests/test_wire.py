@@ -392,6 +392,7 @@ def test_every_envelope_reason_has_a_test() -> None:
         Reason.BAD_CHUNK,
         Reason.DUPLICATE,
         Reason.NOT_SAMPLED,  # the coordinator's policy: tests/test_service.py
+        Reason.OUTSIZED,  # the coordinator's norm limit: tests/test_service.py, tests/test_reliability.py
     }
     assert {r for r, _, _ in REJECTIONS} | elsewhere == set(Reason)
 

@@ -22,7 +22,10 @@ fleetlora bench client --steps 10             # ExecuTorch runtime vs eager step
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
 fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
 fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
-fleetlora bench scale --clients 10000          # one in-process round of 10k clients: time and memory"""
+fleetlora bench scale --clients 10000          # one in-process round of 10k clients: time and memory
+fleetlora bench load --clients 3000             # 3000 devices publish in the same second: lost, memory
+fleetlora bench crash --kills 20                # coordinator SIGKILLed 20 times: final global unchanged
+fleetlora bench hostile --envelopes 10000       # bad envelopes of every kind: counted by reason"""
 
 # name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
@@ -33,6 +36,9 @@ BENCHMARKS = {
     "ingest": "coordinator.bench_ingest",
     "sim": "sim.bench_sim",
     "scale": "sim.bench_scale",
+    "crash": "coordinator.drill_crash",
+    "hostile": "coordinator.drill_hostile",
+    "load": "coordinator.drill_load",
 }
 
 

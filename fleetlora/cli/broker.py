@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import tempfile
@@ -12,6 +13,8 @@ from types import FrameType
 
 from fleetlora.cli import CliError, positive_int
 
+log = logging.getLogger(__name__)
+
 NAME = "broker"
 HELP = "run a local MQTT broker (mosquitto, or embedded amqtt) and create device credentials"
 ORDER = 40
@@ -20,7 +23,7 @@ fleetlora broker run --port 1883                 # plain loopback mosquitto, ano
 fleetlora broker init-ca ./pki                   # CA + server certificate for 127.0.0.1/localhost
 fleetlora broker add-device ./pki jetson-01      # password, client certificate, ACL entry
 fleetlora broker add-device ./pki coordinator --coordinator
-fleetlora broker run --dir ./pki --tls --port 8883          # TLS + passwords + ACL
+fleetlora broker run --dir ./pki                 # the shipped setup: TLS on 8883 + passwords + ACL
 fleetlora broker run --dir ./pki --tls --require-certificate  # mutual TLS: the certificate CN is the username
 fleetlora broker run --embedded --port 1883      # no mosquitto: amqtt, MQTT 3.1.1 only (see run --help)"""
 
@@ -47,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="credentials directory from init-ca: clients need a password (or certificate) "
         "and the ACL applies",
     )
-    run.add_argument("--tls", action="store_true", help="TLS listener with the server certificate in --dir")
+    run.add_argument(
+        "--tls", action="store_true", default=None,
+        help="TLS listener with the server certificate in --dir (the default with --dir)",
+    )  # fmt: skip
+    run.add_argument(
+        "--plain", dest="tls", action="store_false",
+        help="with --dir: passwords and ACL on a plain listener, no TLS (a trusted network only)",
+    )  # fmt: skip
     run.add_argument(
         "--require-certificate",
         action="store_true",
@@ -119,6 +129,10 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     if args.tls and not args.dir:
         raise CliError("--tls needs --dir, a credentials directory made by `fleetlora broker init-ca DIR`")
+    if args.tls is None:
+        args.tls = bool(args.dir)  # credentials mean a fleet: TLS unless --plain says otherwise
+    if not args.dir:
+        log.warning("anonymous broker without TLS: for local development only (give --dir for a fleet)")
     if args.require_certificate and not args.tls:
         raise CliError("--require-certificate needs --tls")
     port = args.port or (8883 if args.tls else 1883)

@@ -24,6 +24,7 @@ ORDER = 20
 EXAMPLES = """\
 fleetlora coordinator serve --run demo --method fedit --rounds 5 --clients c0,c1,c2 --min-clients 2
 fleetlora coordinator serve --run demo --method ravan --rounds 10 --sample-fraction 0.5 --deadline 120
+fleetlora coordinator serve --run demo --method fedit --rounds 5 --clients c0,c1 --clip-norm 5
 fleetlora coordinator serve --run demo --method fedit --rounds 3 --clients c0,c1 \\
     --broker mqtts://127.0.0.1:8883 --ca pki/ca.crt --password-file pki/clients/coordinator.password \\
     --keys keys/ --state-dir state/ --metrics state/metrics.jsonl"""
@@ -57,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sync", action="store_true", help="skip fsync (survives kill -9, not a power cut)")
     p.add_argument("--device", default="auto", help="aggregation device: auto (CUDA when present), cpu, cuda")
     p.add_argument("--weighting", choices=["examples", "uniform"], default="examples", help="client weights")
+    p.add_argument(
+        "--clip-norm", type=non_negative_float, default=0.0,
+        help="largest L2 norm of an update's change to the global adapter (0 = no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--clip-mode", choices=["scale", "reject"], default="scale",
+        help="an update above --clip-norm: scaled down to it, or rejected as 'outsized' (%(default)s)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             run=args.run, method=args.method, rounds=args.rounds, min_clients=args.min_clients,
             deadline_s=args.deadline, clients=tuple(as_list(args.clients)),
             clients_per_round=args.clients_per_round, sample_fraction=args.sample_fraction, seed=args.seed,
+            clip_norm=args.clip_norm, clip_mode=args.clip_mode,
         )  # fmt: skip
         keys = read_keyring(args.keys) if args.keys else None
     except (ServiceError, KeyFileError) as e:

@@ -1,4 +1,4 @@
-"""``fleetlora devices``: the device profiles, the device mixes and the budgets they get.
+"""``fleetlora devices``: the device profiles, the device mixes, the budgets they get, and enrolment.
 
 Each action is one function registered with :func:`action`, which declares its arguments, so a new
 action (``enroll``) is one decorated function.
@@ -22,7 +22,8 @@ fleetlora devices show pixel_8
 fleetlora devices show path/to/my_phone.toml
 fleetlora devices mixes
 fleetlora devices budget --deadline 30 --rank 8 --heads 4
-fleetlora devices budget --family ravan --profiles galaxy_a14,jetson_agx_orin_64gb --seq-len 128"""
+fleetlora devices budget --family ravan --profiles galaxy_a14,jetson_agx_orin_64gb --seq-len 128
+fleetlora devices enroll jetson-01 --pki ./pki --keys ./keys"""
 
 Argument = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -313,4 +314,43 @@ def budget_action(args: argparse.Namespace) -> int:
         print(format_table(headers, rows))
     for reason in unfit:
         print(f"cannot train: {reason}")
+    return 0
+
+
+@action(
+    "enroll",
+    "create a device's broker credentials (password, certificate), its ACL entry and its update key",
+    arg(
+        "name", metavar="NAME", help="device name: its MQTT client id, username, certificate CN, topic level"
+    ),
+    arg("--pki", required=True, metavar="DIR", help="credentials directory (fleetlora broker init-ca DIR)"),
+    arg("--keys", metavar="DIR", help="the coordinator's key ring folder: NAME.key (HMAC of its updates)"),
+    arg("--coordinator", action="store_true", help="enrol the coordinator (publishes global, reads updates)"),
+    examples=(
+        "fleetlora devices enroll jetson-01 --pki ./pki --keys ./keys\n"
+        "fleetlora devices enroll coordinator --pki ./pki --coordinator"
+    ),
+)
+def enroll_action(args: argparse.Namespace) -> int:
+    import secrets
+    from pathlib import Path
+
+    from coordinator.broker_credentials import BrokerError, add_device, check_name
+    from edge_client.keys import KEY_SUFFIX, write_key
+
+    try:
+        check_name(args.name)
+        key_file = Path(args.keys) / f"{args.name}{KEY_SUFFIX}" if args.keys else None
+        if key_file is not None and key_file.exists():
+            raise BrokerError(f"{key_file} already exists: device {args.name!r} is enrolled")
+        creds = add_device(args.pki, args.name, role="coordinator" if args.coordinator else "device")
+    except BrokerError as e:
+        raise CliError(str(e)) from None
+    # Paths only: the password and the keys never reach the terminal or a log.
+    print(f"enrolled {creds.username}: password in {creds.password_file}, certificate {creds.cert}")
+    if key_file is not None:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        write_key(key_file, secrets.token_bytes(32))
+        print(f"update key in {key_file} (copy it to the device: --key {key_file.name})")
+    print("a running broker picks the new password and ACL up on SIGHUP (or a restart)")
     return 0
