@@ -37,14 +37,13 @@ EXAMPLES = 24
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    from export.build import build_bundle
+def bundle() -> Bundle:
+    """Built once per key and cached (the simulator's ExecuTorch test shares it)."""
+    from export.build import cached_bundle
 
-    built, _ = build_bundle(
-        MODEL, spec_for("fedit"), num_classes=NUM_CLASSES, seq_len=MAX_LEN,
-        out=tmp_path_factory.mktemp("bundle"), batch_range=(2, BATCH),
-    )  # fmt: skip
-    return built
+    return cached_bundle(
+        MODEL, spec_for("fedit"), num_classes=NUM_CLASSES, seq_len=MAX_LEN, batch_range=(2, BATCH)
+    )
 
 
 def test_flashed_folder_trains_with_executorch_and_is_aggregated(

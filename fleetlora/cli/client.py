@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
         client = EdgeClient(config, link, trainer, trainer.get_trainable(), planner.plan, planner.batches)
         progress = run_device(client, stop)
     print(
-        f"{args.id} ({args.backend}): last round {progress.last_round}, outcome {progress.last_outcome or '-'}"
+        f"{args.id} ({args.backend}): last round {progress.last_round}, "
+        f"outcome {progress.last_outcome or '-'}"
         + (f", missed {progress.missed}" if progress.missed else "")
         + (f", error: {progress.last_error}" if progress.last_error else "")
     )
