@@ -4,7 +4,8 @@ A flashed folder holds::
 
     bundle/            the verified bundle (train.pte, adapter.ptd, infer.pte, specs, manifest)
     credentials/       copies of the credential files given (password, CA, client cert and key)
-    client.toml        broker URL, run id, client id, device profile, credential paths (relative)
+    client.toml        the ``fleetlora client`` flags: broker, run, id, profile, backend, bundle and
+                       the credential paths (relative to the folder)
     run-client.sh      starts the client with one command: python -m fleetlora client --config client.toml
 
 The folder is staged locally first; ``local:`` copies it, ``ssh:`` and ``adb:`` run ``scp``/``adb``
@@ -28,6 +29,19 @@ RUN_SCRIPT = "run-client.sh"
 BUNDLE_DIR = "bundle"
 CREDENTIALS_DIR = "credentials"
 CREDENTIAL_KEYS = ("password_file", "ca_file", "cert_file", "key_file")
+# client.toml's keys are ``fleetlora client``'s flags (its TOML loader rejects any other key).
+CLIENT_FLAGS = {
+    "broker": "broker",
+    "run_id": "run",
+    "client_id": "id",
+    "device": "profile",
+    "backend": "backend",
+    "bundle": "bundle",
+    "password_file": "password_file",
+    "ca_file": "ca",
+    "cert_file": "cert",
+    "key_file": "key_file",
+}
 
 RUN_CLIENT_SH = """#!/bin/sh
 # Start the fleetlora client of this flashed folder (PYTHON overrides the interpreter).
@@ -81,7 +95,7 @@ class ClientConfig:
     credentials: dict[str, str] = field(default_factory=dict)
 
     def to_toml(self) -> str:
-        """The ``client.toml`` text; credential paths point into the flashed ``credentials/``."""
+        """The ``client.toml`` text, keyed by client flags; credential paths point into ``credentials/``."""
         values: dict[str, str] = {
             "broker": self.broker,
             "run_id": self.run_id,
@@ -93,7 +107,7 @@ class ClientConfig:
         for key, local in sorted(self.credentials.items()):
             values[key] = f"{CREDENTIALS_DIR}/{Path(local).name}"
         # JSON string escaping is valid TOML basic-string escaping.
-        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        return "".join(f"{CLIENT_FLAGS[k]} = {json.dumps(v)}\n" for k, v in values.items())
 
 
 def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:

@@ -125,13 +125,16 @@ class ExecuTorchTrainer:
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if "input_ids" not in batch:
             raise ValueError("the ExecuTorch program takes input_ids (no cached hidden states)")
-        ids, labels = batch["input_ids"], batch["labels"]
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n, lo, hi = int(ids.shape[0]), *self.batch_range
         if ids.dim() != 2 or ids.shape[1] != self.seq_len:
             raise ValueError(f"input_ids must be (batch, {self.seq_len}), got {tuple(ids.shape)}")
-        if not lo <= n <= hi:
+        copies = -(-lo // n) if 0 < n < lo else 1
+        if not lo <= n * copies <= hi:
             raise ValueError(f"batch size {n} is outside the program's range [{lo}, {hi}]")
-        return ids.long(), batch["attention_mask"].long(), labels.long()
+        # A batch below the program's smallest is tiled whole: the mean loss and its gradient are unchanged.
+        ids, mask, labels = (t.repeat(copies, *([1] * (t.dim() - 1))) for t in (ids, mask, labels))
+        return ids.long(), mask.long(), labels.long()
 
     def _mask_heads(self, grads: dict[str, torch.Tensor]) -> None:
         if self._heads is None:

@@ -7,6 +7,11 @@ long each took and how big each output is (``fleetlora export`` prints that repo
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +22,8 @@ from torch import nn
 
 from export import executorch_program as prog
 from export.adapters import attach, merge
-from export.bundle import Bundle, BundleInfo, write_bundle
+from export.bundle import Bundle, BundleError, BundleInfo, load_bundle, write_bundle
+from export.data import default_cache_dir
 from export.models import build_model
 from export.passes import ADDMM, count_op, rewrite_addmm
 from export.ravan import set_trainable_heads
@@ -132,3 +138,54 @@ def build_bundle(
         bundle = write_bundle(out, train_pte=pte, adapter_ptd=ptd, infer_pte=infer, spec=spec, info=info)
     report.sizes = {p.name: p.stat().st_size for p in sorted(bundle.path.iterdir()) if p.is_file()}
     return bundle, report
+
+
+def cached_bundle(
+    model_name: str,
+    spec: AdapterSpec,
+    *,
+    num_classes: int,
+    seq_len: int,
+    batch_range: tuple[int, int] = (2, 64),
+    model_seed: int = 0,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Bundle:
+    """The bundle :func:`build_bundle` would make, built once per key and then read from a cache.
+
+    The key is everything the programs depend on (model, spec, classes, sequence length, batch range,
+    model seed, executorch version); a cached folder is verified against its manifest on every use
+    and rebuilt when it fails. Concurrent builders each build into a private folder and the first
+    to finish publishes it.
+    """
+    from importlib.metadata import version
+
+    key = {
+        "model": model_name, "spec": spec.to_dict(), "num_classes": num_classes, "seq_len": seq_len,
+        "batch_range": list(batch_range), "model_seed": model_seed, "executorch": version("executorch"),
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    root = (cache_dir or default_cache_dir()) / "bundles"
+    folder = root / f"{model_name}-{spec.family}-{digest}"
+    if folder.is_dir():
+        try:
+            return load_bundle(folder)
+        except BundleError as e:
+            if log is not None:
+                log(f"rebuilding the cached bundle {folder}: {e}")
+            shutil.rmtree(folder, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    try:
+        build_bundle(
+            model_name, spec, num_classes=num_classes, seq_len=seq_len, out=private,
+            batch_range=batch_range, model_seed=model_seed, log=log,
+        )  # fmt: skip
+        try:
+            os.rename(private, folder)
+        except OSError:  # another builder published it first: theirs is the same bundle
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return load_bundle(folder)

@@ -21,6 +21,8 @@ class SimConfig:
     ``layers`` are the transformer blocks that carry adapters; when they are the upper blocks only,
     the frozen lower blocks' outputs are computed once and cached (identical results, much faster).
     ``local_steps`` = 0 lets each device's budget decide its steps; > 0 fixes them for everyone.
+    ``trainer`` = ``executorch`` trains with a bundle's program (SGD only, built once and cached);
+    its inputs are token ids, so it runs the frozen lower blocks instead of reading them from the cache.
     """
 
     methods: tuple[str, ...] = ("fedit", "fedrpca", "flora_na", "ravan")
@@ -78,6 +80,11 @@ class SimConfig:
             (
                 self.trainer in ("eager", "executorch"),
                 f"trainer must be eager or executorch: {self.trainer!r}",
+            ),
+            (
+                self.trainer != "executorch" or self.optimizer == "sgd",
+                f"the executorch trainer runs the runtime's SGD only: pass --optimizer sgd "
+                f"(not {self.optimizer!r})",
             ),
             (self.ray_actors >= 0, f"ray_actors must be >= 0, got {self.ray_actors}"),
             (self.max_len >= 8, f"max_len must be >= 8, got {self.max_len}"),

@@ -18,8 +18,9 @@ from torch import nn
 
 from coordinator import aggregators
 from coordinator.aggregators import ClientInfo, ClientUpdate
+from edge_client.backends import make_trainer
 from edge_client.local_round import LocalPlan, start_state
-from edge_client.trainer import EagerTrainer, OptimizerConfig, evaluate
+from edge_client.trainer import OptimizerConfig, Trainer, evaluate
 from export.adapters import attach
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, tokenize_cached
@@ -72,9 +73,22 @@ def adapted_model(
     return attach(base, spec or config.spec(family))
 
 
-def client_trainer(config: SimConfig, model: nn.Module) -> EagerTrainer:
-    """The trainer every virtual client uses (in this process or in a Ray actor)."""
-    return EagerTrainer(model, OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9))
+def client_trainer(config: SimConfig, model: nn.Module, family: str, num_classes: int) -> Trainer:
+    """The trainer every virtual client uses (in this process or in a Ray actor).
+
+    ``eager`` trains ``model``; ``executorch`` trains the training program of a bundle of the same
+    model and adapter (built once, then read from the cache).
+    """
+    optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9)
+    bundle = None
+    if config.trainer == "executorch":
+        from export.build import cached_bundle
+
+        bundle = cached_bundle(
+            config.model, config.spec(family), num_classes=num_classes, seq_len=config.max_len,
+            batch_range=(2, max(2, config.batch_size)), model_seed=config.seed,
+        )  # fmt: skip
+    return make_trainer(config.trainer, bundle=bundle, model=model, optimizer=optimizer)
 
 
 def build_world(config: SimConfig) -> World:
@@ -82,7 +96,9 @@ def build_world(config: SimConfig) -> World:
     base: Any
     base, tokenizer = build_model(config.model, len(dataset.classes), seed=config.seed)
     train_tok, test_tok = tokenize_cached(dataset, tokenizer, config.max_len)
-    start = min(config.layers) if config.layers else 0
+    # The ExecuTorch program takes token ids: with it, no cached hidden states (the adapter still
+    # sits on ``layers`` only; the frozen lower blocks are just run every step).
+    start = min(config.layers) if config.layers and config.trainer == "eager" else 0
     key = f"{config.model}:{config.dataset}:{config.max_len}"
     train = prefix_inputs(
         base, train_tok.input_ids, train_tok.attention_mask, train_tok.labels, start, key + ":train"
@@ -121,7 +137,7 @@ def make_transport(
     if config.transport not in ("inproc", "mqtt") or (config.transport == "mqtt" and not train):
         raise NotImplementedError(f"transport {config.transport!r} cannot run this job")
     model = world.model(family, spec)
-    trainer = client_trainer(config, model)
+    trainer = client_trainer(config, model, family, len(world.classes))
     template = world.initial_state(family, spec)
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport

@@ -126,7 +126,7 @@ class ClientWorker:
         config = config_from_json(config_json)
         self.spec = config.spec(family)
         model = adapted_model(config, num_classes, family)
-        self.trainer = client_trainer(config, model)
+        self.trainer = client_trainer(config, model, family, num_classes)
         self.template = self.trainer.get_trainable()
         with warnings.catch_warnings():  # read-only shared memory: the inputs are only ever indexed
             warnings.simplefilter("ignore", UserWarning)

@@ -152,6 +152,17 @@ def test_batch_outside_range_is_refused(tiny: Bundle) -> None:
         trainer.train(batches(1, 4, SEQ + 1), Steps(1))
 
 
+def test_a_batch_below_the_smallest_trains_like_eager(tiny: Bundle) -> None:
+    """Batches of 1 (under the program's minimum of 2) are tiled whole: same loss, same gradient."""
+    start = perturbed(trainable_state(eager_model_from_bundle(tiny)))
+    eager, et, m_eager, m_et = run_both(tiny, start, batches(3, 1, SEQ))
+    assert m_et.steps == 3 and m_et.examples == 3
+    assert m_et.losses == pytest.approx(m_eager.losses, abs=1e-5)
+    got, want = et.get_trainable(), eager.get_trainable()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+
+
 def test_ravan_subset_of_heads(
     tiny: Bundle,
 ) -> None:

@@ -52,7 +52,8 @@ def test_flash_local_makes_a_runnable_folder(bundle, tmp_path: Path) -> None:
     assert flash(bundle, config(tmp_path), Target.parse(f"local:{dest}"), log=lambda _: None) == []
     load_bundle(dest / "bundle")  # the copy verifies against its manifest
     cfg = tomllib.loads((dest / "client.toml").read_text())
-    assert cfg["broker"] == "mqtts://broker:8883" and cfg["client_id"] == "dev1" and cfg["bundle"] == "bundle"
+    assert cfg["broker"] == "mqtts://broker:8883" and cfg["id"] == "dev1" and cfg["bundle"] == "bundle"
+    assert cfg["run"] == "r1" and cfg["profile"] == "rpi5" and cfg["backend"] == "executorch"
     assert (dest / cfg["password_file"]).read_text() == "secret\n"
     script = dest / RUN_SCRIPT
     assert os.access(script, os.X_OK)
@@ -100,3 +101,30 @@ def test_tampered_bundle_is_refused(bundle) -> None:
     (bundle.path / "train.pte").write_bytes(b"pwned")
     with pytest.raises(BundleError, match="bytes"):
         load_bundle(bundle.path)
+
+
+def test_client_toml_keys_are_client_flags(bundle, tmp_path: Path) -> None:
+    """``fleetlora client --config client.toml`` accepts every key flash writes (it rejects unknown keys)."""
+    from fleetlora.cli import parse
+
+    creds = {}
+    for key in ("password_file", "ca_file", "cert_file", "key_file"):
+        (tmp_path / key).write_text("x")
+        creds[key] = str(tmp_path / key)
+    cfg = ClientConfig("mqtt://127.0.0.1:1", "r1", "dev1", "pixel_8", "eager", creds)
+    dest = tmp_path / "device"
+    flash(bundle, cfg, Target.parse(f"local:{dest}"), log=lambda _: None)
+    args = parse(["client", "--config", str(dest / "client.toml")])
+    assert (args.run, args.id, args.profile, args.backend) == ("r1", "dev1", "pixel_8", "eager")
+    assert (args.bundle, args.broker) == ("bundle", "mqtt://127.0.0.1:1")
+    assert (args.password_file, args.ca, args.cert, args.key_file) == tuple(
+        f"credentials/{k}" for k in ("password_file", "ca_file", "cert_file", "key_file")
+    )
+    assert parse(["client", "--config", str(dest / "client.toml"), "--id", "other"]).id == "other"
+
+
+def test_client_backend_choices_match_the_registry() -> None:
+    from edge_client.backends import BACKENDS
+    from fleetlora.cli import client
+
+    assert client.BACKENDS == BACKENDS

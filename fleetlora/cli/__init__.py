@@ -35,8 +35,11 @@ def _subcommands() -> list[ModuleType]:
     return sorted(mods, key=lambda m: (getattr(m, "ORDER", 50), m.NAME))
 
 
-def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
-    """Use a TOML run config's keys as defaults; keys match the long flags (dashes or underscores)."""
+def _apply_config(parser: argparse.ArgumentParser, path: str) -> set[str]:
+    """Use a TOML run config's keys as defaults; keys match the long flags (dashes or underscores).
+
+    Returns the destinations the config set.
+    """
     file = Path(path)
     if not file.is_file():
         raise CliError(f"config file not found: {path}")
@@ -54,6 +57,7 @@ def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     for p in parsers:
         own = {a.dest for a in p._actions}
         p.set_defaults(**{k: v for k, v in keys.items() if k in own})
+    return set(keys)
 
 
 def _parser_tree(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -95,15 +99,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser, subparsers = build_parser()
+    # A required flag may come from the TOML config: find the command and --config without them.
+    required = [a for p in _parser_tree(parser) for a in p._actions if a.required and a.option_strings]
+    for a in required:
+        a.required = False
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         raise SystemExit(0)
-    if args.config:
-        sp = subparsers[args.command]
-        _apply_config(sp, args.config)
-        args = parser.parse_args(argv)
-    return args
+    configured = _apply_config(subparsers[args.command], args.config) if args.config else set()
+    for a in required:
+        a.required = a.dest not in configured
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

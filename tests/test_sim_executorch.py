@@ -1,0 +1,54 @@
+"""``fleetlora sim --trainer executorch``: the virtual clients train with a bundle's ExecuTorch program
+and give the eager trainer's numbers (same SGD, same batches)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fleetlora.cli import main
+from sim.config import ConfigError, SimConfig
+from sim.engine import build_world
+from sim.run import run_experiment
+
+# rank/heads/batch/max_len match tests/deploy_helpers.py: one cached bundle serves both tests.
+TINY = SimConfig(
+    methods=("fedit",), model="tiny-bert", dataset="trec6", clients=3, clients_per_round=2, rounds=2,
+    max_len=16, layers=(), rank=4, heads=2, batch_size=8, max_steps=3, optimizer="sgd", lr=0.05,
+    eval_examples=300, trainer="executorch",
+)  # fmt: skip
+
+
+def test_executorch_needs_sgd(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="--optimizer sgd"):
+        dataclasses.replace(TINY, optimizer="adamw")
+    assert main(["sim", "--trainer", "executorch", "--optimizer", "adamw"]) == 2
+    assert "--optimizer sgd" in capsys.readouterr().err
+
+
+def test_executorch_world_feeds_token_ids() -> None:
+    """The program takes token ids: no cached hidden states, whatever layers carry the adapter."""
+    world = build_world(dataclasses.replace(TINY, layers=(1,)))
+    assert world.train.start_layer == 0 and world.train.x.dtype.is_floating_point is False
+    assert build_world(dataclasses.replace(TINY, layers=(1,), trainer="eager")).train.start_layer == 1
+
+
+@pytest.mark.executorch
+def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
+    pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
+    runs = {
+        trainer: run_experiment(
+            dataclasses.replace(TINY, trainer=trainer, out=str(tmp_path / trainer)), quiet=True
+        )
+        for trainer in ("eager", "executorch")
+    }
+    eager, et = runs["eager"], runs["executorch"]
+    assert len(et) == len(eager) == TINY.rounds
+    assert all(r["participants"] > 0 for r in et)
+    for a, b in zip(eager, et, strict=True):
+        assert (a["participants"], a["bytes_up"]) == (b["participants"], b["bytes_up"])
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+    assert et[-1]["loss"] != et[0]["loss"]  # it trained
