@@ -1,4 +1,4 @@
-"""Adapters on a tiny BERT (and the real MiniLM, marked slow): injection, Ravan invariants V2-V4,
+"""Adapters on a tiny BERT (and the real MiniLM): injection, Ravan invariants V2-V4,
 state round trips, merging, PEFT folders, heterogeneous ranks and head subsets."""
 
 from __future__ import annotations
@@ -257,7 +257,6 @@ def test_spec_json_round_trip_and_validation() -> None:
         AdapterSpec.from_json("{not json")
 
 
-@pytest.mark.slow
 def test_minilm_lora_and_ravan_at_the_same_budget() -> None:
     counts = {}
     for family in ("lora", "ravan"):

@@ -212,7 +212,6 @@ def test_bad_max_len_is_rejected(tmp_path: Path) -> None:
         tokenize_cached(tiny_dataset(), tiny_tokenizer(), 0, tmp_path)
 
 
-@pytest.mark.slow  # several seconds to tokenize all of Reuters on a busy 2-core machine
 @needs_orange
 @needs_minilm
 def test_reuters8_with_the_real_tokenizer_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
