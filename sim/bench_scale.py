@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     model = world.model("lora")
     world_rss = rss_bytes()
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    adapter_bytes = num_bytes(world.initial["lora"])
+    adapter_bytes = num_bytes(world.initial_state("lora"))
     per_client_fleet = fleet_bytes(config, world.train.labels.numpy()) / args.clients
     print(
         f"scale bench: {args.clients} clients x {args.steps} local step(s), one round, tiny-bert, "

@@ -86,7 +86,7 @@ def test_ray_results_come_back_in_job_order(one_thread: None) -> None:
     world = synthetic_world(config, examples_per_client=8)
     spec = config.spec("lora")
     world.model("lora")
-    payload = world.initial["lora"]
+    payload = world.initial_state("lora")
     # Uneven work (6 steps, then 1) makes the early jobs finish after the later ones.
     jobs = [
         ClientJob(c, payload, LocalPlan(6 if k < 2 else 1), 4, (0, 0, k)) for k, c in enumerate(world.clients)

@@ -52,7 +52,7 @@ def test_round_of_1000_clients_holds_about_an_adapter_per_client(one_thread: Non
     world = synthetic_world(config, examples_per_client=2)
     model = world.model("lora")
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    adapter = num_bytes(world.initial["lora"])
+    adapter = num_bytes(world.initial_state("lora"))
     gc.collect()
     before = rss_bytes()
     with PeakRss() as peak:
@@ -88,8 +88,8 @@ def test_engine_keeps_no_client_adapter_after_its_round(
     recorders: list[RecordingTransport] = []
     make = engine.make_transport
 
-    def recording(world: engine.World, family: str, train: bool = True) -> Transport:
-        recorders.append(RecordingTransport(make(world, family, train)))
+    def recording(world: engine.World, family: str, train: bool = True, spec: Any = None) -> Transport:
+        recorders.append(RecordingTransport(make(world, family, train, spec)))
         return recorders[-1]
 
     monkeypatch.setattr(engine, "make_transport", recording)
