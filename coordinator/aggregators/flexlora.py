@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.aggregators.base import Aggregator, ClientInfo, ClientUpdate
-from coordinator.aggregators.ranks import pad_updates, rank_payload
+from coordinator.aggregators.base import ClientUpdate
+from coordinator.aggregators.ranks import HeterogeneousRankAggregator, pad_updates
 from export.state import State
 
 
@@ -25,12 +25,8 @@ def lowrank_svd(b_cat: torch.Tensor, a_cat: torch.Tensor) -> tuple[torch.Tensor,
     return q_b @ u_c, s, vh_c @ q_a.transpose(1, 2)
 
 
-class FlexLoRA(Aggregator):
+class FlexLoRA(HeterogeneousRankAggregator):
     name = "flexlora"
-    heterogeneous_ranks = True
-
-    def payload_for(self, client: ClientInfo, global_state: State) -> State:
-        return rank_payload(client, global_state)
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p = self.weights(updates)

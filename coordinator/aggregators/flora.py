@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from coordinator.aggregators.base import Aggregator, ClientInfo, ClientUpdate
-from coordinator.aggregators.ranks import native_layers, rank_payload
+from coordinator.aggregators.base import ClientUpdate
+from coordinator.aggregators.ranks import HeterogeneousRankAggregator, native_layers
 from coordinator.divergence import lora_divergence
 from coordinator.versioned_base import bump_version, merge_into_base
 from export.base_delta import base_version
@@ -32,12 +32,8 @@ def fresh_lora_a(seed: int, prefix: str, version: int, rank: int, k: int) -> tor
     return (torch.rand(rank, k, generator=gen, dtype=torch.float64) * 2 - 1) * bound
 
 
-class FLoRA(Aggregator):
+class FLoRA(HeterogeneousRankAggregator):
     name = "flora"
-    heterogeneous_ranks = True
-
-    def payload_for(self, client: ClientInfo, global_state: State) -> State:
-        return rank_payload(client, global_state)
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p = self.weights(updates)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.aggregators.base import Aggregator, ClientInfo, ClientUpdate
-from coordinator.aggregators.ranks import pad_updates, rank_payload
+from coordinator.aggregators.base import ClientUpdate
+from coordinator.aggregators.ranks import HeterogeneousRankAggregator, pad_updates
 from coordinator.divergence import lora_divergence, lowrank_fro2
 from export.state import State
 
@@ -28,12 +28,8 @@ def sparsity_weights(bs: torch.Tensor, as_: torch.Tensor, fallback: torch.Tensor
     return torch.where(total > 0, norms / total.clamp_min(torch.finfo(torch.float64).tiny), fallback.double())
 
 
-class HetLoRA(Aggregator):
+class HetLoRA(HeterogeneousRankAggregator):
     name = "hetlora"
-    heterogeneous_ranks = True
-
-    def payload_for(self, client: ClientInfo, global_state: State) -> State:
-        return rank_payload(client, global_state)
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p = self.weights(updates)

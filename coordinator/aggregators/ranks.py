@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coordinator.aggregators.base import AggregationError, ClientInfo, ClientUpdate
+from coordinator.aggregators.base import AggregationError, Aggregator, ClientInfo, ClientUpdate
 from export.adapters import lora_rank_slice
 from export.state import State, layout
 
@@ -104,3 +104,13 @@ def rank_payload(client: ClientInfo, global_state: State) -> State:
     if all(client.rank >= r for r in ranks):
         return global_state
     return lora_rank_slice(global_state, client.rank)
+
+
+class HeterogeneousRankAggregator(Aggregator):
+    """Base of the methods whose clients train the rank their budget affords (FLoRA, FlexLoRA, HetLoRA):
+    each client downloads the global adapter cut to its rank."""
+
+    heterogeneous_ranks = True
+
+    def payload_for(self, client: ClientInfo, global_state: State) -> State:
+        return rank_payload(client, global_state)
