@@ -227,7 +227,7 @@ def check_against_template(
 
 def load_checked(blob: bytes, entries: dict[str, Entry], heads: Sequence[int] | None) -> State:
     """Load the (already checked) blob and check the values: finite floats, head indices = header's."""
-    try:
+    try:  # safetensors, not pickle: raw bytes behind a JSON header that parse_tensor_header already bounded
         state = safetensors.torch.load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise EnvelopeError(Reason.BAD_TENSORS, f"safetensors refused the blob: {str(e)[:200]}") from e
