@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from coordinator.aggregators import ClientUpdate, available, create, get
+from coordinator.aggregators import Aggregator, ClientUpdate, available, create, get
 from coordinator.rpca import pcp
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S
@@ -127,6 +127,14 @@ def ravan_round(spec: AdapterSpec, shape: Shape, clients: int, layers: int, seed
     return glob, updates
 
 
+def as_uploaded(agg: Aggregator, spec: AdapterSpec, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """The uploads as this method's clients send them: no frozen A (FFA-LoRA), no local B (FedSA)."""
+    dropped = tuple(agg.local_suffixes) + ((LORA_A,) if agg.client_spec(spec).freeze_a else ())
+    if not dropped:
+        return updates
+    return [replace(u, state={k: v for k, v in u.state.items() if not k.endswith(dropped)}) for u in updates]
+
+
 def layers_for(shape: Shape, clients: int, budget_bytes: float) -> int:
     """Adapted layers whose uploads (float32) fit ``budget_bytes``: at least 2 (one q, one v)."""
     per_layer = clients * 2 * shape.dim * shape.rank * 4
@@ -197,7 +205,8 @@ def run_config(
             seconds, _ = timed(partial(agg.aggregate, r_glob, r_updates))
         else:
             agg = create(name, lora_spec)
-            seconds, _ = timed(partial(agg.aggregate, glob, updates))
+            sent = as_uploaded(agg, lora_spec, updates)
+            seconds, _ = timed(partial(agg.aggregate, glob, sent))
         div = agg.metrics.get("divergence", float("nan"))
         row(name, seconds, div, note)
         if name == "flora_na" and "flora_na/dense" not in skip:

@@ -13,20 +13,38 @@ from __future__ import annotations
 import torch
 
 
-def lowrank_fro2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``||x @ y||_F^2`` for ``x`` (..., d, m) and ``y`` (..., m, k); batched.
+def lowrank_inner(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """``<x1 @ y1, x2 @ y2>_F`` for ``x`` (..., d, m) and ``y`` (..., m, k) factors; batched.
 
-    Through the ``m x m`` Gram matrices when they are smaller than the ``d x k`` product, else
-    through the product: with ``m = U r`` (all clients' ranks) the Gram matrices of 2,000 clients
-    would take gigabytes, while the product stays ``d x k``.
+    Through the ``m1 x m2`` cross-Gram matrices when they are smaller than the ``d x k`` product,
+    else through the products one layer at a time: with ``m = U r`` (all clients' ranks stacked, as
+    FLoRA and FedEx-LoRA have) the Gram matrices of 1,000 clients would take gigabytes, while the
+    product stays ``d x k``.
     """
-    x64, y64 = x.double(), y.double()
-    d, m, k = x.shape[-2], x.shape[-1], y.shape[-1]
-    if d * k <= m * m:
-        return (x64 @ y64).square().sum(dim=(-1, -2))
-    gx = x64.transpose(-1, -2) @ x64
-    gy = y64 @ y64.transpose(-1, -2)
-    return (gx * gy).sum(dim=(-1, -2)).clamp_min(0)
+    x1, y1, x2, y2 = x1.double(), y1.double(), x2.double(), y2.double()
+    d, k = x1.shape[-2], y1.shape[-1]
+    if d * k <= x1.shape[-1] * x2.shape[-1]:
+        flat = [t.reshape(-1, *t.shape[-2:]) for t in (x1, y1, x2, y2)]
+        per = [((flat[0][i] @ flat[1][i]) * (flat[2][i] @ flat[3][i])).sum() for i in range(len(flat[0]))]
+        return torch.stack(per).reshape(x1.shape[:-2])
+    gx = x1.transpose(-1, -2) @ x2  # (L, m1, m2)
+    gy = y1 @ y2.transpose(-1, -2)  # (L, m1, m2)
+    return (gx * gy).sum(dim=(-1, -2))
+
+
+def lowrank_fro2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||x @ y||_F^2`` for ``x`` (..., d, m) and ``y`` (..., m, k); see :func:`lowrank_inner`."""
+    return lowrank_inner(x, y, x, y).clamp_min(0)
+
+
+def stacked_factors(
+    bs: torch.Tensor, as_: torch.Tensor, p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B_1 .. B_U]`` (L, d, U r) and ``[p_1 A_1; ..; p_U A_U]`` (L, U r, k): their product is T."""
+    n_layers, n_clients, d, r = bs.shape
+    b_cat = bs.double().permute(0, 2, 1, 3).reshape(n_layers, d, n_clients * r)
+    a_cat = (as_.double() * p.double().view(1, -1, 1, 1)).reshape(n_layers, n_clients * r, -1)
+    return b_cat, a_cat
 
 
 def exact_fro2(bs: torch.Tensor, as_: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -34,14 +52,7 @@ def exact_fro2(bs: torch.Tensor, as_: torch.Tensor, p: torch.Tensor) -> torch.Te
 
     Uses the Gram form while ``U r (d + k) < d k`` and the dense product otherwise.
     """
-    n_layers, n_clients, d, r = bs.shape
-    k = as_.shape[-1]
-    m = n_clients * r
-    b_cat = bs.double().permute(0, 2, 1, 3).reshape(n_layers, d, m)  # [B_1 .. B_U]
-    a_cat = (as_.double() * p.double().view(1, -1, 1, 1)).reshape(n_layers, m, k)  # [p_1 A_1; ..]
-    if m * (d + k) < d * k:
-        return lowrank_fro2(b_cat, a_cat)
-    return torch.stack([(b_cat[i] @ a_cat[i]).square().sum() for i in range(n_layers)])
+    return lowrank_fro2(*stacked_factors(bs, as_, p))
 
 
 def lora_divergence(
@@ -58,12 +69,10 @@ def lora_divergence(
     ``p`` (U,). ``target_fro2`` is :func:`exact_fro2` when the caller already has it.
     Returns (L,) float64; 0 where the target and the global product are both 0.
     """
-    b64, a64 = b_hat.double(), a_hat.double()
-    t2 = exact_fro2(bs, as_, p) if target_fro2 is None else target_fro2
-    hat2 = lowrank_fro2(b64, a64)
-    bb = b64.unsqueeze(1).transpose(-1, -2) @ bs.double()  # (L, U, r', r): B_hat^T B_u
-    aa = as_.double() @ a64.unsqueeze(1).transpose(-1, -2)  # (L, U, r, r'): A_u A_hat^T
-    cross = torch.einsum("luij,luji,u->l", bb, aa, p.double())
+    b_cat, a_cat = stacked_factors(bs, as_, p)
+    t2 = lowrank_fro2(b_cat, a_cat) if target_fro2 is None else target_fro2
+    hat2 = lowrank_fro2(b_hat, a_hat)
+    cross = lowrank_inner(b_hat, a_hat, b_cat, a_cat)
     err2 = (hat2 - 2 * cross + t2).clamp_min(0)
     return (err2 / t2.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from coordinator.aggregators.base import Aggregator, ClientUpdate
-from coordinator.divergence import lora_divergence
+from coordinator.divergence import lora_divergence, stacked_factors
 from coordinator.versioned_base import bump_version, merge_into_base
 from export.state import State
 
@@ -24,10 +24,8 @@ def residual_factors(
     b_hat: torch.Tensor, a_hat: torch.Tensor, bs: torch.Tensor, as_: torch.Tensor, p: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``R = sum_u p_u B_u A_u - b_hat a_hat`` as ``(L, d, (U+1) r) @ (L, (U+1) r, k)`` factors."""
-    n_layers, n_clients, d, r = bs.shape
-    b_cat = torch.cat([bs.permute(0, 2, 1, 3).reshape(n_layers, d, n_clients * r), b_hat], dim=2)
-    a_cat = torch.cat([(as_ * p.view(1, -1, 1, 1)).reshape(n_layers, n_clients * r, -1), -a_hat], dim=1)
-    return b_cat, a_cat
+    b_cat, a_cat = stacked_factors(bs, as_, p)
+    return torch.cat([b_cat, b_hat.double()], dim=2), torch.cat([a_cat, -a_hat.double()], dim=1)
 
 
 class FedExLoRA(Aggregator):
