@@ -333,10 +333,21 @@ class RoundService:
         When this returns, every accepted update is in the store: the caller may acknowledge all of
         ``messages`` to the broker (rejected ones too: a refused envelope must not come back).
         """
+        fresh = self.admit(messages)
+        self.store.save_updates(self.round, fresh)
+        return len(fresh)
+
+    def admit(self, messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Validate envelopes and count the accepted ones in the open round, without persisting them.
+
+        Returns the ``(client id, payload)`` records the caller must persist
+        (``store.save_updates(round, records)``) before acknowledging ``messages`` and before the next
+        :meth:`tick` that :meth:`close_due` announces: :meth:`receive` is both steps at once.
+        """
         if self.state is None or self.state.done:
             for _, _payload in messages:
                 self._reject(Reason.WRONG_ROUND.value, None, "the run is finished")
-            return 0
+            return []
         fresh: list[tuple[str, bytes]] = []
         header = self._fraction_header()
         for topic, payload in messages:
@@ -362,8 +373,7 @@ class RoundService:
                 continue
             self.accepted[client] = _Accepted(decoded, len(payload))
             fresh.append((client, payload))
-        self.store.save_updates(self.round, fresh)
-        return len(fresh)
+        return fresh
 
     def _reject(self, reason: str, client: str | None, message: str) -> None:
         self.tally.rejected[reason] += 1
@@ -375,6 +385,13 @@ class RoundService:
     def _everyone_in(self) -> bool:
         assert self.state is not None
         return self.state.sampled is not None and set(self.state.sampled) <= set(self.accepted)
+
+    def close_due(self) -> bool:
+        """Whether :meth:`tick` would now close or extend the open round."""
+        state = self.state
+        if state is None or state.done:
+            return False
+        return self._everyone_in() or self.clock() >= state.deadline
 
     def tick(self) -> bytes | None:
         """Close, extend or leave the open round; returns a new announcement when there is one."""

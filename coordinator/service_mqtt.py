@@ -1,10 +1,12 @@
 """The coordinator service over MQTT: one link, one service thread, acknowledgements after persistence.
 
 The link's loop thread only receives: each update is handed to the service thread, which validates a
-batch of them, persists the accepted ones (one flush for the batch), and only then acknowledges the
-whole batch to the broker (MQTT 5 manual PUBACK). The link announces a receive maximum of
-``BATCH_MAX`` (MQTT 5): the broker may hold back deliveries beyond it until earlier ones are
-acknowledged (see RELIABILITY.md for what mosquitto 2.0.11 was measured to do under a burst).
+batch of them and hands the accepted ones to a writer thread that persists the batch (one segment,
+one flush); only then is the whole batch acknowledged to the broker (MQTT 5 manual PUBACK). So the
+validation of one batch overlaps the write and fsync of the one before, and a round closes only once
+every batch it counted is written. The link announces a receive maximum of ``WINDOW`` (MQTT 5): the
+broker may hold back deliveries beyond it until earlier ones are acknowledged (see RELIABILITY.md for
+what mosquitto 2.0.11 was measured to do under a burst).
 A coordinator killed before that point leaves the
 messages unacknowledged in its broker session, and the broker delivers them again when it comes back
 (same client id, no clean start, session expiry). The announcement is published retained, QoS 1,
@@ -16,16 +18,24 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 from coordinator.service import RoundService
+from coordinator.store import RoundStore
 from edge_client.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink
 from edge_client.topics import global_topic, up_subscription
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 256  # updates validated and persisted together (one flush), then acknowledged together
+WINDOW = 256  # unacknowledged deliveries the broker may have out to the coordinator
+# A batch is validated, then persisted (one flush) and acknowledged together. Several batches fit
+# the window, so the broker keeps delivering while one is being written.
+BATCH_MAX = 64
+BATCH_BYTES = 32 << 20
 POLL_S = 0.2
+PENDING_POLL_S = 0.002  # how soon a finished write is acknowledged while the inbox is quiet
 
 
 def _drain(inbox: queue.SimpleQueue[InboundMessage], timeout_s: float) -> list[InboundMessage]:
@@ -33,12 +43,46 @@ def _drain(inbox: queue.SimpleQueue[InboundMessage], timeout_s: float) -> list[I
         batch = [inbox.get(timeout=timeout_s)]
     except queue.Empty:
         return []
-    while len(batch) < BATCH_MAX:
+    size = len(batch[0].payload)
+    while len(batch) < BATCH_MAX and size < BATCH_BYTES:
         try:
             batch.append(inbox.get_nowait())
         except queue.Empty:
             break
+        size += len(batch[-1].payload)
     return batch
+
+
+class _Persister:
+    """Writes admitted batches on one writer thread; acknowledges each batch, in order, once written.
+
+    A failed write raises from :meth:`ack_written` and acknowledges nothing of that batch or later
+    ones: the broker keeps them for the next start.
+    """
+
+    def __init__(self, store: RoundStore, link: MqttLink) -> None:
+        self._store, self._link = store, link
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="coordinator-persist")
+        self._pending: deque[tuple[Future[None], list[InboundMessage]]] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    def submit(self, round: int, records: list[tuple[str, bytes]], messages: list[InboundMessage]) -> None:
+        self._pending.append((self._pool.submit(self._store.save_updates, round, records), messages))
+
+    def ack_written(self, *, wait: bool = False) -> None:
+        """Acknowledge the batches written so far (``wait``: every batch submitted so far)."""
+        while self._pending and (wait or self._pending[0][0].done()):
+            written, messages = self._pending[0]
+            written.result()
+            self._pending.popleft()
+            for message in messages:  # persisted (or rejected for good): the broker may forget them
+                self._link.ack(message)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def serve(
@@ -58,8 +102,9 @@ def serve(
     """
     run = service.config.run
     announcement = service.start()
-    window = link_config.receive_maximum or BATCH_MAX
+    window = link_config.receive_maximum or WINDOW
     link = MqttLink(replace(link_config, manual_ack=True, receive_maximum=window)).start()
+    persister = _Persister(service.store, link)
     inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
     link.subscribe_acked(up_subscription(run, share_group), inbox.put)
     topic = global_topic(run)
@@ -77,18 +122,21 @@ def serve(
                     break
                 stop.wait(POLL_S)  # resumed after the last round: publish the final announcement first
                 continue
-            batch = _drain(inbox, min(POLL_S, max(service.seconds_to_deadline(), 0.001)))
+            poll = PENDING_POLL_S if persister.busy else POLL_S
+            batch = _drain(inbox, min(poll, max(service.seconds_to_deadline(), 0.001)))
             if batch:
-                service.receive([(m.topic, m.payload) for m in batch])
-                for message in batch:  # persisted (or rejected for good): the broker may forget them
-                    link.ack(message)
+                records = service.admit([(m.topic, m.payload) for m in batch])
+                persister.submit(service.round, records, batch)
+            persister.ack_written(wait=service.close_due())  # a round closes on written updates only
             new = service.tick()
             if new is not None:
                 announcement = new
                 last = link.publish(topic, announcement, qos=1, retain=True)
                 announced_on = link.connects
+        persister.ack_written(wait=True)
         if service.finished and last is not None and not last.wait(final_timeout_s):
             log.warning("the final announcement was not acknowledged within %.0f s", final_timeout_s)
     finally:
+        persister.close()
         link.close()  # after the queued acknowledgements: the loop runs its calls in order
     return service

@@ -42,6 +42,7 @@ STATE_FILE = "state.json"
 SEGMENT_SUFFIX = ".seg"
 _RECORD = struct.Struct(">4sHI")  # record magic, client id length, envelope length
 _RECORD_MAGIC = b"FLU1"
+_IOV_MAX = 1024  # buffers per writev call (POSIX guarantees at least 16, Linux allows 1024)
 
 
 class StoreError(RuntimeError):
@@ -81,6 +82,18 @@ class RoundState:
             raise StoreError(f"state.json does not describe a round: {e}") from e
 
 
+def _write_chunks(fd: int, chunks: list[bytes]) -> None:
+    """Write ``chunks`` in order with ``writev``: a segment of many envelopes is never joined in memory."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -107,16 +120,19 @@ class RoundStore:
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def _write_all(self, items: Iterable[tuple[Path, bytes]]) -> None:
-        """Write each (path, data) to a temporary file, flush them, then move them all into place."""
+    def _write_all(self, items: Iterable[tuple[Path, bytes | list[bytes]]]) -> None:
+        """Write each (path, data or chunks of it) to a temporary file, flush them, then move them all
+        into place."""
         staged = []
         for path, data in items:
             tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_chunks(fd, data if isinstance(data, list) else [data])
                 if self.sync:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             staged.append((tmp, path))
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -135,7 +151,7 @@ class RoundStore:
         for client, payload in updates:
             cid = validate_id(client, "client id").encode()
             records += [_RECORD.pack(_RECORD_MAGIC, len(cid), len(payload)), cid, payload]
-        self._write_all([(directory / f"{number:06d}{SEGMENT_SUFFIX}", b"".join(records))])
+        self._write_all([(directory / f"{number:06d}{SEGMENT_SUFFIX}", records)])
 
     def save_state(self, state: RoundState) -> None:
         """Replace ``state.json`` (a deadline extension, or the commit of a new round)."""

@@ -10,7 +10,7 @@ from deploy_helpers import adapted, client_ids, make_service, spec_for
 
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
-from coordinator.store import RoundStore, StoreError
+from coordinator.store import RoundStore, StoreError, _read_segment
 from edge_client.topics import up_topic
 from edge_client.wire import encode_update
 from export.state import State
@@ -188,3 +188,17 @@ def test_clip_norm_reject_mode_refuses_outsized_updates_by_reason(tmp_path: Path
     assert all(torch.equal(before[k], svc.global_state[k]) for k in before)
     with pytest.raises(ServiceError, match="clip_mode"):
         ServiceConfig(run="t", method=METHOD, rounds=1, clip_norm=1.0, clip_mode="zero")  # type: ignore[arg-type]
+
+
+def test_a_segment_of_more_records_than_one_writev_takes_reads_back_byte_for_byte(tmp_path: Path) -> None:
+    store = RoundStore(tmp_path, sync=True)
+    gen = torch.Generator().manual_seed(0)
+    records = [
+        (f"dev{i}", bytes(torch.randint(0, 256, (int(n),), generator=gen, dtype=torch.uint8).tolist()))
+        for i, n in enumerate(torch.randint(0, 3000, (700,), generator=gen))
+    ]  # 700 records = 2,100 buffers: three writev calls, some buffers empty
+    store.save_updates(3, records[:400])
+    store.save_updates(3, records[400:])
+    directory = store.round_dir(3)
+    assert sorted(p.name for p in directory.iterdir()) == ["000001.seg", "000002.seg"]
+    assert _read_segment(directory / "000001.seg") + _read_segment(directory / "000002.seg") == records
