@@ -264,14 +264,29 @@ class RoundService:
         assert self.state is not None
         return max(0.0, self.state.deadline - self.clock())
 
+    def reannounce(self) -> bytes:
+        """A fresh announcement of the open round: a new id, and only the clients still awaited.
+
+        Published after the coordinator reconnects: a broker that restarted may have acknowledged
+        updates it never delivered, and a device sends its update again when it sees a new id for a
+        round it is still listed in (devices whose update is in are not listed, so they stay quiet).
+        """
+        self._announcement = self._encode_announcement()
+        return self._announcement
+
     def _encode_announcement(self) -> bytes:
         assert self.state is not None
         payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
         final = self.state.done
+        # The header lists the sampled clients whose update is not in yet: a listed device that
+        # already sent its update sends it again (see reannounce), an unlisted one does nothing.
+        awaited = (
+            None if self.state.sampled is None else [c for c in self.state.sampled if c not in self.accepted]
+        )
         return encode_global(
             payload, run=self.config.run, round=self.state.round, method=self.config.method,
             spec=self.spec, deadline=self.state.deadline,
-            clients=None if final else self.state.sampled,
+            clients=None if final else awaited,
             sample_fraction=0.0 if final else self.state.sample_fraction,
             rank=self.spec.rank if self.spec.family == "lora" else None, final=final,
             key=self.coordinator_key,

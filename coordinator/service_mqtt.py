@@ -115,6 +115,8 @@ def serve(
             if ready is not None and not ready.is_set() and link.wait_subscribed(0):
                 ready.set()
             if link.connected and link.connects != announced_on:
+                if announced_on and not service.finished:  # reconnected: the broker may have lost updates
+                    announcement = service.reannounce()
                 last = link.publish(topic, announcement, qos=1, retain=True)
                 announced_on = link.connects
             if service.finished:

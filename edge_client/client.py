@@ -185,8 +185,14 @@ class EdgeClient:
             self._answered = header.msg_id
             return self._publish_pending(header.round, resent=True)
         sent = self._sent
-        if sent is not None and sent[0] == header.round and header.msg_id != self._answered:
-            # Re-announced: the coordinator may have lost it (broker restart); it drops a repeat.
+        if (
+            sent is not None
+            and sent[0] == header.round
+            and header.msg_id != self._answered
+            and is_sampled(header, cfg.client_id)
+        ):
+            # Re-announced with us still awaited: the broker may have lost our update (restart);
+            # the coordinator drops a repeat.
             self._answered, self._pending_envelope = header.msg_id, sent[1]
             progress.pending_round = header.round
             return self._publish_pending(header.round, resent=True)

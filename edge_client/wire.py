@@ -105,8 +105,9 @@ class UpdateHeader:
 class GlobalHeader:
     """The round announcement that travels with the global adapter.
 
-    The round's participants are ``clients`` when given, else every client for which
-    :func:`is_sampled` draws below ``sample_fraction``. Updates are due by ``deadline`` (Unix time).
+    The round's participants still awaited are ``clients`` when given (the sampled clients whose
+    update the coordinator does not hold yet; empty just before the round closes), else every client
+    for which :func:`is_sampled` draws below ``sample_fraction``. Updates are due by ``deadline`` (Unix time).
     ``final``: the run is over, clients may disconnect.
     """
 

@@ -47,9 +47,12 @@ def _optional(check: Check) -> Check:
     return lambda x: x is None or check(x)
 
 
-def _unique_list(item: Check, max_len: int) -> Check:
+def _unique_list(item: Check, max_len: int, min_len: int = 1) -> Check:
     return lambda x: (
-        isinstance(x, list) and 1 <= len(x) <= max_len and all(item(i) for i in x) and len(set(x)) == len(x)
+        isinstance(x, list)
+        and min_len <= len(x) <= max_len
+        and all(item(i) for i in x)
+        and len(set(x)) == len(x)
     )
 
 
@@ -80,7 +83,8 @@ GLOBAL_FIELDS: dict[str, Check] = {
     "kind": lambda x: x == "global",
     "spec_json": lambda x: isinstance(x, dict),
     "deadline": _num(0, 1e11),
-    "clients": _optional(_unique_list(_match(ID_RE), 10**6)),
+    # The clients still awaited: empty once every sampled update is in (the round is about to close).
+    "clients": _optional(_unique_list(_match(ID_RE), 10**6, min_len=0)),
     "sample_fraction": _optional(_num(0, 1)),
     "final": lambda x: isinstance(x, bool),
 }
