@@ -117,6 +117,15 @@ class Aggregator(ABC):
 
     # -- helpers shared by the methods -------------------------------------------------------------
 
+    def begin_round(self, global_state: State, updates: list[ClientUpdate]) -> tuple[torch.Tensor, State]:
+        """``(p, out)``: the client weights, and the next global state begun as a copy of the current
+        one with every non-adapter tensor averaged; clears the metrics of the last round."""
+        p = self.weights(updates)
+        self.metrics = {}
+        out = dict(global_state)
+        out.update(self.average_dense(global_state, updates, p))
+        return p, out
+
     def weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
         """``p_u`` (sum 1) on ``self.device`` in float64."""
         if not updates:

@@ -17,10 +17,7 @@ class FedIT(Aggregator):
     name = "fedit"
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         for batch in self.lora_batches(global_state, updates):
             pf = p.to(batch.a.dtype)
             a_hat = torch.einsum("u,lurk->lrk", pf, batch.a)

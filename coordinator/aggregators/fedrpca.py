@@ -73,10 +73,7 @@ class FedRPCA(Aggregator):
         self.round_index = 0
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         iterations: list[float] = []
         betas: list[float] = []
         for batch in self.lora_batches(global_state, updates):

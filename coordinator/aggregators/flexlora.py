@@ -29,10 +29,7 @@ class FlexLoRA(HeterogeneousRankAggregator):
     name = "flexlora"
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         for batch in self.lora_batches(global_state, pad_updates(global_state, updates)):
             n_layers, n_clients, d, r = batch.b.shape
             b_cat = batch.b.double().permute(0, 2, 1, 3).reshape(n_layers, d, n_clients * r)

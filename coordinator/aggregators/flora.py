@@ -36,10 +36,7 @@ class FLoRA(HeterogeneousRankAggregator):
     name = "flora"
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         version = base_version(global_state) + 1
         p64 = p.double()
         for layer in native_layers(global_state, updates, self.device):

@@ -77,11 +77,8 @@ class FloraNA(Aggregator):
         return 3 * d * k if self.solver == "dense" else 0
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
+        p, out = self.begin_round(global_state, updates)
         self.last_coefficients = []
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
         ratios: list[float] = []
         for batch in self.lora_batches(global_state, updates):
             bs, as_, pi = batch.b.double(), batch.a.double(), p.double()

@@ -32,10 +32,7 @@ class HetLoRA(HeterogeneousRankAggregator):
     name = "hetlora"
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         for batch in self.lora_batches(global_state, pad_updates(global_state, updates)):
             w = sparsity_weights(batch.b, batch.a, p)
             a_new = torch.einsum("lu,lurk->lrk", w, batch.a.double())

@@ -44,10 +44,7 @@ class LoRAFAIR(Aggregator):
         self.ridge = ridge
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         p64 = p.double()
         for batch in self.lora_batches(global_state, updates):
             a64, b64 = batch.a.double(), batch.b.double()

@@ -60,10 +60,7 @@ class Ravan(Aggregator):
         self._grams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         groups: dict[tuple[int, ...], list[str]] = {}
         for prefix, h_key in layout(global_state).ravan.items():
             groups.setdefault(tuple(global_state[h_key].shape), []).append(prefix)

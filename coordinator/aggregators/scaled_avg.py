@@ -49,11 +49,8 @@ class ScaledAveraging(Aggregator):
         raise NotImplementedError
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
+        p, out = self.begin_round(global_state, updates)
         beta = self.beta(global_state, updates, p)
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
         p64 = p.double()
         for batch in self.lora_batches(global_state, updates):
             a_old, b_old = batch.a_global.double(), batch.b_global.double()

@@ -25,10 +25,7 @@ class SingleFactorAverage(Aggregator):
     kept: ClassVar[str]
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        p = self.weights(updates)
-        self.metrics = {}
-        out = dict(global_state)
-        out.update(self.average_dense(global_state, updates, p))
+        p, out = self.begin_round(global_state, updates)
         stray = [k for k in updates[0].state if k.endswith(self.kept)]
         if stray:
             raise AggregationError(
