@@ -1,0 +1,40 @@
+"""``fleetlora bench all``'s learning-quality grid: the configurations it runs and the table it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sim.bench_all import FULL, QUICK, TARGETS, grid_configs, quality_rows
+
+
+def test_the_full_grid_is_every_method_on_both_datasets_three_splits_three_seeds(tmp_path: Path) -> None:
+    configs = grid_configs(FULL, tmp_path)
+    assert len(configs) == 2 * 3 * 3
+    cells = {(c.dataset, c.partition, c.alpha, c.seed) for c in configs}
+    assert ("20news", "dirichlet", 0.1, 2) in cells and ("reuters8", "iid", 0.3, 0) in cells
+    assert len({c.out for c in configs}) == len(configs)  # no run overwrites another's folder
+    assert all(len(c.methods) >= 14 for c in configs)
+    assert {c.dataset for c in grid_configs(QUICK, tmp_path)} <= set(TARGETS)
+
+
+def test_quality_rows_give_mean_spread_and_bytes_to_the_datasets_target(tmp_path: Path) -> None:
+    def run(seed: int, accuracies: list[float]) -> tuple:
+        (config,) = [c for c in grid_configs(QUICK, tmp_path) if c.partition == "iid"]
+        config = dataclasses.replace(config, seed=seed, methods=("fedit",))
+        records = [
+            {"method": "fedit", "accuracy": a, "bytes_up_total": (i + 1) * 1e6}
+            for i, a in enumerate(accuracies)
+        ]
+        return config, records
+
+    target = TARGETS["trec6"]
+    rows = quality_rows([run(0, [0.2, target, 0.6]), run(1, [0.1, 0.2, 0.4])])
+    (row,) = rows
+    assert row["final_acc_mean"] == pytest.approx(0.5) and row["final_acc_std"] == pytest.approx(0.1)
+    assert row["MB_up_to_target"] == pytest.approx(2.0)  # only seed 0 reached it, after 2 MB
+    assert row["target_acc"] == target and row["seeds"] == 2
+    (never,) = quality_rows([run(1, [0.1, 0.2, 0.4])])
+    assert never["MB_up_to_target"] == "not reached"
