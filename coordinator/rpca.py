@@ -44,24 +44,30 @@ def default_lambda(rows: int, cols: int) -> float:
     return 1.0 / math.sqrt(max(rows, cols))
 
 
-def singular_value_threshold(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def singular_value_threshold(
+    z: torch.Tensor, tau: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``D_tau(z)`` row-wise: ``z`` is (P, K, D) with ``K <= D``, ``tau`` is (P,).
 
-    The rows of ``z`` are the columns of the textbook matrix; the Gram matrix is ``z z^T``.
+    The rows of ``z`` are the columns of the textbook matrix; the Gram matrix is ``z z^T``. ``out``
+    (``z``'s shape, not ``z`` itself) receives the result when given: the solver reuses its buffers,
+    since a fresh multi-megabyte tensor per iteration costs page faults as well as the copy.
     """
-    gram = z @ z.transpose(1, 2)
+    gram = torch.bmm(z, z.transpose(1, 2))
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     sigma = evals.clamp_min(0).sqrt()
     keep = sigma > tau[:, None]
     shrink = torch.where(keep, 1 - tau[:, None] / sigma.clamp_min(torch.finfo(z.dtype).tiny), 0)
     n_keep = int(keep.sum(1).max())
+    if out is None:
+        out = torch.empty_like(z)
     if n_keep == 0:
-        return torch.zeros_like(z)
+        return out.zero_()
     top = evecs[:, :, -n_keep:]  # (P, K, n): only the components that survive the threshold
     scaled = top * shrink[:, None, -n_keep:]
     if 2 * n_keep < z.shape[1]:  # low rank: two thin products beat one K x K one
-        return scaled @ (top.transpose(1, 2) @ z)
-    return (scaled @ top.transpose(1, 2)) @ z
+        return torch.bmm(scaled, torch.bmm(top.transpose(1, 2), z), out=out)
+    return torch.bmm(torch.bmm(scaled, top.transpose(1, 2)), z, out=out)
 
 
 def pcp(
@@ -179,20 +185,22 @@ def _solve(
     mu_bar = mu * mu_bar_ratio
     # The iteration is written with W = Y / mu and E = M + W, which saves passes over memory:
     # L = D_{1/mu}(E - S), S = shrink(E - L), and the new Y = Y + mu (M - L - S) = mu clip(E - L).
+    # Four (P, K, D) buffers besides M are reused across iterations (no allocation per iteration).
     w = m / (torch.maximum(norm_two, norm_inf / lam) * mu)[:, None, None]
     e = m + w
     s = torch.zeros_like(m)
+    z, low = torch.empty_like(m), torch.empty_like(m)
     idx = active
     for it in range(1, max_iter + 1):
-        low = singular_value_threshold(torch.sub(e, s), 1 / mu)
-        pre = e.sub_(low)  # M - L + Y/mu; e is rebuilt below
+        singular_value_threshold(torch.sub(e, s, out=z), 1 / mu, out=low)
+        pre = e.sub_(low)  # M - L + Y/mu
         bound = (lam / mu)[:, None, None]
-        clipped = torch.clamp(pre, -bound, bound)
-        s = pre.sub_(clipped)  # soft threshold: pre - clip(pre)
-        gap = torch.linalg.vector_norm(torch.sub(clipped, w), dim=(1, 2)) / m_fro  # ||M - L - S||_F
+        clipped = torch.clamp(pre, -bound, bound, out=z)
+        s, e = pre.sub_(clipped), s  # soft threshold: pre - clip(pre); S's old buffer becomes E's
+        gap = torch.linalg.vector_norm(w.sub_(clipped), dim=(1, 2)) / m_fro  # ||M - L - S||_F
         mu_next = torch.minimum(mu * rho, mu_bar)
-        w = clipped.mul_((mu / mu_next)[:, None, None])
-        e = torch.add(m, w)
+        torch.mul(clipped, (mu / mu_next)[:, None, None], out=w)
+        torch.add(m, w, out=e)
         mu = mu_next
         done = gap < tol
         if it == max_iter:
@@ -207,12 +215,14 @@ def _solve(
             keep = ~done
             if not bool(keep.any()):
                 return
-            idx, m, s, w, e, mu, mu_bar, lam, m_fro = (
+            idx, m, s, w, e, z, low, mu, mu_bar, lam, m_fro = (
                 idx[keep],
                 m[keep],
                 s[keep],
                 w[keep],
                 e[keep],
+                z[keep],
+                low[keep],
                 mu[keep],
                 mu_bar[keep],
                 lam[keep],
