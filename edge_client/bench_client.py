@@ -9,6 +9,7 @@ XNNPACK configurations (what devices run), or over all when XNNPACK is off.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -63,6 +64,17 @@ def _median_step_ms(
     return [statistics.median(t) for t in times]
 
 
+def _export_code_digest() -> str:
+    """A digest of the code that shapes an exported program: a cached program from older code is stale."""
+    import export
+
+    root = Path(export.__file__).parent
+    h = hashlib.sha256()
+    for name in ("executorch_program.py", "passes.py", "build.py", "ravan.py", "adapters.py", "models.py"):
+        h.update((root / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _program(
     model: nn.Module,
     args: argparse.Namespace,
@@ -75,7 +87,9 @@ def _program(
     from export.build import BuildReport, build_training_program
 
     kind = "xnnpack" if xnnpack else "portable"
-    name = f"{args.model}-{family}-r{args.rank}-{kind}-{args.seq_len}x{batch_range[1]}"
+    name = (
+        f"{args.model}-{family}-r{args.rank}-{kind}-{args.seq_len}x{batch_range[1]}-{_export_code_digest()}"
+    )
     folder = Path(args.cache) / name if args.cache else None
     if folder is not None and (folder / "train.pte").is_file() and (folder / "adapter.ptd").is_file():
         return (folder / "train.pte").read_bytes(), (folder / "adapter.ptd").read_bytes(), 0.0

@@ -25,7 +25,7 @@ from export.adapters import attach, merge
 from export.bundle import Bundle, BundleError, BundleInfo, load_bundle, write_bundle
 from export.data import default_cache_dir
 from export.models import build_model
-from export.passes import ADDMM, count_op, rewrite_addmm
+from export.passes import ADDMM, count_op, decompose_erf, rewrite_addmm
 from export.ravan import set_trainable_heads
 from export.spec import AdapterSpec
 from export.state import trainable_state
@@ -33,11 +33,12 @@ from export.state import trainable_state
 
 @dataclass
 class BuildReport:
-    """Seconds per stage (in order), file sizes in bytes and the number of ``addmm`` rewritten."""
+    """Seconds per stage (in order), file sizes in bytes and the ``addmm`` and ``erf`` rewritten."""
 
     stages: dict[str, float] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     addmm_rewritten: int = 0
+    erf_decomposed: int = 0
 
     @contextmanager
     def stage(self, name: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -67,6 +68,8 @@ def build_training_program(
         report.addmm_rewritten = rewrite_addmm(ep)
         if count_op(ep, ADDMM) != before - report.addmm_rewritten:
             raise RuntimeError("addmm rewrite left an inconsistent graph")
+    with report.stage("decompose erf", log):
+        report.erf_decomposed = decompose_erf(ep)
     with report.stage("to_edge" + (" + xnnpack" if xnnpack else ""), log):
         edge = prog.to_edge_program(ep, xnnpack)
     with report.stage("to_executorch (train)", log):

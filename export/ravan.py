@@ -82,10 +82,16 @@ class RavanLinear(nn.Module):
         self.ravan_s = nn.Parameter(torch.ones(heads, dtype=dtype))
 
     def scaled_heads(self) -> torch.Tensor:
-        """``s_i H_i`` with the gradient cut for heads outside ``head_mask``."""
-        sh = self.ravan_s.view(-1, 1, 1) * self.ravan_H
-        m = self.head_mask.view(-1, 1, 1)
-        return sh * m + (sh * (1 - m)).detach()
+        """``s_i H_i`` with the gradient cut for heads outside ``head_mask``.
+
+        No view is taken of a trainable parameter itself (only of values computed from it): the
+        ExecuTorch export removes view copies, which fails on a view of an external weight.
+        """
+        m = self.head_mask
+        s = self.ravan_s * m + (self.ravan_s * (1 - m)).detach()
+        m3 = m.view(-1, 1, 1)
+        h = self.ravan_H * m3 + (self.ravan_H * (1 - m3)).detach()
+        return s.view(-1, 1, 1) * h
 
     def delta_weight(self) -> torch.Tensor:
         """``sum_i s_i B_i H_i A_i`` as a dense ``d x k`` matrix (for merging and tests)."""

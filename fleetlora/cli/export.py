@@ -71,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         xnnpack=args.xnnpack,
         log=print,
     )
-    print(f"{'total':<22s} {sum(report.stages.values()):8.2f} s   ({report.addmm_rewritten} addmm rewritten)")
+    print(
+        f"{'total':<22s} {sum(report.stages.values()):8.2f} s   ({report.addmm_rewritten} addmm "
+        f"rewritten, {report.erf_decomposed} erf decomposed)"
+    )
     for name, size in report.sizes.items():
         print(f"  {name:<18s} {size:>12,d} bytes")
     print(f"trainable tensors: {len(bundle.info.trainable)}")
