@@ -129,6 +129,9 @@ class ExecuTorchTrainer:
         n, lo, hi = int(ids.shape[0]), *self.batch_range
         if ids.dim() != 2 or ids.shape[1] != self.seq_len:
             raise ValueError(f"input_ids must be (batch, {self.seq_len}), got {tuple(ids.shape)}")
+        if mask.shape != ids.shape or not bool((mask != 0).any(1).all()):
+            # The program drops attention's guard for queries with no key (export.passes).
+            raise ValueError("every example needs at least one token in its attention_mask")
         copies = -(-lo // n) if 0 < n < lo else 1
         if not lo <= n * copies <= hi:
             raise ValueError(f"batch size {n} is outside the program's range [{lo}, {hi}]")

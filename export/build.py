@@ -25,7 +25,7 @@ from export.adapters import attach, merge
 from export.bundle import Bundle, BundleError, BundleInfo, load_bundle, write_bundle
 from export.data import default_cache_dir
 from export.models import build_model
-from export.passes import ADDMM, count_op, decompose_erf, rewrite_addmm
+from export.passes import ADDMM, count_op, decompose_erf, drop_safe_softmax_guard, rewrite_addmm
 from export.ravan import set_trainable_heads
 from export.spec import AdapterSpec
 from export.state import trainable_state
@@ -39,6 +39,7 @@ class BuildReport:
     sizes: dict[str, int] = field(default_factory=dict)
     addmm_rewritten: int = 0
     erf_decomposed: int = 0
+    softmax_guards_dropped: int = 0
 
     @contextmanager
     def stage(self, name: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -68,8 +69,9 @@ def build_training_program(
         report.addmm_rewritten = rewrite_addmm(ep)
         if count_op(ep, ADDMM) != before - report.addmm_rewritten:
             raise RuntimeError("addmm rewrite left an inconsistent graph")
-    with report.stage("decompose erf", log):
+    with report.stage("decompose erf, drop softmax guard", log):
         report.erf_decomposed = decompose_erf(ep)
+        report.softmax_guards_dropped = drop_safe_softmax_guard(ep)
     with report.stage("to_edge" + (" + xnnpack" if xnnpack else ""), log):
         edge = prog.to_edge_program(ep, xnnpack)
     with report.stage("to_executorch (train)", log):

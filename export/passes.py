@@ -4,6 +4,10 @@
   runtime runs ``addmm`` with a naive kernel (NOTES.md: 52 of 55 ms of a step), ``mm`` with a fast one.
 * :func:`decompose_erf` writes ``aten.erf`` (GELU's backward) as a rational function of ops XNNPACK
   delegates: the runtime's portable ``erf`` is scalar code (147 of ~1,800 ms of a MiniLM step).
+* :func:`drop_safe_softmax_guard` removes attention's guard for rows with every key masked
+  (``where(all(x == -inf), 0, softmax(x))``): ~95 ms of portable ``eq``/``any``/``where`` per MiniLM
+  step, for rows a tokenized example never has (its first token is always attended; the ExecuTorch
+  trainer refuses an example without tokens).
 * :func:`strip_state_prefix` renames the program's parameters and buffers, so a wrapper module's
   attribute name (``model.``) does not leak into the names the ``.ptd`` and the runtime use.
 """
@@ -117,6 +121,67 @@ def decompose_erf(ep: ExportedProgram) -> int:
         return emit(aten.div.Tensor, numerator, horner(emit, x2, _ERF_BETA))
 
     return _replace(ep, lambda n: n.target == aten.erf.default, build)
+
+
+def _is(node: object, op: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == op
+
+
+def _guarded_softmax(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The ``softmax`` of ``where(logical_not(any(logical_not(x == -inf), -1)), zeros, softmax(x))``."""
+    if not _is(node, aten.where.self) or len(node.args) != 3:
+        return None
+    cond, zeros, soft = node.args
+    if not (
+        _is(soft, aten._softmax.default)
+        and _is(zeros, aten.full_like.default)
+        and _is(cond, aten.logical_not.default)
+    ):
+        return None
+    assert (
+        isinstance(soft, torch.fx.Node)
+        and isinstance(zeros, torch.fx.Node)
+        and isinstance(cond, torch.fx.Node)
+    )
+    rows = cond.args[0]
+    if zeros.args[1:2] != (0,) or not _is(rows, aten.any.dim):
+        return None
+    assert isinstance(rows, torch.fx.Node)
+    kept = rows.args[0]
+    if not _is(kept, aten.logical_not.default):
+        return None
+    assert isinstance(kept, torch.fx.Node)
+    masked = kept.args[0]
+    if not (_is(masked, aten.eq.Scalar) and isinstance(masked, torch.fx.Node)):
+        return None
+    if masked.args != (soft.args[0], float("-inf")):
+        return None
+    return soft
+
+
+def drop_safe_softmax_guard(ep: ExportedProgram) -> int:
+    """Replace every guarded softmax by the plain one, in place; returns how many.
+
+    The guard only changes rows whose every entry is ``-inf`` (NaN without it, zeros with it).
+    """
+    graph = ep.graph_module.graph
+    dropped = 0
+    for node in list(graph.nodes):
+        soft = _guarded_softmax(node)
+        if soft is None:
+            continue
+        chain = [node.args[0], node.args[1]]  # the condition's ops and the zeros, if now unused
+        node.replace_all_uses_with(soft)
+        graph.erase_node(node)
+        while chain:
+            dead = chain.pop()
+            if isinstance(dead, torch.fx.Node) and not dead.users and dead.op == "call_function":
+                chain.extend(a for a in dead.args if isinstance(a, torch.fx.Node))
+                graph.erase_node(dead)
+        dropped += 1
+    graph.lint()
+    ep.graph_module.recompile()
+    return dropped
 
 
 def strip_state_prefix(ep: ExportedProgram, prefix: str) -> ExportedProgram:

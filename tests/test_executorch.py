@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
 
@@ -18,7 +19,7 @@ from edge_client.trainer import EagerTrainer, OptimizerConfig
 from export import executorch_program as prog
 from export.build import build_bundle
 from export.bundle import ADAPTER_PTD, INFER_PTE, Bundle, BundleError, load_bundle
-from export.passes import ADDMM, count_op, decompose_erf, rewrite_addmm
+from export.passes import ADDMM, count_op, decompose_erf, drop_safe_softmax_guard, rewrite_addmm
 from export.spec import AdapterSpec
 from export.state import RAVAN_H, RAVAN_S, State, trainable_state
 
@@ -64,6 +65,7 @@ def build(family: str, model: str, out: Path, seq: int, xnnpack: bool = False) -
         model, spec, num_classes=CLASSES, seq_len=seq, out=out, batch_range=(2, 16), xnnpack=xnnpack
     )
     assert report.addmm_rewritten > 0 and report.erf_decomposed > 0  # GELU's backward has an erf
+    assert report.softmax_guards_dropped == 2  # one per attention layer of tiny BERT
     return bundle
 
 
@@ -150,6 +152,10 @@ def test_batch_outside_range_is_refused(tiny: Bundle) -> None:
         trainer.train(batches(1, 17, SEQ), Steps(1))
     with pytest.raises(ValueError, match="input_ids must be"):
         trainer.train(batches(1, 4, SEQ + 1), Steps(1))
+    (empty,) = batches(1, 4, SEQ)
+    empty["attention_mask"][2] = 0  # an example without a single token
+    with pytest.raises(ValueError, match="at least one token"):
+        trainer.train([empty], Steps(1))
 
 
 def test_a_batch_below_the_smallest_trains_like_eager(tiny: Bundle) -> None:
@@ -233,6 +239,25 @@ def test_decompose_erf_stays_within_half_a_micro_of_erf_everywhere() -> None:
     got, want = ep.module()(x).double(), torch.erf(2 * x.double())
     assert float((got - want).abs().max()) < 5e-7  # float32's own erf: 3e-8; A&S 7.1.26: 9e-7
     assert torch.equal(got[-5:].sign(), want[-5:].sign()) and float(got[-2:].abs().min()) == 1.0
+
+
+def test_dropping_the_softmax_guard_changes_nothing_while_every_row_has_a_key() -> None:
+    class Attention(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4)
+    mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    mask[0, :, :, 4:] = False  # padding keys
+    with sdpa_kernel(SDPBackend.MATH):
+        ep = torch.export.export(Attention(), (q, k, mask)).run_decompositions()
+    want = ep.module()(q, k, mask)
+    assert count_op(ep, torch.ops.aten.any.dim) == 1
+    assert drop_safe_softmax_guard(ep) == 1
+    assert count_op(ep, torch.ops.aten.any.dim) == 0 and count_op(ep, torch.ops.aten.eq.Scalar) == 0
+    torch.testing.assert_close(ep.module()(q, k, mask), want, atol=0, rtol=0)
+    mask[1, :, 2, :] = False  # a query with no key at all: the guard's zeros become NaN
+    assert ep.module()(q, k, mask)[1, :, 2].isnan().all()
 
 
 @pytest.mark.slow
