@@ -59,10 +59,10 @@ FULL = Grid(
     ("reuters8", "20news"),
     ("iid", "0.3", "0.1"),
     (0, 1, 2),
-    rounds=10,
+    rounds=8,
     clients=20,
-    clients_per_round=5,
-    minutes_per_run=5.0,
+    clients_per_round=4,
+    minutes_per_run=3.5,
 )
 
 
@@ -190,7 +190,7 @@ def versions() -> str:
 
 
 def main(argv: list[str]) -> int:
-    from sim.report import markdown_table, summary_rows
+    from sim.report import summary_rows
     from sim.run import run_experiment
 
     p = argparse.ArgumentParser(
@@ -221,44 +221,69 @@ def main(argv: list[str]) -> int:
         )
         print(f"  {line}   ({seconds:.0f}s)", file=sys.stderr, flush=True)
         lines.append(f"| `fleetlora bench {name}` | `{line}` | {seconds:.0f} s |")
-    results = []
+    results: list[tuple[SimConfig, list[dict[str, Any]]]] = []
+    cmd = "fleetlora bench all" + (" --quick" if args.quick else "")
+    out = Path(args.out)
     for config in configs:
         results.append((config, run_experiment(config, quiet=True)))
-        print(f"  sim {config.out} done", file=sys.stderr, flush=True)
-    rows = quality_rows(results)
+        print(f"  sim {config.out} done ({len(results)} of {len(configs)})", file=sys.stderr, flush=True)
+        # Written after every run: an interrupted full run still leaves what it measured.
+        out.write_text(report(cmd, grid, lines, results, len(configs), None, None))
     hetero = hetero_config(grid, Path(args.runs))
     hetero_rows = summary_rows(run_experiment(hetero, quiet=True))
-    div_plot = plot_layer_divergence(results[0][1], Path(args.out).with_name("benchmarks_divergence.png"))
-    cmd = "fleetlora bench all" + (" --quick" if args.quick else "")
-    report = "\n".join(
-        [
-            "# fleetlora benchmarks",
-            "",
-            f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}.",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
-            f"Versions: {versions()}.",
-            "",
-            "## Speed (each a ratio measured side by side in one run)",
-            "",
-            "| benchmark | result | took |",
-            "|---|---|---|",
-            *lines,
-            "",
-            f"## Learning quality (final accuracy over {len(grid.seeds)} seed(s), {grid.rounds} rounds, "
-            f"{grid.clients} clients, {grid.clients_per_round} per round)",
+    div_plot = plot_layer_divergence(results[0][1], out.with_name("benchmarks_divergence.png"))
+    text = report(cmd, grid, lines, results, len(configs), (hetero, hetero_rows), div_plot)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+def report(
+    cmd: str,
+    grid: Grid,
+    speed_lines: list[str],
+    results: list[tuple[SimConfig, list[dict[str, Any]]]],
+    planned_runs: int,
+    hetero: tuple[SimConfig, list[dict[str, Any]]] | None,
+    div_plot: Path | None,
+) -> str:
+    """BENCHMARKS.md from what has been measured so far (a partial run says how far it got)."""
+    from sim.report import markdown_table
+
+    status = (
+        f"**Partial**: {len(results)} of {planned_runs} simulator runs done when this was written."
+        if len(results) < planned_runs or hetero is None
+        else f"Complete: all {planned_runs} simulator runs and the heterogeneity run."
+    )
+    lines = [
+        "# fleetlora benchmarks",
+        "",
+        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}. {status}",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
+        f"Versions: {versions()}.",
+        "",
+        "## Speed (each a ratio measured side by side in one run)",
+        "",
+        "| benchmark | result | took |",
+        "|---|---|---|",
+        *speed_lines,
+        "",
+        f"## Learning quality (final accuracy over {len(grid.seeds)} seed(s), {grid.rounds} rounds, "
+        f"{grid.clients} clients, {grid.clients_per_round} per round)",
+        "",
+        markdown_table(quality_rows(results)) if results else "(no run finished yet)",
+        "",
+    ]
+    if hetero is not None:
+        config, rows = hetero
+        lines += [
+            f"## Compute heterogeneity (right-skewed device mix, {config.dataset}, alpha {config.alpha})",
             "",
             markdown_table(rows),
-            "",
-            f"## Compute heterogeneity (right-skewed device mix, {hetero.dataset}, alpha {hetero.alpha})",
-            "",
-            markdown_table(hetero_rows),
             "",
             "## Divergence per layer, FLoRA-NA against FedIT",
             "",
             f"![divergence]({div_plot.name})" if div_plot else "(fedit and flora_na not both in the grid)",
             "",
         ]
-    )
-    Path(args.out).write_text(report)
-    print(report)
-    return 0
+    return "\n".join(lines)

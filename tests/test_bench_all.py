@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.bench_all import FULL, QUICK, TARGETS, grid_configs, quality_rows
+from sim.bench_all import FULL, QUICK, TARGETS, grid_configs, quality_rows, report
 
 
 def test_the_full_grid_is_every_method_on_both_datasets_three_splits_three_seeds(tmp_path: Path) -> None:
@@ -38,3 +38,13 @@ def test_quality_rows_give_mean_spread_and_bytes_to_the_datasets_target(tmp_path
     assert row["target_acc"] == target and row["seeds"] == 2
     (never,) = quality_rows([run(1, [0.1, 0.2, 0.4])])
     assert never["MB_up_to_target"] == "not reached"
+
+
+def test_a_report_written_midway_says_how_far_the_run_got(tmp_path: Path) -> None:
+    (config, _) = grid_configs(QUICK, tmp_path)
+    records = [{"method": m, "accuracy": 0.6, "bytes_up_total": 1e6} for m in config.methods]
+    speed = ["| `fleetlora bench ingest` | `ingest: ratio_to_raw=0.71 lost=0` | 30 s |"]
+    text = report("fleetlora bench all", QUICK, speed, [(config, records)], 2, None, None)
+    assert "**Partial**: 1 of 2 simulator runs" in text and "ratio_to_raw=0.71" in text
+    assert all(f"| {m} |" in text for m in config.methods)
+    assert "Compute heterogeneity" not in text  # not run yet
