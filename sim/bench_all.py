@@ -34,7 +34,10 @@ SUB_BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
         ["--families", "lora", "--xnnpack", "on", "--cache", CLIENT_CACHE],
         ["--xnnpack", "on", "--cache", CLIENT_CACHE],
     ),
+    "scale": (["--clients", "1000"], ["--clients", "10000"]),
 }
+# Everything below this line of an existing report is kept when the report is written again.
+KEPT_MARKER = "<!-- kept: everything below is written by hand and survives `fleetlora bench all` -->"
 PACKAGES = ("torch", "transformers", "peft", "executorch", "paho-mqtt", "ray", "numpy")
 
 
@@ -224,18 +227,28 @@ def main(argv: list[str]) -> int:
     results: list[tuple[SimConfig, list[dict[str, Any]]]] = []
     cmd = "fleetlora bench all" + (" --quick" if args.quick else "")
     out = Path(args.out)
+    kept = kept_section(out)
     for config in configs:
         results.append((config, run_experiment(config, quiet=True)))
         print(f"  sim {config.out} done ({len(results)} of {len(configs)})", file=sys.stderr, flush=True)
         # Written after every run: an interrupted full run still leaves what it measured.
-        out.write_text(report(cmd, grid, lines, results, len(configs), None, None))
+        out.write_text(report(cmd, grid, lines, results, len(configs), None, None) + kept)
     hetero = hetero_config(grid, Path(args.runs))
     hetero_rows = summary_rows(run_experiment(hetero, quiet=True))
     div_plot = plot_layer_divergence(results[0][1], out.with_name("benchmarks_divergence.png"))
-    text = report(cmd, grid, lines, results, len(configs), (hetero, hetero_rows), div_plot)
+    text = report(cmd, grid, lines, results, len(configs), (hetero, hetero_rows), div_plot) + kept
     out.write_text(text)
     print(text)
     return 0
+
+
+def kept_section(path: Path) -> str:
+    """The hand-written tail of an existing report (from :data:`KEPT_MARKER` on), or nothing."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    at = text.find(KEPT_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
 
 
 def report(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.bench_all import FULL, QUICK, TARGETS, grid_configs, quality_rows, report
+from sim.bench_all import FULL, KEPT_MARKER, QUICK, TARGETS, grid_configs, kept_section, quality_rows, report
 
 
 def test_the_full_grid_is_every_method_on_both_datasets_three_splits_three_seeds(tmp_path: Path) -> None:
@@ -48,3 +48,12 @@ def test_a_report_written_midway_says_how_far_the_run_got(tmp_path: Path) -> Non
     assert "**Partial**: 1 of 2 simulator runs" in text and "ratio_to_raw=0.71" in text
     assert all(f"| {m} |" in text for m in config.methods)
     assert "Compute heterogeneity" not in text  # not run yet
+
+
+def test_the_hand_written_tail_of_a_report_survives_regeneration(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    assert kept_section(path) == ""
+    path.write_text(f"# old generated part\n\n{KEPT_MARKER}\n## Notes\nmeasured by hand\n")
+    assert kept_section(path) == f"\n{KEPT_MARKER}\n## Notes\nmeasured by hand\n"
+    path.write_text("# a report without the marker\n")
+    assert kept_section(path) == ""
