@@ -233,12 +233,13 @@ def test_decompose_erf_stays_within_half_a_micro_of_erf_everywhere() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.erf(2 * x)
 
-    x = torch.cat([torch.linspace(-5, 5, 400_001), torch.tensor([0.0, 1e-38, -1e-30, 3e4, -1e30])])
+    x = torch.cat([torch.linspace(-5, 5, 400_001), torch.tensor([0.0, 1e-38, -1e-30, -7.07e-31, 3e4, -1e30])])
     ep = torch.export.export(Erf(), (x,))
     assert decompose_erf(ep) == 1 and count_op(ep, torch.ops.aten.erf.default) == 0
     got, want = ep.module()(x).double(), torch.erf(2 * x.double())
+    assert bool(got.isfinite().all())  # 0 and the shift's neighbourhood included
     assert float((got - want).abs().max()) < 5e-7  # float32's own erf: 3e-8; A&S 7.1.26: 9e-7
-    assert torch.equal(got[-5:].sign(), want[-5:].sign()) and float(got[-2:].abs().min()) == 1.0
+    assert got[-2:].tolist() == [1.0, -1.0]
 
 
 def test_dropping_the_softmax_guard_changes_nothing_while_every_row_has_a_key() -> None:
