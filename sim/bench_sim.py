@@ -145,18 +145,20 @@ def main(argv: list[str]) -> int:
     seconds = time_engine(config, train=False, profile=args.profile)
     overhead_ms = 1000 * seconds / client_rounds
     print(f"engine, no training, no aggregation: {seconds:.2f} s = {overhead_ms:.3f} ms per client round")
+    summary = f"sim: overhead_ms_per_client_round={overhead_ms:.4f}"
     if args.flower:
         try:
             flower = time_flower(args.clients, args.rounds)
         except RuntimeError as e:
             print(f"flower: not measured: {e}")
+            summary += " flower=not_measured"
         else:
             flower_ms = 1000 * flower["rounds_s"] / client_rounds
             print(
                 f"flower {FLOWER_VERSION} simulation, no work: {flower['rounds_s']:.1f} s of rounds "
                 f"({flower['total_s']:.1f} s with start-up)"
             )
-            print(f"flower_ms_per_client_round={flower_ms:.3f}")
-            print(f"ratio={flower_ms / overhead_ms:.1f} (flower / fleetlora, per client round)")
-    print(f"sim: overhead_ms_per_client_round={overhead_ms:.4f}")
+            ratio = flower_ms / overhead_ms
+            summary += f" flower_ms_per_client_round={flower_ms:.3f} flower_over_fleetlora={ratio:.1f}"
+    print(summary)  # the last line: what `fleetlora bench all` reports
     return 0
