@@ -9,6 +9,7 @@ spread of final accuracy and the bytes each method uploaded to first reach a tar
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -89,9 +90,10 @@ def grid_configs(grid: Grid, out: Path) -> list[SimConfig]:
 
     methods = tuple(aggregators.available()) if grid.methods == ("all",) else grid.methods
     configs = []
-    for dataset in grid.datasets:
-        for split in grid.splits:
-            for seed in grid.seeds:
+    # Seed-major: an interrupted run has every cell at the first seeds rather than some cells at all.
+    for seed in grid.seeds:
+        for dataset in grid.datasets:
+            for split in grid.splits:
                 partition = "iid" if split == "iid" else "dirichlet"
                 alpha = 0.3 if split == "iid" else float(split)
                 configs.append(
@@ -108,6 +110,34 @@ def grid_configs(grid: Grid, out: Path) -> list[SimConfig]:
                     )
                 )
     return configs
+
+
+def read_speed(path: Path) -> dict[str, tuple[str, float]]:
+    """Sub-benchmark lines an earlier attempt measured (``--resume``): name -> (line, seconds)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for text in path.read_text().splitlines():
+        d = json.loads(text)
+        if not d["line"].startswith(f"{d['name']}: ") or "failed" in d["line"] or "timed out" in d["line"]:
+            continue  # only a sub-benchmark's own result line is reused, never a failure
+        out[d["name"]] = (d["line"], float(d["seconds"]))
+    return out
+
+
+def finished_records(config: SimConfig) -> list[dict[str, Any]] | None:
+    """The records of an earlier, complete run of ``config`` in its folder (for ``--resume``), or None.
+
+    Complete: the folder's ``config.json`` is this config and every method has all its rounds.
+    """
+    folder = Path(config.out)
+    try:
+        same = json.loads((folder / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    except (OSError, ValueError):
+        return None
+    rounds = {m: sum(1 for r in records if r.get("method") == m) for m in config.methods}
+    return records if same and all(n == config.rounds for n in rounds.values()) else None
 
 
 def quality_rows(results: list[tuple[SimConfig, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -205,6 +235,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="BENCHMARKS.md", help="report path (default: %(default)s)")
     p.add_argument("--runs", default="runs/bench", help="run folders of the learning-quality grid")
     p.add_argument("--skip", default="", help="comma-separated sub-benchmarks to skip")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse sub-benchmark lines and simulator runs an interrupted attempt completed in --runs",
+    )
     args = p.parse_args(argv)
     grid = QUICK if args.quick else FULL
     configs = grid_configs(grid, Path(args.runs))
@@ -216,12 +251,22 @@ def main(argv: list[str]) -> int:
     )
     skip = set(filter(None, args.skip.split(",")))
     lines: list[str] = []
+    measured = Path(args.runs) / "speed.jsonl"  # each sub-benchmark's line, for --resume
+    earlier = {} if not args.resume else read_speed(measured)
+    if not args.resume:
+        measured.unlink(missing_ok=True)
     for name, (quick_args, full_args) in SUB_BENCHMARKS.items():
         if name in skip:
             continue
-        line, seconds = run_sub(
-            name, quick_args if args.quick else full_args, timeout=1800 if args.quick else 7200
-        )
+        if name in earlier:
+            line, seconds = earlier[name]
+        else:
+            line, seconds = run_sub(
+                name, quick_args if args.quick else full_args, timeout=1800 if args.quick else 7200
+            )
+            measured.parent.mkdir(parents=True, exist_ok=True)
+            with measured.open("a") as f:
+                f.write(json.dumps({"name": name, "line": line, "seconds": seconds}) + "\n")
         print(f"  {line}   ({seconds:.0f}s)", file=sys.stderr, flush=True)
         lines.append(f"| `fleetlora bench {name}` | `{line}` | {seconds:.0f} s |")
     results: list[tuple[SimConfig, list[dict[str, Any]]]] = []
@@ -229,7 +274,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     kept = kept_section(out)
     for config in configs:
-        results.append((config, run_experiment(config, quiet=True)))
+        done = finished_records(config) if args.resume else None
+        results.append((config, done if done is not None else run_experiment(config, quiet=True)))
         print(f"  sim {config.out} done ({len(results)} of {len(configs)})", file=sys.stderr, flush=True)
         # Written after every run: an interrupted full run still leaves what it measured.
         out.write_text(report(cmd, grid, lines, results, len(configs), None, None) + kept)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
-from sim.bench_all import FULL, KEPT_MARKER, QUICK, TARGETS, grid_configs, kept_section, quality_rows, report
+from sim.bench_all import (
+    FULL,
+    KEPT_MARKER,
+    QUICK,
+    TARGETS,
+    finished_records,
+    grid_configs,
+    kept_section,
+    quality_rows,
+    read_speed,
+    report,
+)
 
 
 def test_the_full_grid_is_every_method_on_both_datasets_three_splits_three_seeds(tmp_path: Path) -> None:
@@ -57,3 +69,28 @@ def test_the_hand_written_tail_of_a_report_survives_regeneration(tmp_path: Path)
     assert kept_section(path) == f"\n{KEPT_MARKER}\n## Notes\nmeasured by hand\n"
     path.write_text("# a report without the marker\n")
     assert kept_section(path) == ""
+
+
+def test_resume_reuses_only_a_complete_run_of_the_same_config(tmp_path: Path) -> None:
+    (config, _) = grid_configs(QUICK, tmp_path)
+    folder = Path(config.out)
+    folder.mkdir(parents=True)
+    config.save(folder / "config.json")
+    records = [{"method": m, "round": r, "accuracy": 0.5} for m in config.methods for r in range(1, 4)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
+    assert finished_records(config) is None  # the last method's last round is missing
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert finished_records(config) == records
+    assert finished_records(dataclasses.replace(config, rounds=5)) is None  # another config
+
+
+def test_resume_reuses_sub_benchmark_lines_but_never_a_failure(tmp_path: Path) -> None:
+    path = tmp_path / "speed.jsonl"
+    assert read_speed(path) == {}
+    rows = [
+        {"name": "ingest", "line": "ingest: ratio_to_raw=0.71 lost=0", "seconds": 19.0},
+        {"name": "client", "line": "client: failed (exit 1): boom", "seconds": 3.0},
+        {"name": "scale", "line": "scale: timed out after 7200s", "seconds": 7200.0},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_speed(path) == {"ingest": ("ingest: ratio_to_raw=0.71 lost=0", 19.0)}
