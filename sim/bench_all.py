@@ -270,7 +270,7 @@ def main(argv: list[str]) -> int:
         print(f"  {line}   ({seconds:.0f}s)", file=sys.stderr, flush=True)
         lines.append(f"| `fleetlora bench {name}` | `{line}` | {seconds:.0f} s |")
     results: list[tuple[SimConfig, list[dict[str, Any]]]] = []
-    cmd = "fleetlora bench all" + (" --quick" if args.quick else "")
+    cmd = " ".join(["fleetlora bench all", *argv])
     out = Path(args.out)
     kept = kept_section(out)
     for config in configs:
