@@ -84,14 +84,14 @@ class RoundState:
 
 def _write_chunks(fd: int, chunks: list[bytes]) -> None:
     """Write ``chunks`` in order with ``writev``: a segment of many envelopes is never joined in memory."""
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
+    views, first = [memoryview(c) for c in chunks if c], 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:  # a short write ends inside this buffer
+            views[first] = views[first][written:]
 
 
 def _fsync_dir(path: Path) -> None:

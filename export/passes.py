@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch._guards import detect_fake_mode
@@ -116,7 +116,7 @@ def decompose_erf(ep: ExportedProgram) -> int:
     return _replace(ep, lambda n: n.target == aten.erf.default, build)
 
 
-def _is(node: object, op: object) -> bool:
+def _is(node: object, op: object) -> TypeGuard[torch.fx.Node]:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == op
 
 
@@ -128,26 +128,14 @@ def _guarded_softmax(node: torch.fx.Node) -> torch.fx.Node | None:
     if not (
         _is(soft, aten._softmax.default)
         and _is(zeros, aten.full_like.default)
+        and zeros.args[1:2] == (0,)
         and _is(cond, aten.logical_not.default)
     ):
         return None
-    assert (
-        isinstance(soft, torch.fx.Node)
-        and isinstance(zeros, torch.fx.Node)
-        and isinstance(cond, torch.fx.Node)
-    )
     rows = cond.args[0]
-    if zeros.args[1:2] != (0,) or not _is(rows, aten.any.dim):
-        return None
-    assert isinstance(rows, torch.fx.Node)
-    kept = rows.args[0]
-    if not _is(kept, aten.logical_not.default):
-        return None
-    assert isinstance(kept, torch.fx.Node)
-    masked = kept.args[0]
-    if not (_is(masked, aten.eq.Scalar) and isinstance(masked, torch.fx.Node)):
-        return None
-    if masked.args != (soft.args[0], float("-inf")):
+    kept = rows.args[0] if _is(rows, aten.any.dim) else None
+    masked = kept.args[0] if _is(kept, aten.logical_not.default) else None
+    if not (_is(masked, aten.eq.Scalar) and masked.args == (soft.args[0], float("-inf"))):
         return None
     return soft
 

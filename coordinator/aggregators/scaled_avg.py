@@ -34,15 +34,7 @@ class ScaledAveraging(Aggregator):
     ``round_index`` counts the rounds aggregated so far (a resumed coordinator sets it).
     """
 
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        self.round_index = 0
+    round_index: int = 0  # per instance once aggregate() counts a round
 
     def beta(self, global_state: State, updates: list[ClientUpdate], p: torch.Tensor) -> float:
         """This round's server step size."""
