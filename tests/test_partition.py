@@ -38,7 +38,13 @@ def test_iid_partition_covers_disjointly_with_balanced_sizes(n: int, num_clients
 @settings(max_examples=40, deadline=None)
 @given(num_clients=st.integers(1, 20), alpha=st.floats(0.05, 100.0), seed=st.integers(0, 2**32 - 1))
 def test_dirichlet_partition_covers_disjointly(num_clients: int, alpha: float, seed: int) -> None:
-    parts = dirichlet_partition(LABELS, num_clients, alpha, seed, min_size=5)
+    try:
+        parts = dirichlet_partition(LABELS, num_clients, alpha, seed, min_size=5)
+    except ValueError as e:
+        # Only extreme skew can leave a client below min_size in every one of the draws (CI once
+        # drew alpha=0.05 with 18 clients); the refusal must then be the documented one.
+        assert "no Dirichlet" in str(e) and alpha < 0.2 and num_clients > 10, (alpha, num_clients)
+        return
     assert len(parts) == num_clients
     assert_disjoint_cover(parts, len(LABELS))
     assert min(len(p) for p in parts) >= 5
