@@ -86,6 +86,7 @@ def run_crash_drill(
     rounds: int = 12,
     payload_bytes: int = 4096,
     max_delay_s: float = 0.6,
+    answer_gap_s: float = 0.02,
     seed: int = 0,
     timeout_s: float = 300.0,
 ) -> CrashReport:
@@ -93,6 +94,8 @@ def run_crash_drill(
 
     Each life is killed ``uniform(0, max_delay_s)`` seconds after it has subscribed (so it is always
     serving: receiving, persisting, aggregating or announcing), or sooner when ``seed`` draws 0.
+    The devices answer ``answer_gap_s`` apart, so most rounds spend most of their time open with
+    some updates persisted: the moment a kill is most likely to lose one.
     """
     names = client_names(clients)
     template = dense_template(payload_bytes)
@@ -101,7 +104,7 @@ def run_crash_drill(
     draw = random.Random(seed)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    fleet = DrillFleet(port, names, template).start()
+    fleet = DrillFleet(port, names, template, answer_gap_s=answer_gap_s).start()
     start = time.monotonic()
     try:
         while True:
@@ -164,6 +167,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=120, help="rounds of the run (default 120)")
     parser.add_argument("--payload", type=int, default=65536, help="bytes per update (default 64 KiB)")
     parser.add_argument("--max-delay", type=float, default=1.0, help="longest life before its kill (s)")
+    parser.add_argument("--answer-gap", type=float, default=0.02, help="pause between answers (s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="fleetlora-crash-"))
@@ -172,7 +176,8 @@ def main(argv: list[str]) -> int:
         with Mosquitto(workdir / "broker") as broker:
             report = run_crash_drill(
                 broker.port, workdir, kills=args.kills, clients=args.clients, rounds=args.rounds,
-                payload_bytes=args.payload, max_delay_s=args.max_delay, seed=args.seed,
+                payload_bytes=args.payload, max_delay_s=args.max_delay, answer_gap_s=args.answer_gap,
+                seed=args.seed,
             )  # fmt: skip
         print(f"open round at each kill: {report.kill_rounds}")
         print(f"updates found on disk at each restart: {report.resumed_updates}")

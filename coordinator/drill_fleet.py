@@ -130,6 +130,10 @@ class DrillFleet:
         Extra :class:`LinkConfig` fields (credentials, TLS, back-off).
     keys : mapping of client id to HMAC key, optional
         Each device signs its updates with its key.
+    answer_gap_s : float
+        Pause after each answer, so a round's updates arrive spread out as a real fleet's do rather
+        than in one burst the coordinator persists at once (the crash drill needs rounds that are
+        open with some of their updates on disk).
     """
 
     def __init__(
@@ -141,8 +145,9 @@ class DrillFleet:
         vanish: Mapping[int, Iterable[str]] | None = None,
         link_options: Mapping[str, object] | Callable[[str], Mapping[str, object]] | None = None,
         keys: Mapping[str, bytes] | None = None,
+        answer_gap_s: float = 0.0,
     ) -> None:
-        self.port, self.template = port, template
+        self.port, self.template, self.answer_gap_s = port, template, answer_gap_s
         self.vanish = {r: set(ids) for r, ids in (vanish or {}).items()}
         self.link_options = link_options if callable(link_options) else (lambda _c: link_options or {})
         self.keys = dict(keys or {})
@@ -196,6 +201,7 @@ class DrillFleet:
                 continue
             self.outcomes[cid].append(device.handle_global(payload))
             device.settle()
+            self.stop.wait(self.answer_gap_s)
 
     def finished(self) -> bool:
         """Every online device has seen the final announcement and has nothing pending."""

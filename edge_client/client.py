@@ -181,6 +181,7 @@ class EdgeClient:
             log.warning("%s: announcement refused: %s", cfg.client_id, e)
             return REJECTED  # not persisted: a bad message says nothing about our progress
         header = decoded.header
+        self.settle()  # an acknowledgement that arrived since the last look counts before we judge
         if progress.pending_round and progress.pending_round == header.round:
             self._answered = header.msg_id
             return self._publish_pending(header.round, resent=True)
