@@ -1,9 +1,11 @@
 """The tensor half of an envelope: a safetensors blob checked against a template before it is loaded.
 
 The safetensors header is parsed here first, with every size and offset bounded, so a hostile header
-cannot make ``safetensors`` allocate huge memory; names, dtypes and shapes are then checked against the
-template (the full-rank shapes of the global adapter), and only then are the bytes loaded and the
-values checked (finite floats, valid Ravan head indices).
+cannot make the receiver allocate huge memory; names, dtypes and shapes are then checked against the
+template (the full-rank shapes of the global adapter), and only then are the tensors made and the
+values checked (finite floats, valid Ravan head indices). The tensors are made from the checked
+offsets directly (``torch.frombuffer``): as copies, or as read-only views of the payload where the
+receiver never writes into them (the coordinator's updates), which costs no allocation at all.
 """
 
 from __future__ import annotations
@@ -11,18 +13,23 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
 
 from edge_client.wire_errors import EnvelopeError, Reason
 from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S, State
 
 Template = dict[str, tuple[int, ...]]
+
+# Update tensors are views of the received payload by design (see load_checked); torch warns, once,
+# that it cannot mark such a tensor read-only. safetensors stores little-endian, as are the hosts
+# fleetlora targets (x86-64, ARM64), so the views read the bytes as they are.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 FLOAT_DTYPES = {"F32": (torch.float32, 4), "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2)}
@@ -84,11 +91,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def strict_json(text: bytes) -> object:
+def strict_json(text: bytes | memoryview) -> object:
     """JSON without duplicate keys or NaN/Infinity; ``ValueError`` (also for deep nesting) otherwise."""
     try:
         return json.loads(
-            text.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+            str(text, "utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
         )
     except RecursionError as e:
         raise ValueError("JSON nested too deeply") from e
@@ -98,11 +105,17 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_tensor_header(blob: bytes) -> dict[str, Entry]:
+def _data_start(blob: bytes | memoryview) -> int:
+    """Where the tensor data begins: after the 8-byte length and the JSON header."""
+    (n,) = struct.unpack_from("<Q", blob)
+    return 8 + int(n)
+
+
+def parse_tensor_header(blob: bytes | memoryview) -> dict[str, Entry]:
     """The tensors a safetensors blob declares, with every size and offset checked against the blob."""
     if len(blob) < 8:
         raise EnvelopeError(Reason.BAD_TENSORS, f"safetensors blob of {len(blob)} bytes has no header")
-    (n,) = struct.unpack("<Q", blob[:8])
+    n = _data_start(blob) - 8
     if n > MAX_TENSOR_HEADER or 8 + n > len(blob):
         raise EnvelopeError(Reason.BAD_TENSORS, f"safetensors header length {n} exceeds the blob or limit")
     try:
@@ -225,16 +238,24 @@ def check_against_template(
         need(entries[key].shape == t, f"{key}: {entries[key].shape}, want {t}")
 
 
-def load_checked(blob: bytes, entries: dict[str, Entry], heads: Sequence[int] | None) -> State:
-    """Load the (already checked) blob and check the values: finite floats, head indices = header's."""
-    try:  # safetensors, not pickle: raw bytes behind a JSON header that parse_tensor_header already bounded
-        state = safetensors.torch.load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise EnvelopeError(Reason.BAD_TENSORS, f"safetensors refused the blob: {str(e)[:200]}") from e
-    for name, entry in entries.items():  # the library must agree with our own reading of the header
-        t = state.get(name)
-        if t is None or tuple(t.shape) != entry.shape or len(state) != len(entries):
-            raise EnvelopeError(Reason.BAD_TENSORS, f"{name}: loaded tensors disagree with the header")
+def load_checked(
+    blob: bytes | memoryview, entries: dict[str, Entry], heads: Sequence[int] | None, *, copy: bool = True
+) -> State:
+    """The tensors of a checked blob, then their values: finite floats, head indices = header's.
+
+    ``copy=False`` returns views of ``blob``'s memory (which must be immutable and outlive nothing: the
+    tensors keep it alive); they must not be written into.
+    """
+    start = _data_start(blob)
+    state: State = {}
+    for name, e in entries.items():  # offsets already proven back to back inside the blob
+        dtype = INDEX_DTYPE[1] if name.endswith(RAVAN_HEADS) else FLOAT_DTYPES[e.dtype][0]
+        count = math.prod(e.shape)
+        if count == 0:
+            state[name] = torch.empty(e.shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(blob, dtype=dtype, count=count, offset=start + e.begin).view(e.shape)
+        state[name] = t.clone() if copy else t
     for name, t in state.items():
         if name.endswith(RAVAN_HEADS):
             if heads is None or t.tolist() != list(heads):

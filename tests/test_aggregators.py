@@ -127,6 +127,21 @@ def method(request) -> str:
     return request.param
 
 
+def test_updates_are_never_written_into(method):
+    """The coordinator aggregates read-only views of the payloads it received
+    (:func:`edge_client.wire_tensors.load_checked`): a method writing into an update would corrupt them."""
+    family = get(method).family
+    glob, updates = make_round(family, 4, method=method)
+    originals = []
+    for u in updates:
+        for key, t in list(u.state.items()):
+            u.state[key] = torch.frombuffer(t.numpy().tobytes(), dtype=t.dtype).view(t.shape)
+            originals.append((u.state[key], t))
+    aggregator(method, family).aggregate(glob, updates)
+    for view, original in originals:
+        assert torch.equal(view, original)
+
+
 def test_identical_clients_return_their_update(method):
     """G1; FedRPCA's deltas are flat, the case where PCP returns S = 0 (METHODS.md R3)."""
     family = get(method).family

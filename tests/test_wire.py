@@ -414,12 +414,32 @@ def test_mac_is_checked_before_tensors_are_parsed() -> None:
     reject(Reason.BAD_MAC, lambda: dec(forged, key=KEY))
 
 
-def test_decoded_tensors_do_not_alias_the_payload() -> None:
+def test_decoded_tensors_do_not_alias_a_mutable_payload() -> None:
     payload = bytearray(GOOD)
     got = dec(bytes(payload))
     before = got.state["classifier.bias"].clone()
     payload[-4:] = b"\0\0\0\0"
     assert torch.equal(got.state["classifier.bias"], before)
+
+
+def test_update_tensors_are_views_of_the_payload_and_global_tensors_are_copies() -> None:
+    """The coordinator reads updates in place (no megabyte copies); a device gets its own tensors."""
+    state = random_state(LORA_T)
+    update = enc(state)
+    glob = encode_global(
+        state, run="run1", round=3, method="fedit", spec=LORA_SPEC, deadline=1.7e9, clients=["a"], rank=4
+    )
+
+    def inside(t: torch.Tensor, payload: bytes) -> bool:
+        base = torch.frombuffer(payload, dtype=torch.uint8).data_ptr()
+        return base <= t.data_ptr() < base + len(payload)
+
+    got = dec(update).state
+    assert_same_state(got, state)
+    assert all(inside(t, update) for t in got.values())
+    received = decode_global(glob, expected_run="run1", spec=LORA_SPEC, template=LORA_T, key=None).state
+    assert_same_state(received, state)
+    assert not any(inside(t, glob) for t in received.values())
 
 
 def test_encoder_refuses_a_bad_header() -> None:
