@@ -28,7 +28,11 @@ CLIENT_TOML = "client.toml"
 RUN_SCRIPT = "run-client.sh"
 BUNDLE_DIR = "bundle"
 CREDENTIALS_DIR = "credentials"
-CREDENTIAL_KEYS = ("password_file", "ca_file", "cert_file", "key_file")
+# Broker credentials (password, TLS CA, client certificate and its key), then the HMAC keys: the one
+# that signs this device's updates and the one that verifies the coordinator's announcements.
+CREDENTIAL_KEYS = (
+    "password_file", "ca_file", "cert_file", "key_file", "hmac_key_file", "coordinator_key_file"
+)  # fmt: skip
 # client.toml's keys are ``fleetlora client``'s flags (its TOML loader rejects any other key).
 CLIENT_FLAGS = {
     "broker": "broker",
@@ -41,6 +45,8 @@ CLIENT_FLAGS = {
     "ca_file": "ca",
     "cert_file": "cert",
     "key_file": "key_file",
+    "hmac_key_file": "key",
+    "coordinator_key_file": "coordinator_key",
 }
 
 RUN_CLIENT_SH = """#!/bin/sh

@@ -61,6 +61,7 @@ def make_service(
     method: str, state_dir: Path, clients: tuple[str, ...], rounds: int = 2, **overrides: Any
 ) -> RoundService:
     spec = spec_for(method)
+    device_keys = overrides.pop("device_keys", None)
     config = ServiceConfig(
         run="t", method=method, rounds=rounds, min_clients=overrides.pop("min_clients", len(clients)),
         deadline_s=overrides.pop("deadline_s", 60.0), clients=clients, **overrides,
@@ -68,7 +69,7 @@ def make_service(
     agg = aggregators.create(method, spec, device="cpu")
     return RoundService(
         config, spec, agg, trainable_state(adapted(spec)), RoundStore(state_dir, sync=False),
-        MetricsLog(state_dir / "metrics.jsonl"),
+        MetricsLog(state_dir / "metrics.jsonl"), device_keys=device_keys,
     )  # fmt: skip
 
 

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from devices.flash import RUN_SCRIPT, ClientConfig, FlashError, Target, commands, flash, stage
+from devices.flash import (
+    CREDENTIAL_KEYS,
+    RUN_SCRIPT,
+    ClientConfig,
+    FlashError,
+    Target,
+    commands,
+    flash,
+    stage,
+)
 from export.bundle import BundleError, BundleInfo, load_bundle, write_bundle
 from export.spec import AdapterSpec
 
@@ -108,7 +117,7 @@ def test_client_toml_keys_are_client_flags(bundle, tmp_path: Path) -> None:
     from fleetlora.cli import parse
 
     creds = {}
-    for key in ("password_file", "ca_file", "cert_file", "key_file"):
+    for key in CREDENTIAL_KEYS:
         (tmp_path / key).write_text("x")
         creds[key] = str(tmp_path / key)
     cfg = ClientConfig("mqtt://127.0.0.1:1", "r1", "dev1", "pixel_8", "eager", creds)
@@ -117,9 +126,8 @@ def test_client_toml_keys_are_client_flags(bundle, tmp_path: Path) -> None:
     args = parse(["client", "--config", str(dest / "client.toml")])
     assert (args.run, args.id, args.profile, args.backend) == ("r1", "dev1", "pixel_8", "eager")
     assert (args.bundle, args.broker) == ("bundle", "mqtt://127.0.0.1:1")
-    assert (args.password_file, args.ca, args.cert, args.key_file) == tuple(
-        f"credentials/{k}" for k in ("password_file", "ca_file", "cert_file", "key_file")
-    )
+    flags = (args.password_file, args.ca, args.cert, args.key_file, args.key, args.coordinator_key)
+    assert flags == tuple(f"credentials/{k}" for k in CREDENTIAL_KEYS)
     assert parse(["client", "--config", str(dest / "client.toml"), "--id", "other"]).id == "other"
 
 

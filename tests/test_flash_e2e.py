@@ -4,6 +4,7 @@ folder's ``run-client.sh`` (ExecuTorch backend) against a real coordinator over 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from deploy_helpers import (
 from coordinator.broker import Mosquitto
 from coordinator.metrics import read_metrics
 from devices.flash import RUN_SCRIPT, ClientConfig, Target, flash
+from edge_client.keys import write_key
 from export.bundle import Bundle
 
 pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
@@ -49,10 +51,18 @@ def bundle() -> Bundle:
 def test_flashed_folder_trains_with_executorch_and_is_aggregated(
     bundle: Bundle, mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "device"
-    config = ClientConfig(f"mqtt://127.0.0.1:{mosquitto.port}", "t", CLIENT, "pixel_8", "executorch")
+    """The device signs its updates with the HMAC key flashed with it; the coordinator, which holds
+    that device's key, refuses anything unsigned or signed otherwise."""
+    folder, key = tmp_path / "device", secrets.token_bytes(32)
+    write_key(tmp_path / f"{CLIENT}.key", key)
+    config = ClientConfig(
+        f"mqtt://127.0.0.1:{mosquitto.port}", "t", CLIENT, "pixel_8", "executorch",
+        {"hmac_key_file": str(tmp_path / f"{CLIENT}.key")},
+    )  # fmt: skip
     flash(bundle, config, Target.parse(f"local:{folder}"), log=lambda _: None)
-    service = make_service("fedit", tmp_path / "state", (CLIENT,), rounds=ROUNDS, deadline_s=120.0)
+    service = make_service(
+        "fedit", tmp_path / "state", (CLIENT,), rounds=ROUNDS, deadline_s=120.0, device_keys={CLIENT: key}
+    )
     thread, stop = serve_in_thread(service, mosquitto.port)
     local = ["--dataset", "trec6", "--max-examples", str(EXAMPLES), "--local-steps", "2"]
     local += ["--batch-size", str(BATCH), "--lr", "0.05", "--connect-jitter", "0"]

@@ -351,6 +351,6 @@ def enroll_action(args: argparse.Namespace) -> int:
     if key_file is not None:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         write_key(key_file, secrets.token_bytes(32))
-        print(f"update key in {key_file} (copy it to the device: --key {key_file.name})")
+        print(f"update key in {key_file} (to the device with: fleetlora flash --hmac-key-file {key_file})")
     print("a running broker picks the new password and ACL up on SIGHUP (or a restart)")
     return 0

@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="executorch", choices=("executorch", "eager"), help="trainer backend")
     for key in ("password-file", "ca-file", "cert-file", "key-file"):
         p.add_argument(f"--{key}", default="", help=f"{key.replace('-', ' ')} to copy to the device")
+    p.add_argument("--hmac-key-file", default="", help="key file signing this device's updates, to copy")
+    p.add_argument(
+        "--coordinator-key-file", default="", help="key file verifying the coordinator's announcements"
+    )
     g = p.add_argument_group("building a missing bundle (see fleetlora export)")
     g.add_argument("--model", default="minilm", help="registered model")
     g.add_argument("--family", default="lora", choices=("lora", "ravan"), help="adapter family")
@@ -71,16 +75,12 @@ def _bundle(args: argparse.Namespace) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
-    from devices.flash import ClientConfig, FlashError, Target, flash
+    from devices.flash import CREDENTIAL_KEYS, ClientConfig, FlashError, Target, flash
 
     try:
         target = Target.parse(args.target)
         bundle = _bundle(args)
-        creds = {
-            key: getattr(args, key)
-            for key in ("password_file", "ca_file", "cert_file", "key_file")
-            if getattr(args, key)
-        }
+        creds = {key: getattr(args, key) for key in CREDENTIAL_KEYS if getattr(args, key)}
         config = ClientConfig(
             broker=args.broker,
             run_id=args.run_id,
