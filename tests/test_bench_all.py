@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetlora.cli.bench import BENCHMARKS
 from sim.bench_all import (
     FULL,
     KEPT_MARKER,
@@ -94,3 +95,14 @@ def test_resume_reuses_sub_benchmark_lines_but_never_a_failure(tmp_path: Path) -
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_speed(path) == {"ingest": ("ingest: ratio_to_raw=0.71 lost=0", 19.0)}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_benchmark_help_ends_with_its_example(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetlora.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fleetlora bench") and f"example:\n  fleetlora bench {name} " in out

@@ -54,4 +54,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
     module_name, _, func = BENCHMARKS[args.name].partition(":")
     main = getattr(importlib.import_module(module_name), func or "main")
-    return int(main(list(args.args)))
+    try:
+        return int(main(list(args.args)))
+    except SystemExit as e:  # argparse's --help of the benchmark's own parser: add its example
+        if e.code == 0 and {"-h", "--help"} & set(args.args):
+            print(f"\nexample:\n  {example(args.name)}")
+        raise
+
+
+def example(name: str) -> str:
+    """The line of :data:`EXAMPLES` that runs benchmark ``name``."""
+    return next(line for line in EXAMPLES.splitlines() if line.startswith(f"fleetlora bench {name} "))
