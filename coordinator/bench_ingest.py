@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -38,6 +39,7 @@ from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
 from edge_client.mqtt_link import LinkConfig, MqttLink
 from edge_client.mqtt_pool import MqttPool
+from edge_client.mqtt_types import Payload
 from edge_client.topics import up_subscription, up_topic
 from edge_client.wire import encode_update
 from export.spec import AdapterSpec
@@ -159,7 +161,7 @@ class _CountingStore(RoundStore):
         super().__init__(root, sync=sync)
         self.persisted = 0
 
-    def save_updates(self, round: int, updates: list[tuple[str, bytes]]) -> None:
+    def save_updates(self, round: int, updates: Sequence[tuple[str, Payload]]) -> None:
         super().save_updates(round, updates)
         self.persisted += len(updates)
 

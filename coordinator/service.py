@@ -38,7 +38,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog
 from coordinator.store import RoundState, RoundStore, StoreError
+from edge_client.mqtt_types import Payload
 from edge_client.topics import parse_up_topic
 from edge_client.wire import (
     DEFAULT_MAX_BYTES,
@@ -294,7 +295,7 @@ class RoundService:
 
     # ---- receiving --------------------------------------------------------------------------------
 
-    def _decode(self, client: str, payload: bytes, round: int) -> DecodedUpdate:
+    def _decode(self, client: str, payload: Payload, round: int) -> DecodedUpdate:
         """Validate an envelope, then apply the norm limit (the same way on receipt and on resume)."""
         if self.device_keys is not None and client not in self.device_keys:
             raise EnvelopeError(Reason.BAD_MAC, f"no device key for client {client!r}")
@@ -352,7 +353,7 @@ class RoundService:
         self.store.save_updates(self.round, fresh)
         return len(fresh)
 
-    def admit(self, messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    def admit(self, messages: Sequence[tuple[str, Payload]]) -> list[tuple[str, Payload]]:
         """Validate envelopes and count the accepted ones in the open round, without persisting them.
 
         Returns the ``(client id, payload)`` records the caller must persist
@@ -363,7 +364,7 @@ class RoundService:
             for _, _payload in messages:
                 self._reject(Reason.WRONG_ROUND.value, None, "the run is finished")
             return []
-        fresh: list[tuple[str, bytes]] = []
+        fresh: list[tuple[str, Payload]] = []
         header = self._fraction_header()
         for topic, payload in messages:
             client = None

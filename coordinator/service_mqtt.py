@@ -25,6 +25,7 @@ from dataclasses import replace
 from coordinator.service import RoundService
 from coordinator.store import RoundStore
 from edge_client.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink
+from edge_client.mqtt_types import Payload
 from edge_client.topics import global_topic, up_subscription
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class _Persister:
     def busy(self) -> bool:
         return bool(self._pending)
 
-    def submit(self, round: int, records: list[tuple[str, bytes]], messages: list[InboundMessage]) -> None:
+    def submit(self, round: int, records: list[tuple[str, Payload]], messages: list[InboundMessage]) -> None:
         self._pending.append((self._pool.submit(self._store.save_updates, round, records), messages))
 
     def ack_written(self, *, wait: bool = False) -> None:

@@ -27,13 +27,14 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save
 
+from edge_client.mqtt_types import Payload
 from edge_client.topics import validate_id
 from export.state import State
 
@@ -82,7 +83,7 @@ class RoundState:
             raise StoreError(f"state.json does not describe a round: {e}") from e
 
 
-def _write_chunks(fd: int, chunks: list[bytes]) -> None:
+def _write_chunks(fd: int, chunks: Sequence[Payload]) -> None:
     """Write ``chunks`` in order with ``writev``: a segment of many envelopes is never joined in memory."""
     views, first = [memoryview(c) for c in chunks if c], 0
     while first < len(views):
@@ -120,7 +121,7 @@ class RoundStore:
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def _write_all(self, items: Iterable[tuple[Path, bytes | list[bytes]]]) -> None:
+    def _write_all(self, items: Iterable[tuple[Path, bytes | list[Payload]]]) -> None:
         """Write each (path, data or chunks of it) to a temporary file, flush them, then move them all
         into place."""
         staged = []
@@ -140,14 +141,14 @@ class RoundStore:
             for directory in {path.parent for _, path in staged}:
                 _fsync_dir(directory)
 
-    def save_updates(self, round: int, updates: list[tuple[str, bytes]]) -> None:
+    def save_updates(self, round: int, updates: Sequence[tuple[str, Payload]]) -> None:
         """Persist accepted envelopes ``(client id, payload)`` of ``round`` as one segment (one flush)."""
         if not updates:
             return
         directory = self.round_dir(round)
         directory.mkdir(parents=True, exist_ok=True)
         number = 1 + max((int(p.stem) for p in directory.glob(f"*{SEGMENT_SUFFIX}")), default=0)
-        records = []
+        records: list[Payload] = []
         for client, payload in updates:
             cid = validate_id(client, "client id").encode()
             records += [_RECORD.pack(_RECORD_MAGIC, len(cid), len(payload)), cid, payload]

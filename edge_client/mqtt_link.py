@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_client.mqtt_pool import MqttPool
+from edge_client.mqtt_reader import BufferedClient
 from edge_client.mqtt_types import (
     Backoff,
     Delivery,
@@ -135,9 +136,11 @@ class MqttLink:
     def _make_client(self) -> mqtt.Client:
         cfg = self.config
         if self._mqtt5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
+            client = BufferedClient(
+                CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5
+            )
         else:
-            client = mqtt.Client(
+            client = BufferedClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=cfg.client_id,
                 protocol=mqtt.MQTTv311,
@@ -444,9 +447,10 @@ class MqttLink:
                 if callback is not None:
                     callback(message.topic, bytes(message.payload))
                 else:
-                    inbound = InboundMessage(
-                        message.topic, bytes(message.payload), message.mid, message.qos, self.connects
-                    )
+                    payload = message.payload  # a read-only view from BufferedClient: no copy
+                    if not isinstance(payload, memoryview):
+                        payload = bytes(payload)
+                    inbound = InboundMessage(message.topic, payload, message.mid, message.qos, self.connects)
                     acked[topic_filter](inbound)
                     handed_over = True
             except Exception:

@@ -14,6 +14,9 @@ from typing import Literal
 
 MIB = 1024 * 1024
 MessageCallback = Callable[[str, bytes], None]
+# A received payload handed on without a copy: bytes, or a read-only view of the packet buffer it
+# arrived in (edge_client.mqtt_reader), which nothing else holds.
+Payload = bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class InboundMessage:
     """
 
     topic: str
-    payload: bytes
+    payload: Payload
     mid: int
     qos: int
     connection: int

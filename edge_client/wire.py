@@ -180,10 +180,13 @@ def pack(header: Mapping[str, Any], blob: bytes, key: bytes | None) -> bytes:
     return _PREFIX.pack(MAGIC, len(body)) + body + blob
 
 
-def _unframe(payload: bytes, max_bytes: int) -> tuple[object, memoryview]:
+def _unframe(payload: bytes | memoryview, max_bytes: int) -> tuple[object, memoryview]:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise EnvelopeError(Reason.BAD_MAGIC, f"payload is {type(payload).__name__}, not bytes")
-    payload = bytes(payload)  # immutable from here on (no copy when it already is bytes)
+    # Immutable from here on: bytes, or a read-only view whose exporter nobody else holds (the MQTT
+    # reader's packet buffers, edge_client.mqtt_reader); anything else is copied once.
+    if not (isinstance(payload, bytes) or (isinstance(payload, memoryview) and payload.readonly)):
+        payload = bytes(payload)
     if len(payload) > max_bytes:
         raise EnvelopeError(
             Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds the {max_bytes} limit"
@@ -273,7 +276,7 @@ def encode_update(
 
 
 def decode_update(
-    payload: bytes,
+    payload: bytes | memoryview,
     *,
     expected_run: str,
     expected_client: str,
