@@ -7,6 +7,7 @@ as JSON inside bundles and update envelopes and is identified by :meth:`AdapterS
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -144,7 +145,13 @@ class AdapterSpec:
 
     def digest(self) -> str:
         """A short stable hash of the spec; envelopes carry it so mismatched adapters are refused."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        return _digest(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(spec: AdapterSpec) -> str:
+    # Cached: the coordinator checks it on every update it receives (a spec is frozen and hashable).
+    return hashlib.sha256(spec.to_json().encode()).hexdigest()[:16]
 
 
 def head_rank_for_budget(rank: int, d_out: int, d_in: int, heads: int) -> int:

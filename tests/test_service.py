@@ -202,3 +202,16 @@ def test_a_segment_of_more_records_than_one_writev_takes_reads_back_byte_for_byt
     directory = store.round_dir(3)
     assert sorted(p.name for p in directory.iterdir()) == ["000001.seg", "000002.seg"]
     assert _read_segment(directory / "000001.seg") + _read_segment(directory / "000002.seg") == records
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_megabyte_views_cross_the_early_writeback_points_and_read_back(tmp_path: Path, sync: bool) -> None:
+    """Received payloads are read-only views; 18 MB of them pass the 8 MB points where the store
+    starts the disk writing (with sync) and still read back byte for byte."""
+    store = RoundStore(tmp_path, sync=sync)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [1_500_000] * 12 + [0, 7, 123_457]
+    blobs = [bytearray(torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).numpy()) for n in sizes]
+    records = [(f"dev{i}", memoryview(blob).toreadonly()) for i, blob in enumerate(blobs)]
+    store.save_updates(1, records)
+    assert _read_segment(store.round_dir(1) / "000001.seg") == [(c, bytes(p)) for c, p in records]
