@@ -225,7 +225,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fleetlora bench ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=1000, help="updates per pass (default 1000)")
     parser.add_argument("--payload", type=int, default=1_000_000, help="bytes per update (default 1 MB)")
-    parser.add_argument("--repeat", type=int, default=3, help="raw/coordinator pass pairs (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="raw/coordinator pass pairs (default 5)")
     parser.add_argument("--state-dir", default="", help="coordinator state folder (default: a temp dir)")
     parser.add_argument(
         "--no-sync", action="store_true", help="persist without fsync (survives kill -9 only)"
