@@ -185,6 +185,11 @@ class RoundService:
         coordinator_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if aggregator.local_suffixes:  # the edge client keeps no tensors between rounds (yet)
+            raise ServiceError(
+                f"{aggregator.name} keeps {', '.join(aggregator.local_suffixes)} on each device between "
+                "rounds, which the edge client does not do yet; compare it in `fleetlora sim`"
+            )
         self.config, self.spec, self.agg = config, spec, aggregator
         self.store, self.metrics, self.clock = store, metrics, clock
         self.device_keys = dict(device_keys) if device_keys is not None else None

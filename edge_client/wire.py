@@ -220,11 +220,17 @@ def _verify_mac(d: Mapping[str, Any], blob: memoryview, key: bytes | None) -> No
 
 
 def _tensors(
-    blob: memoryview, template: Template, rank: int | None, heads: Sequence[int] | None, *, copy: bool
+    blob: memoryview,
+    template: Template,
+    rank: int | None,
+    heads: Sequence[int] | None,
+    *,
+    copy: bool,
+    base_delta: bool = False,
 ) -> State:
     entries = parse_tensor_header(blob)
     check_dtypes(entries)
-    check_against_template(entries, template, rank, heads)
+    check_against_template(entries, template, rank, heads, base_delta=base_delta)
     return load_checked(blob, entries, heads, copy=copy)
 
 
@@ -406,7 +412,8 @@ def decode_global(
     if d["round"] < min_round:
         raise EnvelopeError(Reason.WRONG_ROUND, f"round {d['round']} is older than {min_round}")
     _verify_mac(d, blob, key)
-    state = _tensors(blob, template, d["rank"], None, copy=True)  # a trainer may train it in place
+    # Copies: a trainer may train them in place. FLoRA and FedEx-LoRA send their change of the base.
+    state = _tensors(blob, template, d["rank"], None, copy=True, base_delta=True)
     header = GlobalHeader(
         run=d["run"], round=d["round"], method=d["method"], spec=d["spec"], spec_json=d["spec_json"],
         deadline=float(d["deadline"]), sample_fraction=d["sample_fraction"], rank=d["rank"],

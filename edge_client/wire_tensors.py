@@ -21,8 +21,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from edge_client.wire_base_delta import base_delta_names, check_base_delta
 from edge_client.wire_errors import EnvelopeError, Reason
-from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S, State
+from export.state import BASE_VERSION, LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S, State
 
 Template = dict[str, tuple[int, ...]]
 
@@ -152,9 +153,9 @@ def parse_tensor_header(blob: bytes | memoryview) -> dict[str, Entry]:
 def check_dtypes(entries: dict[str, Entry]) -> None:
     """Float tensors in the allow-list; int64 only (and always) for Ravan head indices; sizes match."""
     for name, e in entries.items():
-        if name.endswith(RAVAN_HEADS):
+        if name.endswith(RAVAN_HEADS) or name == BASE_VERSION:
             if e.dtype != INDEX_DTYPE[0]:
-                raise EnvelopeError(Reason.DTYPE, f"{name}: head indices must be I64, got {e.dtype}")
+                raise EnvelopeError(Reason.DTYPE, f"{name}: must be I64, got {e.dtype}")
             itemsize = INDEX_DTYPE[2]
         elif e.dtype in FLOAT_DTYPES:
             itemsize = FLOAT_DTYPES[e.dtype][1]
@@ -183,7 +184,12 @@ def _check_names(names: set[str], template: Template, groups: TemplateLayers, wi
 
 
 def check_against_template(
-    entries: dict[str, Entry], template: Template, rank: int | None, heads: Sequence[int] | None
+    entries: dict[str, Entry],
+    template: Template,
+    rank: int | None,
+    heads: Sequence[int] | None,
+    *,
+    base_delta: bool = False,
 ) -> None:
     """Names and shapes of the declared tensors against the template, the header's rank and heads.
 
@@ -191,9 +197,17 @@ def check_against_template(
     template has only ``B`` (FFA-LoRA) or only ``A`` uploads only that. Ravan: ``H`` (K, r_h, r_h) with
     ``K`` = the number of heads in the header (all ``h`` when it has none) and, when heads are given,
     ``*.ravan_heads`` (K,); ``*.ravan_s`` is optional with shape (K,). Dense tensors: exact shape.
+    ``base_delta``: the coordinator's change of the base may come along (a global; see
+    :mod:`edge_client.wire_base_delta`).
     """
     groups = group_template(template)
-    _check_names(set(entries), template, groups, heads is not None)
+    delta_names = base_delta_names(set(entries))
+    if delta_names and not base_delta:
+        raise EnvelopeError(
+            Reason.UNKNOWN_KEY, f"only a global carries a base delta, got {sorted(delta_names)[:3]}"
+        )
+    check_base_delta(entries, groups.lora)
+    _check_names(set(entries) - delta_names, template, groups, heads is not None)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -249,7 +263,7 @@ def load_checked(
     start = _data_start(blob)
     state: State = {}
     for name, e in entries.items():  # offsets already proven back to back inside the blob
-        dtype = INDEX_DTYPE[1] if name.endswith(RAVAN_HEADS) else FLOAT_DTYPES[e.dtype][0]
+        dtype = INDEX_DTYPE[1] if e.dtype == INDEX_DTYPE[0] else FLOAT_DTYPES[e.dtype][0]
         count = math.prod(e.shape)
         if count == 0:
             state[name] = torch.empty(e.shape, dtype=dtype)
@@ -260,6 +274,9 @@ def load_checked(
         if name.endswith(RAVAN_HEADS):
             if heads is None or t.tolist() != list(heads):
                 raise EnvelopeError(Reason.HEADS, f"{name}: indices {t.tolist()[:8]} != header's {heads}")
+        elif name == BASE_VERSION:
+            if int(t) < 0:
+                raise EnvelopeError(Reason.SHAPE, f"{name}: {int(t)} is negative")
         elif not _all_finite(t):
             raise EnvelopeError(Reason.NON_FINITE, f"{name}: contains NaN or infinity")
     return state

@@ -46,6 +46,13 @@ def test_config_is_validated() -> None:
         ServiceConfig(run="t", method=METHOD, rounds=0)
 
 
+def test_a_method_whose_devices_keep_local_tensors_is_refused_clearly(tmp_path: Path) -> None:
+    """FedSA-LoRA's devices keep their B between rounds, which the edge client does not do: say so at
+    start, rather than announce rounds every device refuses."""
+    with pytest.raises(ServiceError, match=r"fedsa_lora keeps .*lora_B.* the edge client does not"):
+        make_service("fedsa_lora", tmp_path, client_ids(3), rounds=1)
+
+
 def test_sampling_is_seeded_and_stable() -> None:
     roster = client_ids(10)
     a = sample_clients(roster, 4, seed=1, round=3)

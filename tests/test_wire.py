@@ -475,6 +475,60 @@ def test_global_rejections() -> None:
     reject(Reason.SHAPE, lambda: dec_g(repack(payload, rank=2)))
 
 
+def _with_base_delta(**changes: torch.Tensor | None) -> dict:
+    """A global of LORA_T with FLoRA's base delta: l0.q factored (R = 2), l0.v dense, version 3."""
+    g = torch.Generator().manual_seed(5)
+    state = {
+        **random_state(LORA_T),
+        "l0.q.base_delta_B": torch.randn(5, 2, generator=g),
+        "l0.q.base_delta_A": torch.randn(2, 6, generator=g),
+        "l0.v.base_delta": torch.randn(7, 6, generator=g),
+        "base_delta.version": torch.tensor(3, dtype=torch.int64),
+    }
+    state.update(changes)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+def _global(state: dict) -> bytes:
+    return encode_global(
+        state, run="run1", round=4, method="flora", spec=LORA_SPEC, deadline=0, clients=["a"], rank=4
+    )
+
+
+def _dec_global(payload: bytes) -> Any:
+    return decode_global(payload, expected_run="run1", spec=LORA_SPEC, template=LORA_T, key=None)
+
+
+def test_a_global_carries_the_base_delta_and_an_update_cannot() -> None:
+    state = _with_base_delta()
+    got = _dec_global(_global(state)).state
+    assert_same_state(got, state)
+    assert got["base_delta.version"].dtype == torch.int64 and int(got["base_delta.version"]) == 3
+    reject(Reason.UNKNOWN_KEY, lambda: dec(enc(state)))  # a device never changes the base
+
+
+@pytest.mark.parametrize(
+    ("reason", "changes"),
+    [
+        (Reason.MISSING_KEY, {"base_delta.version": None}),
+        (Reason.DTYPE, {"base_delta.version": torch.tensor(3.0)}),
+        (Reason.SHAPE, {"base_delta.version": torch.tensor([3], dtype=torch.int64)}),
+        (Reason.SHAPE, {"base_delta.version": torch.tensor(-1, dtype=torch.int64)}),
+        (Reason.MISSING_KEY, {"l0.q.base_delta_A": None}),
+        (Reason.SHAPE, {"l0.q.base_delta_A": torch.zeros(3, 6)}),  # R of B and A disagree
+        (Reason.SHAPE, {"l0.q.base_delta_B": torch.zeros(4, 2)}),  # d of the layer is 5
+        (Reason.SHAPE, {"l0.v.base_delta": torch.zeros(6, 7)}),
+        (Reason.SHAPE, {"l0.q.base_delta": torch.zeros(5, 6)}),  # dense and factored at once
+        (Reason.UNKNOWN_KEY, {"classifier.base_delta": torch.zeros(3, 5)}),  # not a LoRA layer
+        (Reason.NON_FINITE, {"l0.v.base_delta": torch.full((7, 6), float("nan"))}),
+    ],
+    ids=["no-version", "float-version", "vector-version", "negative-version", "half-factored",
+         "rank-mismatch", "wrong-d", "wrong-dense", "dense-and-factored", "not-lora", "nan"],
+)  # fmt: skip
+def test_a_malformed_base_delta_is_refused(reason: Reason, changes: dict) -> None:
+    reject(reason, lambda: _dec_global(_global(_with_base_delta(**changes))))
+
+
 # -- replay ----------------------------------------------------------------------------------------
 
 
