@@ -82,7 +82,6 @@ class BufferedClient(mqtt.Client):
             else:
                 if packet["to_process"]:
                     return MQTTErrorCode.MQTT_ERR_AGAIN
-            body.release()
         except BlockingIOError:
             return MQTTErrorCode.MQTT_ERR_AGAIN
         except OSError as err:
