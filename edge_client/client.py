@@ -136,6 +136,7 @@ class EdgeClient:
         self._sent: tuple[int, bytes] | None = None  # the last acknowledged update: (round, envelope)
         self._answered = ""  # the id of the announcement the last update answered
         self._up_topic = up_topic(config.run, config.client_id)
+        self.last_rejection: str | None = None  # why the last announcement refused to decode, if it did
 
     # ---- progress file ----------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class EdgeClient:
             )  # fmt: skip
         except EnvelopeError as e:
             log.warning("%s: announcement refused: %s", cfg.client_id, e)
+            self.last_rejection = str(e)
             return REJECTED  # not persisted: a bad message says nothing about our progress
         header = decoded.header
         self.settle()  # an acknowledgement that arrived since the last look counts before we judge

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from coordinator.broker import ChildBroker, local_broker
-from edge_client.client import EdgeClient, EdgeConfig
+from edge_client.client import REJECTED, EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
 from edge_client.mqtt_link import LinkConfig, MqttLink
 from edge_client.mqtt_pool import MqttPool
@@ -165,7 +165,12 @@ class MqttTransport:
                         f"round {self.round}: no update from {missing[:5]} within {TIMEOUT_S} s"
                     ) from None
                 continue
-            client.handle_global(payload)
+            if client.handle_global(payload) == REJECTED and client.config.client_id in cids:
+                # Every announcement here is fresh and meant for it: a refusal is a bug, not a delay.
+                raise RuntimeError(
+                    f"round {self.round}: {client.config.client_id} refused the announcement: "
+                    f"{client.last_rejection}"
+                )
         shapes = template_of(self.template)
         out = {}
         for job in jobs:

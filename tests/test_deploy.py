@@ -241,6 +241,26 @@ def test_a_restarted_client_neither_retrains_nor_skips(mosquitto: Mosquitto, tmp
         again.close()
 
 
+def test_sim_mqtt_transport_fails_at_once_when_a_client_refuses_the_announcement(monkeypatch) -> None:
+    """A virtual client that cannot decode its announcement is a bug: say why now, not after 300 s."""
+    import edge_client.client
+    from edge_client.wire_errors import EnvelopeError, Reason
+    from sim.config import SimConfig
+    from sim.engine import build_world, run_method
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise EnvelopeError(Reason.SHAPE, "a shape this client cannot take")
+
+    monkeypatch.setattr(edge_client.client, "decode_global", refuse)
+    config = SimConfig(
+        methods=("fedit",), model="tiny-bert", dataset="trec6", clients=3, clients_per_round=3, rounds=1,
+        max_len=16, layers=(), local_steps=1, batch_size=8, eval_examples=16, transport="mqtt",
+    )  # fmt: skip
+    # (Waiting out the round instead would raise "no update from ...", which does not match.)
+    with pytest.raises(RuntimeError, match=r"refused the announcement: .*a shape this client cannot take"):
+        run_method(build_world(config), "fedit")
+
+
 @pytest.mark.parametrize("method", ["fedit", "flora", "fedex_lora", "hetlora"])
 def test_sim_mqtt_transport_matches_inproc(method: str) -> None:
     """The same numbers over a real broker, also for methods that change the base every round (FLoRA,
