@@ -41,13 +41,11 @@ def base_delta_names(names: set[str]) -> set[str]:
 
 
 def check_base_delta(
-    entries: Mapping[str, _Declared], lora: Mapping[str, Mapping[str, tuple[int, ...]]]
+    entries: Mapping[str, _Declared], names: set[str], lora: Mapping[str, Mapping[str, tuple[int, ...]]]
 ) -> None:
-    """Check the base-delta tensors of ``entries`` against the template's LoRA layers ``lora``
-    (prefix -> {factor key: full-rank shape}); :class:`EnvelopeError` for anything not right."""
-    names = base_delta_names(set(entries))
-    if not names:
-        return
+    """Check the base-delta tensors ``names`` (:func:`base_delta_names`) of ``entries`` against the
+    template's LoRA layers ``lora`` (prefix -> {factor key: full-rank shape}); :class:`EnvelopeError`
+    for anything not right."""
     if BASE_VERSION not in names:
         raise EnvelopeError(Reason.MISSING_KEY, f"a base delta without {BASE_VERSION}")
     version = entries[BASE_VERSION]

@@ -151,7 +151,8 @@ def parse_tensor_header(blob: bytes | memoryview) -> dict[str, Entry]:
 
 
 def check_dtypes(entries: dict[str, Entry]) -> None:
-    """Float tensors in the allow-list; int64 only (and always) for Ravan head indices; sizes match."""
+    """Float tensors in the allow-list; int64 only (and always) for Ravan head indices and the base
+    delta's version; sizes match."""
     for name, e in entries.items():
         if name.endswith(RAVAN_HEADS) or name == BASE_VERSION:
             if e.dtype != INDEX_DTYPE[0]:
@@ -206,7 +207,8 @@ def check_against_template(
         raise EnvelopeError(
             Reason.UNKNOWN_KEY, f"only a global carries a base delta, got {sorted(delta_names)[:3]}"
         )
-    check_base_delta(entries, groups.lora)
+    if delta_names:
+        check_base_delta(entries, delta_names, groups.lora)
     _check_names(set(entries) - delta_names, template, groups, heads is not None)
 
     def need(ok: bool, message: str) -> None:
