@@ -103,11 +103,11 @@ def _hook(
     factors: DeltaFactors,
 ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
     def add_delta(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+        x = args[0]  # the factors follow x: a CUDA coordinator's global can meet a CPU model
         if len(factors) == 1:
-            return output + x @ factors[0].to(x.dtype).t()
+            return output + x @ factors[0].to(x).t()
         b, a = factors
-        return output + (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t()
+        return output + (x @ a.to(x).t()) @ b.to(x).t()
 
     return add_delta
 
