@@ -149,7 +149,9 @@ def compare_rpca(glob, updates, layers: int) -> tuple[float, float, float]:
         for key in (prefix + LORA_A, prefix + LORA_B):
             problems.append(torch.stack([(u.state[key] - glob[key]).flatten() for u in updates], 1).double())
     t_numpy, ref = timed(lambda: [numpy_pcp(m.numpy()) for m in problems])
-    t_torch, res = timed(lambda: pcp(torch.stack(problems)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the aggregators' "auto"
+    pcp(problems[0][:64, :8].to(device))  # a coordinator is warm: no CUDA start-up in the timing
+    t_torch, res = timed(lambda: pcp(torch.stack(problems).to(device)))  # the copy is timed too
     diffs = [0.0]
     for i, (low, sparse) in enumerate(ref):
         scale = float(np.linalg.norm(problems[i].numpy()))
@@ -158,11 +160,14 @@ def compare_rpca(glob, updates, layers: int) -> tuple[float, float, float]:
     return t_numpy, t_torch, max(diffs)
 
 
-def plan(shape: Shape, clients: int, quick: bool, budget_bytes: float) -> tuple[int, set[str], str]:
+def plan(
+    shape: Shape, clients: int, quick: bool, budget_bytes: float, gpu: bool = False
+) -> tuple[int, set[str], str]:
     """(layers, methods to skip, note) for one configuration.
 
     Memory bounds the uploads; time bounds FedRPCA (``O(D K^2)`` per PCP iteration, an ``eigh`` of
     ``K x K``) and the dense FLoRA-NA reference (``d x k`` products per Adam step) on 2 CPU cores.
+    A GPU runs the dense reference on 7B-shaped layers too (seconds there, tens of minutes on 2 cores).
     """
     layers = layers_for(shape, clients, budget_bytes)
     skip: set[str] = set()
@@ -180,6 +185,8 @@ def plan(shape: Shape, clients: int, quick: bool, budget_bytes: float) -> tuple[
             skip.add("fedrpca")
     if clients >= 1000:
         skip.add("flora_na/dense")
+    if gpu and clients < 1000:
+        skip.discard("flora_na/dense")
     note = "" if layers == shape.layers else f"{layers} of {shape.layers} layers"
     if skip:
         note += f"; skipped (time): {','.join(sorted(skip))}"
@@ -253,7 +260,7 @@ def main(argv: list[str]) -> int:
         for clients in clients_list:
             if args.quick and shape is LLAMA7B and clients > 10:
                 continue
-            layers, skip, note = plan(shape, clients, args.quick, budget)
+            layers, skip, note = plan(shape, clients, args.quick, budget, gpu=device == "cuda")
             run_config(shape, clients, layers, skip, note, args.seed, ratios)
     print(
         f"aggregate: fedrpca_speedup={ratios.get('fedrpca', float('nan')):.1f} "

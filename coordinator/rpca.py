@@ -44,6 +44,20 @@ def default_lambda(rows: int, cols: int) -> float:
     return 1.0 / math.sqrt(max(rows, cols))
 
 
+def gram_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a batch of small symmetric (P, K, K) matrices, ascending.
+
+    A CUDA batch is decomposed on the host and sent back: cuSOLVER's ``syevd`` takes the matrices one
+    at a time, and on an H200 it needed 5.1 ms for four 100 x 100 Grams where the round trip through
+    the host's LAPACK took 3.0 ms (29.7 vs 18.1 ms for 24). The Grams are tiny next to the (P, K, D)
+    matrices, which stay on the GPU.
+    """
+    if gram.device.type == "cpu":
+        return torch.linalg.eigh(gram)
+    evals, evecs = torch.linalg.eigh(gram.cpu())
+    return evals.to(gram.device), evecs.to(gram.device)
+
+
 def singular_value_threshold(
     z: torch.Tensor, tau: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -53,8 +67,7 @@ def singular_value_threshold(
     (``z``'s shape, not ``z`` itself) receives the result when given: the solver reuses its buffers,
     since a fresh multi-megabyte tensor per iteration costs page faults as well as the copy.
     """
-    gram = torch.bmm(z, z.transpose(1, 2))
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals, evecs = gram_eigh(torch.bmm(z, z.transpose(1, 2)))  # ascending
     sigma = evals.clamp_min(0).sqrt()
     keep = sigma > tau[:, None]
     shrink = torch.where(keep, 1 - tau[:, None] / sigma.clamp_min(torch.finfo(z.dtype).tiny), 0)
