@@ -10,7 +10,7 @@ import math
 import pytest
 
 from coordinator.aggregators import available, get
-from coordinator.bench_aggregate import Shape, run_config
+from coordinator.bench_aggregate import LLAMA7B, MINILM, Shape, plan, run_config
 
 TINY = Shape("tiny", 24, 4, 4)
 
@@ -29,3 +29,16 @@ def test_every_method_runs_at_k100_and_both_comparisons_are_measured(capsys: pyt
     assert ratios["fedrpca"] > 0 and ratios["flora_na"] > 0
     max_rel_diff = float(rows["pcp/numpy"][-1])
     assert max_rel_diff < 1e-5  # the batched PCP gives the textbook loop's answer
+
+
+def test_the_plan_runs_the_7b_dense_reference_only_on_a_gpu():
+    """On 2 CPU cores the dense FLoRA-NA reference on 4096 x 4096 layers would take tens of minutes."""
+    budget = 4 * 2**30
+    _, cpu_skip, cpu_note = plan(LLAMA7B, 100, quick=False, budget_bytes=budget)
+    assert "flora_na/dense" in cpu_skip and "flora_na/dense" in cpu_note
+    _, gpu_skip, _ = plan(LLAMA7B, 100, quick=False, budget_bytes=budget, gpu=True)
+    assert not gpu_skip
+    # --quick on a GPU also measures 7B at K = 100, FLoRA-NA's comparison but not the ~20 s textbook PCP
+    _, quick_skip, _ = plan(LLAMA7B, 100, quick=True, budget_bytes=budget, gpu=True)
+    assert quick_skip == {"pcp/numpy"}
+    assert plan(MINILM, 100, quick=True, budget_bytes=budget, gpu=True)[1] == set()
