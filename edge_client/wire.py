@@ -51,7 +51,7 @@ from edge_client.wire_tensors import (
     strict_json,
 )
 from export.spec import AdapterSpec, SpecError
-from export.state import State
+from export.state import State, without_kept
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -124,6 +124,7 @@ class GlobalHeader:
     msg_id: str
     sent_at: float
     signed: bool
+    keep_local: tuple[str, ...] = ()  # suffixes of the tensors clients keep (FedSA-LoRA's B)
 
 
 @dataclass
@@ -358,11 +359,13 @@ def encode_global(
     key: bytes | None = None,
     msg_id: str | None = None,
     sent_at: float | None = None,
+    keep_local: Sequence[str] = (),
 ) -> bytes:
     """The global adapter and the round announcement as one (retained) payload.
 
     Exactly one of ``clients`` (the sampled ids) and ``sample_fraction`` (see :func:`is_sampled`)
-    names the round's participants.
+    names the round's participants. ``keep_local``: suffixes of the tensors every client keeps
+    between rounds (they are neither in ``state`` nor in any update).
     """
     if (clients is None) == (sample_fraction is None):
         raise EnvelopeError(Reason.SCHEMA, "give exactly one of clients and sample_fraction")
@@ -371,9 +374,12 @@ def encode_global(
         "v": SCHEMA_VERSION, "kind": "global", "run": run, "round": round, "method": method,
         "spec": spec.digest(), "spec_json": spec.to_dict(), "deadline": deadline,
         "clients": None if clients is None else list(clients), "sample_fraction": sample_fraction,
-        "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at,
+        "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at, "keep_local": list(keep_local),
     }  # fmt: skip
     check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global")
+    stray = [k for k in state if k.endswith(tuple(keep_local))]
+    if stray:
+        raise EnvelopeError(Reason.UNKNOWN_KEY, f"{stray[0]} is kept by the clients, not sent")
     return pack(header, encode_tensors(state), key)
 
 
@@ -412,12 +418,17 @@ def decode_global(
     if d["round"] < min_round:
         raise EnvelopeError(Reason.WRONG_ROUND, f"round {d['round']} is older than {min_round}")
     _verify_mac(d, blob, key)
+    kept = tuple(d["keep_local"])
+    if kept:
+        if not any(name.endswith(kept) for name in template):
+            raise EnvelopeError(Reason.SCHEMA, f"keep_local names {list(kept)}, which this adapter lacks")
+        template = without_kept(template, kept)
     # Copies: a trainer may train them in place. FLoRA and FedEx-LoRA send their change of the base.
     state = _tensors(blob, template, d["rank"], None, copy=True, base_delta=True)
     header = GlobalHeader(
         run=d["run"], round=d["round"], method=d["method"], spec=d["spec"], spec_json=d["spec_json"],
         deadline=float(d["deadline"]), sample_fraction=d["sample_fraction"], rank=d["rank"],
         clients=None if d["clients"] is None else tuple(d["clients"]), final=d["final"],
-        msg_id=d["msg_id"], sent_at=float(d["sent_at"]), signed=d["auth"] == HMAC_SHA256,
+        msg_id=d["msg_id"], sent_at=float(d["sent_at"]), signed=d["auth"] == HMAC_SHA256, keep_local=kept,
     )  # fmt: skip
     return DecodedGlobal(header, state)

@@ -14,6 +14,7 @@ from typing import Any
 
 from edge_client.topics import ID_RE
 from edge_client.wire_errors import EnvelopeError, Reason
+from export.state import LORA_A, LORA_B
 
 SCHEMA_VERSION = 1
 HMAC_SHA256 = "hmac-sha256"
@@ -87,6 +88,9 @@ GLOBAL_FIELDS: dict[str, Check] = {
     "clients": _optional(_unique_list(_match(ID_RE), 10**6, min_len=0)),
     "sample_fraction": _optional(_num(0, 1)),
     "final": lambda x: isinstance(x, bool),
+    # Suffixes of the tensors each client keeps between rounds instead of downloading or uploading
+    # them (FedSA-LoRA keeps B): at most one of the LoRA factors, so the other one always travels.
+    "keep_local": _unique_list(lambda x: x in (LORA_A, LORA_B), 1, min_len=0),
 }
 
 

@@ -7,12 +7,15 @@ format and the ExecuTorch bundle all agree on what a key means.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 State = dict[str, torch.Tensor]
+V = TypeVar("V")
 
 LORA_A = ".lora_A.default.weight"
 LORA_B = ".lora_B.default.weight"
@@ -33,6 +36,17 @@ BASE_DELTA_SUFFIXES = (BASE_DELTA, BASE_DELTA_A, BASE_DELTA_B)
 def is_base_delta_key(key: str) -> bool:
     """Whether ``key`` names a part of a base delta (or its version), not an adapter tensor."""
     return key == BASE_VERSION or key.endswith(BASE_DELTA_SUFFIXES)
+
+
+def without_kept(entries: Mapping[str, V], kept: Sequence[str]) -> dict[str, V]:
+    """The entries that travel: all but the tensors clients keep, named by suffix (FedSA-LoRA's B)."""
+    suffixes = tuple(kept)
+    return {k: v for k, v in entries.items() if not (suffixes and k.endswith(suffixes))}
+
+
+def kept_suffixes(kept: Mapping[str, object]) -> tuple[str, ...]:
+    """The LoRA factor suffixes the names in ``kept`` end with (the inverse of :func:`without_kept`)."""
+    return tuple(suffix for suffix in (LORA_A, LORA_B) if any(k.endswith(suffix) for k in kept))
 
 
 class StateError(ValueError):

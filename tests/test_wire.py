@@ -529,6 +529,34 @@ def test_a_malformed_base_delta_is_refused(reason: Reason, changes: dict) -> Non
     reject(reason, lambda: _dec_global(_global(_with_base_delta(**changes))))
 
 
+def test_a_global_names_the_tensors_clients_keep_and_carries_the_rest() -> None:
+    """FedSA-LoRA: clients keep B; the global holds A and the dense tensors and says so in keep_local."""
+    shared = {k: v for k, v in random_state(LORA_T).items() if not k.endswith(B)}
+    fields: dict[str, Any] = dict(run="run1", round=4, method="fedsa_lora", spec=LORA_SPEC, deadline=0)
+    payload = encode_global(shared, clients=["a"], rank=4, keep_local=[B], **fields)
+    got = _dec_global(payload)
+    assert got.header.keep_local == (B,)
+    assert_same_state(got.state, shared)
+    assert _dec_global(_global(random_state(LORA_T))).header.keep_local == ()
+    # A global that carries what the clients keep: refused when built and when received.
+    full = random_state(LORA_T)
+    reject(Reason.UNKNOWN_KEY, lambda: encode_global(full, clients=["a"], rank=4, keep_local=[B], **fields))
+    reject(Reason.UNKNOWN_KEY, lambda: _dec_global(repack(_global(full), keep_local=[B])))
+    # Only one LoRA factor may stay on the clients, named exactly; and the adapter must have it.
+    for bad in ([A, B], ["lora_B"], [B, B], "B", None):
+        reject(Reason.SCHEMA, lambda bad=bad: _dec_global(repack(payload, keep_local=bad)))
+    reject(Reason.SCHEMA, lambda: _dec_global(repack(payload, keep_local=_DELETE)))
+    ravan = encode_global(
+        random_state(RAVAN_T), run="run1", round=4, method="ravan", spec=RAVAN_SPEC, deadline=0, clients=["a"]
+    )
+    reject(
+        Reason.SCHEMA,
+        lambda: decode_global(
+            repack(ravan, keep_local=[B]), expected_run="run1", spec=RAVAN_SPEC, template=RAVAN_T, key=None
+        ),
+    )
+
+
 # -- replay ----------------------------------------------------------------------------------------
 
 
