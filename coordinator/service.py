@@ -62,7 +62,7 @@ from edge_client.wire import (
 )
 from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
-from export.state import State, num_bytes
+from export.state import State, num_bytes, without_kept
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +185,12 @@ class RoundService:
         coordinator_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if aggregator.local_suffixes:  # the edge client keeps no tensors between rounds (yet)
-            raise ServiceError(
-                f"{aggregator.name} keeps {', '.join(aggregator.local_suffixes)} on each device between "
-                "rounds, which the edge client does not do yet; compare it in `fleetlora sim`"
-            )
         self.config, self.spec, self.agg = config, spec, aggregator
         self.store, self.metrics, self.clock = store, metrics, clock
         self.device_keys = dict(device_keys) if device_keys is not None else None
         self.coordinator_key = coordinator_key
-        self.template = template_of(initial)
+        # What updates may carry: not the tensors the method leaves on the devices (FedSA-LoRA's B).
+        self.template = template_of(without_kept(initial, aggregator.local_suffixes))
         self._initial = initial
         self.state: RoundState | None = None
         self.global_state: State = {}
@@ -295,7 +291,7 @@ class RoundService:
             clients=None if final else awaited,
             sample_fraction=0.0 if final else self.state.sample_fraction,
             rank=self.spec.rank if self.spec.family == "lora" else None, final=final,
-            key=self.coordinator_key,
+            key=self.coordinator_key, keep_local=self.agg.local_suffixes,
         )  # fmt: skip
 
     # ---- receiving --------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ keeps its last sent envelope in memory until a newer round is announced, and sen
 coordinator *re-announces* the same round (a new announcement id: it does so after every reconnect and
 at a deadline extension). The coordinator counts an envelope it already has as ``redelivered``.
 
+Tensors a method keeps on the device (FedSA-LoRA's B; the announcement's ``keep_local`` names them)
+are neither downloaded nor uploaded: the client starts them from its template, keeps their trained values
+in ``kept`` and, with a state file, in ``<state file>.kept.safetensors`` (written before the update).
+
 An update above the broker's packet limit is refused locally (:class:`PayloadTooLarge`): the round is
 marked ``refused`` with the reason, nothing is sent, and the link stays connected.
 """
@@ -31,7 +35,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_client.local_round import LocalPlan, run_local_round
+import safetensors
+import safetensors.torch
+import torch
+
+from edge_client.local_round import LocalPlan, run_local_round, trained_kept
 from edge_client.mqtt_link import Delivery, MqttLink, MqttLinkError, PayloadTooLarge
 from edge_client.topics import global_topic, up_topic
 from edge_client.trainer import Batch, Trainer, TrainMetrics
@@ -137,6 +145,7 @@ class EdgeClient:
         self._answered = ""  # the id of the announcement the last update answered
         self._up_topic = up_topic(config.run, config.client_id)
         self.last_rejection: str | None = None  # why the last announcement refused to decode, if it did
+        self.kept: State = self._load_kept()  # the tensors this device keeps between rounds, if any
 
     # ---- progress file ----------------------------------------------------------------------------
 
@@ -144,6 +153,26 @@ class EdgeClient:
     def _pending_file(self) -> Path | None:
         f = self.config.state_file
         return f.with_name(f.name + ".pending.env") if f is not None else None
+
+    @property
+    def _kept_file(self) -> Path | None:
+        f = self.config.state_file
+        return f.with_name(f.name + ".kept.safetensors") if f is not None else None
+
+    def _load_kept(self) -> State:
+        f = self._kept_file
+        if f is None or not f.exists():
+            return {}
+        try:
+            kept = safetensors.torch.load(f.read_bytes())
+        except safetensors.SafetensorError as e:
+            raise ValueError(
+                f"{f} is not a safetensors file ({e}); move it away to restart those tensors"
+            ) from e
+        for name, tensor in kept.items():
+            if self.shapes.get(name) != tuple(tensor.shape) or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{f}: {name} is not a finite tensor of this adapter's template")
+        return kept
 
     def _load_progress(self) -> Progress:
         f = self.config.state_file
@@ -222,9 +251,14 @@ class EdgeClient:
     def _train_and_publish(self, header: GlobalHeader, payload: State) -> str:
         cfg = self.config
         plan = self.plan_fn(header)
+        kept = {k: self.kept.get(k, t) for k, t in self.template.items() if k.endswith(header.keep_local)}
         upload, metrics = run_local_round(
-            self.trainer, cfg.spec, payload, self.template, self.batches_fn(header, plan), plan
+            self.trainer, cfg.spec, payload, self.template, self.batches_fn(header, plan), plan, kept
         )
+        if kept:
+            self.kept = {k: v.contiguous() for k, v in trained_kept(self.trainer, kept).items()}
+            if self._kept_file is not None:
+                _write_atomically(self._kept_file, safetensors.torch.save(self.kept))
         if self.on_trained is not None:
             self.on_trained(header, metrics)
         lora = cfg.spec.family == "lora"

@@ -92,3 +92,11 @@ def run_local_round(
         metrics = trainer.train(batches, plan)
     upload = upload_state(spec, trainer.get_trainable(), plan)
     return {k: v for k, v in upload.items() if k not in (keep_local or {})}, metrics
+
+
+def trained_kept(trainer: Trainer, keep_local: State | None) -> State:
+    """After :func:`run_local_round`: the trained values of the tensors the client keeps (copies)."""
+    if not keep_local:
+        return {}
+    trained = trainer.get_trainable()
+    return {k: trained[k] for k in keep_local}

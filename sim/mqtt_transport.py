@@ -35,7 +35,7 @@ from edge_client.trainer import Batch, Trainer, TrainMetrics
 from edge_client.wire import GlobalHeader, decode_update, encode_global
 from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
-from export.state import State
+from export.state import State, kept_suffixes, without_kept
 from sim.features import Inputs
 from sim.transports import ClientJob, ClientResult
 
@@ -143,11 +143,15 @@ class MqttTransport:
         for job in jobs:
             self._jobs[job.client.cid] = job
             self._client(spec, job)
+            # The engine holds what each client keeps between rounds (FedSA-LoRA's B): as on a device
+            # that kept it, the client starts from it, and its trained values come back in the result.
+            self.clients[job.client.cid].kept = dict(job.keep_local or {})
         with self._arrived:
             self._received.clear()
+        kept = kept_suffixes(jobs[0].keep_local or {})
         announcement = encode_global(
             jobs[0].payload, run=self.run_id, round=self.round, method=METHOD, spec=spec,
-            deadline=time.time() + TIMEOUT_S, clients=cids,
+            deadline=time.time() + TIMEOUT_S, clients=cids, keep_local=kept,
             rank=(jobs[0].plan.rank or spec.rank) if spec.family == "lora" else None,  # one payload, one rank
         )  # fmt: skip
         self.collector.publish(global_topic(self.run_id), announcement, qos=1, retain=True)
@@ -171,7 +175,7 @@ class MqttTransport:
                     f"round {self.round}: {client.config.client_id} refused the announcement: "
                     f"{client.last_rejection}"
                 )
-        shapes = template_of(self.template)
+        shapes = template_of(without_kept(self.template, kept))
         out = {}
         for job in jobs:
             cid = job.client.cid
@@ -180,7 +184,8 @@ class MqttTransport:
                 self._received[cid], expected_run=self.run_id, expected_client=cid, rounds=self.round,
                 spec=spec, template=shapes, key=None, method=METHOD,
             )  # fmt: skip
-            out[cid] = ClientResult(cid, decoded.state, self._metrics.pop(cid, TrainMetrics()))
+            metrics = self._metrics.pop(cid, TrainMetrics())
+            out[cid] = ClientResult(cid, decoded.state, metrics, self.clients[cid].kept)
         return out
 
     def close(self) -> None:

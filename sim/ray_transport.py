@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from edge_client.local_round import LocalPlan
+from edge_client.local_round import LocalPlan, trained_kept
 from edge_client.trainer import TrainMetrics
 from export.spec import AdapterSpec
 from export.state import State
@@ -137,17 +137,21 @@ class ClientWorker:
         self.train_fn = train
 
     def train(
-        self, index: int, spec_json: str, plan_json: str, indices: np.ndarray, payload: bytes
-    ) -> tuple[int, bytes, str]:
-        """Job ``index``: (index, upload as safetensors bytes, metrics as JSON)."""
+        self, index: int, spec_json: str, plan_json: str, indices: np.ndarray, payload: bytes, kept: bytes
+    ) -> tuple[int, bytes, str, bytes]:
+        """Job ``index``: (index, upload, metrics as JSON, kept tensors after training).
+
+        ``kept`` (safetensors, empty for none) is what the client keeps between rounds (FedSA-LoRA's B).
+        """
         if not self.train_fn:  # `bench`: the round trip without the training
-            return index, payload, metrics_to_json(TrainMetrics())
+            return index, payload, metrics_to_json(TrainMetrics()), b""
         spec = AdapterSpec.from_json(spec_json)
         if spec != self.spec:
             raise RayTransportError(f"job spec {spec.digest()} differs from the actor's {self.spec.digest()}")
         p = json.loads(plan_json)
         heads = tuple(p["heads"]) if p["heads"] is not None else None
         plan = LocalPlan(p["local_steps"], rank=p["rank"], heads=heads)
+        keep_local = from_bytes(kept) if kept else None
         upload, metrics = train_client(
             self.trainer,
             spec,
@@ -158,8 +162,10 @@ class ClientWorker:
             p["batch_size"],
             tuple(p["data_seed"]),
             from_bytes(payload),
+            keep_local,
         )
-        return index, to_bytes(upload), metrics_to_json(metrics)
+        local = to_bytes(trained_kept(self.trainer, keep_local)) if keep_local else b""
+        return index, to_bytes(upload), metrics_to_json(metrics), local
 
 
 class RayTransport:
@@ -213,13 +219,17 @@ class RayTransport:
             key = id(job.payload)  # the payloads stay alive in ``jobs``, so ids are unique here
             if key not in payload_refs:
                 payload_refs[key] = ray.put(to_bytes(job.payload))
-            tasks.append((index, plan_to_json(job), job.client.indices, payload_refs[key]))
+            kept = to_bytes(job.keep_local) if job.keep_local else b""
+            tasks.append((index, plan_to_json(job), job.client.indices, payload_refs[key], kept))
         results: list[ClientResult | None] = [None] * len(jobs)
-        for index, upload, metrics in self.pool.map_unordered(
-            lambda actor, t: actor.train.remote(t[0], spec_json, t[1], t[2], t[3]), tasks
+        for index, upload, metrics, local in self.pool.map_unordered(
+            lambda actor, t: actor.train.remote(t[0], spec_json, t[1], t[2], t[3], t[4]), tasks
         ):
             results[index] = ClientResult(
-                jobs[index].client.cid, from_bytes(upload), metrics_from_json(metrics)
+                jobs[index].client.cid,
+                from_bytes(upload),
+                metrics_from_json(metrics),
+                from_bytes(local) if local else {},
             )
         return [r for r in results if r is not None]
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from torch import nn
 
-from edge_client.local_round import LocalPlan, run_local_round
+from edge_client.local_round import LocalPlan, run_local_round, trained_kept
 from edge_client.trainer import Trainer, TrainMetrics
 from export.spec import AdapterSpec
 from export.state import State
@@ -93,8 +93,7 @@ class InProcTransport:
                 job.payload,
                 job.keep_local,
             )
-            trained = self.trainer.get_trainable() if job.keep_local else {}
-            local = {k: trained[k] for k in job.keep_local or {}}
+            local = trained_kept(self.trainer, job.keep_local)
             results.append(ClientResult(job.client.cid, upload, metrics, local))
         return results
 

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from deploy_helpers import (
+    DeviceThread,
     client_ids,
     device,
     global_of,
@@ -32,14 +34,17 @@ from coordinator.broker_credentials import add_device, make_test_ca
 from coordinator.metrics import read_metrics
 from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
+from edge_client.client import EdgeClient
 from edge_client.mqtt_link import LinkConfig, MqttLink, PublishRefused
 from edge_client.topics import up_topic
 from edge_client.wire import encode_update
+from export.state import LORA_B, State
 
 pytestmark = pytest.mark.mqtt
 
 SEED_METHODS = [m for m in ("fedit", "fedrpca", "flora_na", "ravan") if m in aggregators.available()]
 BASE_CHANGING = ["flora", "fedex_lora"]  # their globals carry the base delta
+KEEPS_LOCAL = ["fedsa_lora"]  # its devices keep their own B between rounds
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,12 +61,15 @@ def events(state_dir: Path, kind: str) -> list[dict]:
     return [r for r in read_metrics(path) if r["event"] == kind] if path.exists() else []
 
 
-@pytest.mark.parametrize("method", SEED_METHODS + BASE_CHANGING)
+@pytest.mark.parametrize("method", SEED_METHODS + BASE_CHANGING + KEEPS_LOCAL)
 def test_full_run_of_several_rounds(method: str, mosquitto: Mosquitto, tmp_path: Path) -> None:
     clients = client_ids(3)
     service = make_service(method, tmp_path / "state", clients, rounds=3)
     thread, stop = serve_in_thread(service, mosquitto.port)
-    devices = [device(c, i, method, mosquitto.port).start() for i, c in enumerate(clients)]
+    devices = [
+        device(c, i, method, mosquitto.port, state_file=tmp_path / f"{c}.json").start()
+        for i, c in enumerate(clients)
+    ]
     try:
         thread.join(180)
         assert not thread.is_alive() and service.finished
@@ -81,6 +89,31 @@ def test_full_run_of_several_rounds(method: str, mosquitto: Mosquitto, tmp_path:
     assert any(k not in start or not torch.equal(final[k], start[k].cpu()) for k in final)
     if method in BASE_CHANGING:  # each round's merge went out with the next global and was trained on
         assert int(final["base_delta.version"]) == 3
+    if method in KEEPS_LOCAL:
+        check_kept_tensors(devices, start, final, tmp_path)
+
+
+def check_kept_tensors(devices: list[DeviceThread], start: State, final: State, tmp_path: Path) -> None:
+    """Each device trained its own B from the template's for 3 rounds and kept it, on disk too; the
+    global's B never moved; a restarted client reads its B back and refuses a damaged file."""
+    kept = [d.client.kept for d in devices]
+    keys = sorted(kept[0])
+    assert keys and all(k.endswith(LORA_B) for k in keys) and all(sorted(k) == keys for k in kept)
+    for key in keys:
+        assert torch.equal(final[key], start[key].cpu())
+        assert all(not torch.equal(k[key], start[key].cpu()) for k in kept)
+        assert not torch.equal(kept[0][key], kept[1][key])
+    first = devices[0].client
+    assert first._kept_file is not None
+    on_disk = safetensors.torch.load_file(first._kept_file)
+    assert all(torch.equal(on_disk[key], kept[0][key]) for key in keys)
+    again = EdgeClient(
+        first.config, first.link, first.trainer, first.template, first.plan_fn, first.batches_fn
+    )
+    assert all(torch.equal(again.kept[key], kept[0][key]) for key in keys)
+    first._kept_file.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        EdgeClient(first.config, first.link, first.trainer, first.template, first.plan_fn, first.batches_fn)
 
 
 def test_tls_acl_refuses_a_device_publishing_as_another(
@@ -261,10 +294,11 @@ def test_sim_mqtt_transport_fails_at_once_when_a_client_refuses_the_announcement
         run_method(build_world(config), "fedit")
 
 
-@pytest.mark.parametrize("method", ["fedit", "flora", "fedex_lora", "hetlora"])
+@pytest.mark.parametrize("method", ["fedit", "flora", "fedex_lora", "hetlora", "fedsa_lora"])
 def test_sim_mqtt_transport_matches_inproc(method: str) -> None:
     """The same numbers over a real broker, also for methods that change the base every round (FLoRA,
-    FedEx-LoRA: the global carries the base delta) and give clients different ranks (HetLoRA)."""
+    FedEx-LoRA: the global carries the base delta), give clients different ranks (HetLoRA) or leave a
+    factor on each client (FedSA-LoRA: its local accuracy too)."""
     from sim.config import SimConfig
     from sim.engine import build_world, run_method
 
@@ -274,6 +308,6 @@ def test_sim_mqtt_transport_matches_inproc(method: str) -> None:
     )  # fmt: skip
     inproc = run_method(build_world(config), method)
     mqtt = run_method(build_world(dataclasses.replace(config, transport="mqtt")), method)
-    keys = ("accuracy", "loss", "train_loss", "participants", "bytes_up")
+    keys = ("accuracy", "accuracy_local", "loss", "train_loss", "participants", "bytes_up")
     assert [[r[k] for k in keys] for r in mqtt] == [[r[k] for k in keys] for r in inproc]
     assert sum(r["participants"] for r in mqtt) >= 6  # most sampled clients answered every round

@@ -56,16 +56,17 @@ def test_backend_is_an_alias_of_transport() -> None:
 
 
 @pytest.mark.ray
-def test_ray_and_inproc_give_identical_round_metrics(one_thread: None) -> None:
+@pytest.mark.parametrize("method", ["fedit", "fedsa_lora"])  # FedSA-LoRA: each client's B goes and comes back
+def test_ray_and_inproc_give_identical_round_metrics(one_thread: None, method: str) -> None:
     pytest.importorskip("ray")
     from sim.engine import run_method
     from sim.synthetic import synthetic_world
 
-    config = tiny_config()
+    config = tiny_config(methods=(method,))
     world = synthetic_world(config, examples_per_client=8)
-    inproc = run_method(world, "fedit")
+    inproc = run_method(world, method)
     ray_world = dataclasses.replace(world, config=dataclasses.replace(config, transport="ray"))
-    over_ray = run_method(ray_world, "fedit")
+    over_ray = run_method(ray_world, method)
     assert sum(r["participants"] for r in inproc) > 0
     for a, b in zip(inproc, over_ray, strict=True):
         a.pop("wall_time_s"), b.pop("wall_time_s")

@@ -12,8 +12,9 @@ from coordinator.metrics import read_metrics
 from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
 from coordinator.store import RoundStore, StoreError, _read_segment
 from edge_client.topics import up_topic
-from edge_client.wire import encode_update
-from export.state import State
+from edge_client.wire import decode_global, encode_update
+from edge_client.wire_tensors import template_of
+from export.state import LORA_B, State
 
 METHOD = "fedit"
 
@@ -46,11 +47,23 @@ def test_config_is_validated() -> None:
         ServiceConfig(run="t", method=METHOD, rounds=0)
 
 
-def test_a_method_whose_devices_keep_local_tensors_is_refused_clearly(tmp_path: Path) -> None:
-    """FedSA-LoRA's devices keep their B between rounds, which the edge client does not do: say so at
-    start, rather than announce rounds every device refuses."""
-    with pytest.raises(ServiceError, match=r"fedsa_lora keeps .*lora_B.* the edge client does not"):
-        make_service("fedsa_lora", tmp_path, client_ids(3), rounds=1)
+def test_a_method_whose_devices_keep_tensors_neither_sends_nor_takes_them(tmp_path: Path) -> None:
+    """FedSA-LoRA: the announcement names B as kept and carries A only; an update carrying B is refused."""
+    service = make_service("fedsa_lora", tmp_path, client_ids(3), rounds=1)
+    service.start()
+    assert service.template and not any(k.endswith(LORA_B) for k in service.template)
+    full = {k: v.cpu() for k, v in service.global_state.items()}  # B included: it must not travel
+    announced = decode_global(
+        service.announcement, expected_run="t", spec=service.spec, template=template_of(full), key=None
+    )
+    assert announced.header.keep_local == (LORA_B,)
+    assert announced.state and not any(k.endswith(LORA_B) for k in announced.state)
+    envelope = encode_update(
+        full, run="t", round=1, client="dev0", method="fedsa_lora", spec=service.spec, num_examples=1,
+        local_steps=1, compute_s=0.0, rank=service.spec.rank,
+    )  # fmt: skip
+    assert service.receive([(up_topic("t", "dev0"), envelope)]) == 0
+    assert service.tally.rejected == {"unknown_key": 1}
 
 
 def test_sampling_is_seeded_and_stable() -> None:
