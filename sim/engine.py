@@ -73,11 +73,14 @@ def adapted_model(
     return attach(base, spec or config.spec(family))
 
 
-def client_trainer(config: SimConfig, model: nn.Module, family: str, num_classes: int) -> Trainer:
+def client_trainer(
+    config: SimConfig, model: nn.Module, family: str, num_classes: int, base_delta: bool = False
+) -> Trainer:
     """The trainer every virtual client uses (in this process or in a Ray actor).
 
     ``eager`` trains ``model``; ``executorch`` trains the training program of a bundle of the same
-    model and adapter (built once, then read from the cache).
+    model and adapter (built once, then read from the cache), with base-delta inputs for a method
+    that changes the base (``base_delta``).
     """
     optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9)
     bundle = None
@@ -86,7 +89,7 @@ def client_trainer(config: SimConfig, model: nn.Module, family: str, num_classes
 
         bundle = cached_bundle(
             config.model, config.spec(family), num_classes=num_classes, seq_len=config.max_len,
-            batch_range=(2, max(2, config.batch_size)), model_seed=config.seed,
+            batch_range=(2, max(2, config.batch_size)), model_seed=config.seed, base_delta=base_delta,
         )  # fmt: skip
     return make_trainer(config.trainer, bundle=bundle, model=model, optimizer=optimizer)
 
@@ -127,17 +130,18 @@ def method_family(method: str) -> str:
 
 
 def make_transport(
-    world: World, family: str, train: bool = True, spec: AdapterSpec | None = None
+    world: World, family: str, train: bool = True, spec: AdapterSpec | None = None, base_delta: bool = False
 ) -> Transport:
+    """How this method's clients are reached; ``base_delta``: the method changes the frozen base."""
     config = world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
 
-        return RayTransport(config, family, len(world.classes), world.train, train=train)
+        return RayTransport(config, family, len(world.classes), world.train, train, base_delta)
     if config.transport not in ("inproc", "mqtt") or (config.transport == "mqtt" and not train):
         raise NotImplementedError(f"transport {config.transport!r} cannot run this job")
     model = world.model(family, spec)
-    trainer = client_trainer(config, model, family, len(world.classes))
+    trainer = client_trainer(config, model, family, len(world.classes), base_delta)
     template = world.initial_state(family, spec)
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport
@@ -181,7 +185,7 @@ def run_method(
     params = dict(config.method_params.get(method, {}))
     agg = aggregator or aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train, spec)
+    transport = make_transport(world, family, train, spec, base_delta=agg.changes_base)
     model = world.model(family, spec)
     template = world.initial_state(family, spec)
     global_state = agg.init_global(template)

@@ -119,14 +119,20 @@ class ClientWorker:
     """
 
     def __init__(
-        self, config_json: str, family: str, num_classes: int, inputs: dict[str, np.ndarray], train: bool
+        self,
+        config_json: str,
+        family: str,
+        num_classes: int,
+        inputs: dict[str, np.ndarray],
+        train: bool,
+        base_delta: bool = False,
     ):
         from sim.engine import adapted_model, client_trainer
 
         config = config_from_json(config_json)
         self.spec = config.spec(family)
         model = adapted_model(config, num_classes, family)
-        self.trainer = client_trainer(config, model, family, num_classes)
+        self.trainer = client_trainer(config, model, family, num_classes, base_delta)
         self.template = self.trainer.get_trainable()
         with warnings.catch_warnings():  # read-only shared memory: the inputs are only ever indexed
             warnings.simplefilter("ignore", UserWarning)
@@ -183,10 +189,18 @@ class RayTransport:
         The training split, shipped to the object store once.
     train : bool
         ``False`` returns each payload unchanged after the round trip (benchmarks).
+    base_delta : bool
+        The method changes the frozen base (an ExecuTorch trainer then takes it as program inputs).
     """
 
     def __init__(
-        self, config: SimConfig, family: str, num_classes: int, train_inputs: Inputs, train: bool = True
+        self,
+        config: SimConfig,
+        family: str,
+        num_classes: int,
+        train_inputs: Inputs,
+        train: bool = True,
+        base_delta: bool = False,
     ):
         connect(config.ray_address)
         import ray
@@ -205,7 +219,7 @@ class RayTransport:
         worker = ray.remote(num_cpus=min(1.0, cpus / n))(ClientWorker)
         config_json = json.dumps(config.to_dict())
         self.actors: list[Any] = [
-            worker.remote(config_json, family, num_classes, inputs_ref, train) for _ in range(n)
+            worker.remote(config_json, family, num_classes, inputs_ref, train, base_delta) for _ in range(n)
         ]
         self.pool = ActorPool(self.actors)
 

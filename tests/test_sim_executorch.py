@@ -52,3 +52,23 @@ def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
     assert et[-1]["loss"] != et[0]["loss"]  # it trained
+
+
+@pytest.mark.executorch
+@pytest.mark.parametrize("method", ["flora", "fedex_lora"])
+def test_executorch_clients_follow_a_method_that_changes_the_base(method: str, tmp_path) -> None:
+    """Their globals carry a change of the frozen base: the simulator exports the program with
+    base-delta inputs, and the ExecuTorch clients give the eager clients' numbers."""
+    pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
+    config = dataclasses.replace(TINY, methods=(method,))
+    runs = {
+        trainer: run_experiment(
+            dataclasses.replace(config, trainer=trainer, out=str(tmp_path / trainer)), quiet=True
+        )
+        for trainer in ("eager", "executorch")
+    }
+    eager, et = runs["eager"], runs["executorch"]
+    assert len(et) == len(eager) == TINY.rounds and all(r["participants"] > 0 for r in et)
+    for a, b in zip(eager, et, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)

@@ -88,8 +88,8 @@ def test_engine_keeps_no_client_adapter_after_its_round(
     recorders: list[RecordingTransport] = []
     make = engine.make_transport
 
-    def recording(world: engine.World, family: str, train: bool = True, spec: Any = None) -> Transport:
-        recorders.append(RecordingTransport(make(world, family, train, spec)))
+    def recording(world: engine.World, family: str, *args: Any, **kwargs: Any) -> Transport:
+        recorders.append(RecordingTransport(make(world, family, *args, **kwargs)))
         return recorders[-1]
 
     monkeypatch.setattr(engine, "make_transport", recording)

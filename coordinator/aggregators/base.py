@@ -78,6 +78,9 @@ class Aggregator(ABC):
     heterogeneous_ranks: ClassVar[bool] = False
     # Key suffixes of tensors each client keeps between rounds and never sends (FedSA-LoRA's B).
     local_suffixes: ClassVar[tuple[str, ...]] = ()
+    # Its globals carry a change of the frozen base (FLoRA, FedEx-LoRA): an ExecuTorch device needs a
+    # program with base-delta inputs (``fleetlora export --base-delta``).
+    changes_base: ClassVar[bool] = False
 
     @classmethod
     def client_spec(cls, spec: AdapterSpec) -> AdapterSpec:

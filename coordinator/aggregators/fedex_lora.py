@@ -30,6 +30,7 @@ def residual_factors(
 
 class FedExLoRA(Aggregator):
     name = "fedex_lora"
+    changes_base = True
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p, out = self.begin_round(global_state, updates)

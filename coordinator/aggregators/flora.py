@@ -34,6 +34,7 @@ def fresh_lora_a(seed: int, prefix: str, version: int, rank: int, k: int) -> tor
 
 class FLoRA(HeterogeneousRankAggregator):
     name = "flora"
+    changes_base = True
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p, out = self.begin_round(global_state, updates)
