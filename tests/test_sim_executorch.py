@@ -27,6 +27,16 @@ def test_executorch_needs_sgd(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--optimizer sgd" in capsys.readouterr().err
 
 
+def test_export_refuses_a_base_delta_for_a_ravan_adapter(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FLoRA and FedEx-LoRA change a LoRA model's base; a Ravan program has no use for the inputs."""
+    argv = ["export", "--family", "ravan", "--base-delta", "--num-classes", "4", "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    assert "--base-delta needs --family lora" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_executorch_world_feeds_token_ids() -> None:
     """The program takes token ids: no cached hidden states, whatever layers carry the adapter."""
     world = build_world(dataclasses.replace(TINY, layers=(1,)))
