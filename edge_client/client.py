@@ -86,6 +86,7 @@ class EdgeConfig:
 class Progress:
     """The persisted part of a client: the last round handled and an update awaiting acknowledgement."""
 
+    run: str = ""  # the run these rounds belong to: another run's file starts afresh
     last_round: int = 0
     pending_round: int = 0  # 0: none; else its envelope is saved in the pending file
     missed: int = 0  # rounds announced while this client was away (never seen)
@@ -164,21 +165,48 @@ class EdgeClient:
         if f is None or not f.exists():
             return {}
         try:
-            kept = safetensors.torch.load(f.read_bytes())
+            with safetensors.safe_open(f, "pt") as opened:
+                run = (opened.metadata() or {}).get("run", "")
+                kept = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118 (not a dict)
         except safetensors.SafetensorError as e:
             raise ValueError(
                 f"{f} is not a safetensors file ({e}); move it away to restart those tensors"
             ) from e
+        if run != self.config.run:
+            log.warning(
+                "%s: %s holds run %r's tensors, not %r's: starting them afresh",
+                self.config.client_id,
+                f,
+                run,
+                self.config.run,
+            )
+            return {}
         for name, tensor in kept.items():
             if self.shapes.get(name) != tuple(tensor.shape) or not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{f}: {name} is not a finite tensor of this adapter's template")
         return kept
 
     def _load_progress(self) -> Progress:
-        f = self.config.state_file
+        f, run = self.config.state_file, self.config.run
         if f is None or not f.exists():
-            return Progress()
-        return Progress(**json.loads(f.read_text()))
+            return Progress(run=run)
+        try:
+            progress = Progress(**json.loads(f.read_text()))
+        except (ValueError, TypeError) as e:  # bad JSON, unknown or missing fields
+            raise ValueError(f"{f} is not a progress file of this client ({e}); move it away") from e
+        if progress.run and progress.run != run:
+            # A new run on the same state file: its rounds start again at 1, and none of its own
+            # progress (nor a pending update of the old run) may suppress them.
+            log.warning(
+                "%s: %s belongs to run %r: starting run %r afresh",
+                self.config.client_id,
+                f,
+                progress.run,
+                run,
+            )
+            return Progress(run=run)
+        progress.run = run
+        return progress
 
     def _save(self) -> None:
         if self.config.state_file is not None:
@@ -258,7 +286,7 @@ class EdgeClient:
         if kept:
             self.kept = {k: v.contiguous() for k, v in trained_kept(self.trainer, kept).items()}
             if self._kept_file is not None:
-                _write_atomically(self._kept_file, safetensors.torch.save(self.kept))
+                _write_atomically(self._kept_file, safetensors.torch.save(self.kept, {"run": cfg.run}))
         if self.on_trained is not None:
             self.on_trained(header, metrics)
         lora = cfg.spec.family == "lora"
