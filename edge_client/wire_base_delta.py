@@ -24,8 +24,6 @@ from export.state import (
     is_base_delta_key,
 )
 
-VERSION_DTYPE = "I64"
-
 
 class _Declared(Protocol):  # wire_tensors.Entry: a tensor as the safetensors header declares it
     @property
@@ -48,11 +46,8 @@ def check_base_delta(
     for anything not right."""
     if BASE_VERSION not in names:
         raise EnvelopeError(Reason.MISSING_KEY, f"a base delta without {BASE_VERSION}")
-    version = entries[BASE_VERSION]
-    if version.dtype != VERSION_DTYPE or version.shape != ():
-        raise EnvelopeError(
-            Reason.SHAPE, f"{BASE_VERSION}: {version.dtype} {version.shape}, want an {VERSION_DTYPE} scalar"
-        )
+    # Its dtype (I64) is checked with every other dtype (wire_tensors.check_dtypes), before this.
+    _need(entries[BASE_VERSION].shape == (), f"{BASE_VERSION}: {entries[BASE_VERSION].shape}, want a scalar")
     for prefix in sorted({_prefix(n) for n in names if n != BASE_VERSION}):
         layer = lora.get(prefix)
         if layer is None or prefix + LORA_A not in layer or prefix + LORA_B not in layer:
