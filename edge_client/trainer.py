@@ -86,11 +86,16 @@ class EagerTrainer:
 
     A fresh optimizer is made for every ``train`` call: a round starts from the global adapter, and
     momentum carried across rounds would leak one round's direction into the next global state.
+    ``keep_optimizer`` keeps one optimizer for every call instead (centralized training in chunks).
     """
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerConfig | None = None):
+    def __init__(
+        self, model: nn.Module, optimizer: OptimizerConfig | None = None, keep_optimizer: bool = False
+    ):
         self.model = model
         self.opt_config = optimizer or OptimizerConfig()
+        self.keep_optimizer = keep_optimizer
+        self._kept: torch.optim.Optimizer | None = None
 
     def set_trainable(self, state: State) -> None:
         load_trainable_state(self.model, state)
@@ -113,7 +118,9 @@ class EagerTrainer:
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics:
-        opt = self._optimizer()
+        if self.keep_optimizer:
+            self._kept = self._kept or self._optimizer()
+        opt = self._kept or self._optimizer()
         metrics = TrainMetrics()
         start = time.perf_counter()
         it: Iterator[Batch] = iter(batches)

@@ -131,8 +131,9 @@ def _orange_dataset(name: str, stem: str) -> TextDataset:
     return TextDataset(name, classes, train_texts, train_labels, test_texts, test_labels)
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test indices (each sorted) with ``test_fraction`` of every class in the test set."""
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices (each sorted) with ``test_fraction`` of every class in the test set
+    (the simulator carves its validation split from the training split with it too)."""
     rng = np.random.default_rng(seed)
     test: list[np.ndarray] = []
     for label in np.unique(labels):
@@ -163,7 +164,7 @@ def _trec6() -> TextDataset:
             raise DataError(f"{path}:{number}: question has two coarse labels: {question[:60]!r}")
     questions = list(label_of)
     classes, labels, _ = _encode_labels(list(label_of.values()), [])
-    train_idx, test_idx = _stratified_split(labels, TREC_TEST_FRACTION, TREC_SPLIT_SEED)
+    train_idx, test_idx = stratified_split(labels, TREC_TEST_FRACTION, TREC_SPLIT_SEED)
     return TextDataset(
         "trec6",
         classes,
@@ -269,6 +270,22 @@ def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def token_lengths(texts: list[str], tokenizer: Any, cap: int, cache_dir: Path | None = None) -> np.ndarray:
+    """Tokens per text (special tokens included), at most ``cap``; cached like the tokenized splits."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{cap}:{tokenizer_fingerprint(tokenizer)}".encode())
+    for text in texts:
+        h.update(text.encode() + b"\0")
+    directory = cache_dir if cache_dir is not None else default_cache_dir()
+    path = directory / f"lengths-{h.hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        return load_file(path)["lengths"].numpy()
+    ids = tokenizer(texts, max_length=cap, truncation=True, return_attention_mask=False)["input_ids"]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_atomically({"lengths": lengths}, path, {"cap": str(cap)})
+    return lengths.numpy()
 
 
 def tokenize_cached(

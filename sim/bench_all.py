@@ -136,12 +136,13 @@ def finished_records(config: SimConfig) -> list[dict[str, Any]] | None:
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     except (OSError, ValueError):
         return None
-    rounds = {m: sum(1 for r in records if r.get("method") == m) for m in config.methods}
-    return records if same and all(n == config.rounds for n in rounds.values()) else None
+    tested = {r.get("method") for r in records if r.get("kind") == "test"}
+    return records if same and tested >= set(config.methods) else None
 
 
 def quality_rows(results: list[tuple[SimConfig, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Mean and spread of final accuracy, and MB uploaded to first reach the dataset's target."""
+    """Mean and spread of test accuracy (at the round validation chose), and MB uploaded until the
+    validation accuracy first reached the dataset's target."""
     cells: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
     for config, records in results:
         split = "iid" if config.partition == "iid" else f"alpha={config.alpha}"
@@ -151,9 +152,10 @@ def quality_rows(results: list[tuple[SimConfig, list[dict[str, Any]]]]) -> list[
     rows = []
     for (dataset, split, method), runs in sorted(cells.items()):
         target = TARGETS[dataset]
-        finals = [rs[-1]["accuracy"] for rs in runs]
+        finals = [next(r["test_accuracy"] for r in rs if r.get("kind") == "test") for rs in runs]
         to_target = [
-            next((r["bytes_up_total"] / 1e6 for r in rs if r["accuracy"] >= target), None) for rs in runs
+            next((r["bytes_up_total"] / 1e6 for r in rs if r.get("val_accuracy", 0) >= target), None)
+            for rs in runs
         ]
         reached = [x for x in to_target if x is not None]
         rows.append(
@@ -161,8 +163,8 @@ def quality_rows(results: list[tuple[SimConfig, list[dict[str, Any]]]]) -> list[
                 "dataset": dataset,
                 "split": split,
                 "method": method,
-                "final_acc_mean": statistics.fmean(finals),
-                "final_acc_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+                "test_acc_mean": statistics.fmean(finals),
+                "test_acc_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "target_acc": target,
                 "MB_up_to_target": statistics.fmean(reached) if reached else "not reached",
                 "seeds": len(runs),
@@ -327,7 +329,8 @@ def report(
         "|---|---|---|",
         *speed_lines,
         "",
-        f"## Learning quality (final accuracy over {len(grid.seeds)} seed(s), {grid.rounds} rounds, "
+        f"## Learning quality (test accuracy at the round validation chose, over {len(grid.seeds)} "
+        f"seed(s), at most {grid.rounds} rounds, "
         f"{grid.clients} clients, {grid.clients_per_round} per round)",
         "",
         markdown_table(quality_rows(results)) if results else "(no run finished yet)",

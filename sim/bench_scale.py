@@ -137,12 +137,15 @@ def main(argv: list[str]) -> int:
     before = rss_bytes()
     t1 = time.perf_counter()
     with PeakRss() as peak:
-        record = run_method(world, "fedit")[0]
+        record = run_method(world, "fedit").rounds[0]
     seconds = time.perf_counter() - t1
     release_freed_memory()
     after = rss_bytes()
     in_flight = (peak.peak - before) / args.clients
-    print(f"round: {seconds:.1f} s, {record['participants']} updates, accuracy {record['accuracy']:.3f}")
+    print(
+        f"round: {seconds:.1f} s, {record['participants']} updates, "
+        f"validation accuracy {record['val_accuracy']:.3f}"
+    )
     print(
         f"rss MB: start {start_rss / MB:.0f}, world {world_rss / MB:.0f}, before round {before / MB:.0f}, "
         f"peak in round {peak.peak / MB:.0f}, after round {after / MB:.0f}"

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from export.spec import AdapterSpec
+
+# Training settings a method may override in ``method_params`` (tuned per method, as the papers did).
+TRAINING_KEYS = frozenset(
+    {"lr", "momentum", "server_lr", "server_momentum", "optimizer", "batch_size", "weighting"}
+)
 
 
 class ConfigError(ValueError):
@@ -23,6 +28,16 @@ class SimConfig:
     ``local_steps`` = 0 lets each device's budget decide its steps; > 0 fixes them for everyone.
     ``trainer`` = ``executorch`` trains with a bundle's program (SGD only, built once and cached);
     its inputs are token ids, so it runs the frozen lower blocks instead of reading them from the cache.
+
+    The protocol (``val_fraction``, ``patience``, ``seeds``): a validation split is carved from the
+    training data; every round is scored on it, the round reported is the one with the best
+    validation accuracy (a run stops after ``patience`` rounds without improvement, at most
+    ``rounds``), and the test split is read once, for that round's global adapter. ``centralized``
+    adds the same adapter trained on the pooled training data as a reference row.
+
+    ``method_params`` holds, per method, the aggregator's own options and overrides of the training
+    settings in :data:`TRAINING_KEYS` (what ``fleetlora tune`` writes), e.g.
+    ``{"fedrpca": {"beta": 2.0, "lr": 0.02}}``.
     """
 
     methods: tuple[str, ...] = ("fedit", "fedrpca", "flora_na", "ravan")
@@ -38,13 +53,16 @@ class SimConfig:
     max_steps: int = 4
     batch_size: int = 16
     lr: float = 0.05
-    optimizer: str = "sgd"  # SGD with momentum 0.9: what the ExecuTorch runtime offers devices
+    optimizer: str = "sgd"  # SGD (with momentum): what the ExecuTorch runtime offers devices
+    momentum: float = 0.9  # local SGD momentum (reset every round: a round starts from the global)
+    server_lr: float = 1.0  # server step on the aggregate's change (FedAvgM; 1 and 0 = plain)
+    server_momentum: float = 0.0
     rank: int = 8
     lora_alpha: float = 16.0
     heads: int = 4
     target_modules: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] = (5,)
-    max_len: int = 32
+    max_len: int = 0  # tokens per example; 0 = from the training split's length distribution
     deadline_s: float = 0.0  # virtual round deadline; 0 = derived from the device mix
     seed: int = 0
     out: str = "runs/sim"
@@ -54,7 +72,12 @@ class SimConfig:
     ray_actors: int = 0  # Ray actors (one model each); 0 = one per CPU of the cluster
     trainer: str = "eager"
     weighting: str = "examples"
-    eval_examples: int = 500  # a fixed random subset of the test split; 0 = all of it
+    eval_examples: int = 0  # the test split is read once per reported model: all of it (0), or a subset
+    val_fraction: float = 0.1  # of the training split, stratified, held out from every client
+    patience: int = 0  # stop after this many rounds without a better validation accuracy; 0 = never
+    seeds: tuple[int, ...] = ()  # several seeds: mean +- std and paired differences; () = (seed,)
+    centralized: bool = True  # the reference row: the same adapter trained on the pooled data
+    centralized_max_epochs: float = 3.0  # how far the reference trains past the federated budget
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,13 +110,43 @@ class SimConfig:
                 f"(not {self.optimizer!r})",
             ),
             (self.ray_actors >= 0, f"ray_actors must be >= 0, got {self.ray_actors}"),
-            (self.max_len >= 8, f"max_len must be >= 8, got {self.max_len}"),
+            (self.max_len == 0 or self.max_len >= 8, f"max_len must be 0 (auto) or >= 8, got {self.max_len}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}"),
+            (0 <= self.server_momentum < 1, f"server_momentum must be in [0, 1), got {self.server_momentum}"),
+            (0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}"),
+            (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
+            (self.centralized_max_epochs >= 0, "centralized_max_epochs must be >= 0"),
+            (len(set(self.seeds)) == len(self.seeds), f"seeds repeat: {self.seeds}"),
             (self.deadline_s >= 0, f"deadline_s must be >= 0, got {self.deadline_s}"),
             (bool(self.methods), "give at least one method"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for method, params in self.method_params.items():
+            if method not in self.methods:
+                raise ConfigError(
+                    f"method_params names {method!r}, which is not run ({', '.join(self.methods)})"
+                )
+            for key in TRAINING_KEYS & set(params):
+                try:
+                    replace(self, **{key: params[key]}, method_params={}, methods=(method,))
+                except (ConfigError, TypeError) as e:
+                    raise ConfigError(f"method_params[{method!r}]: {e}") from None
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
+
+    def for_method(self, method: str) -> SimConfig:
+        """This config with the method's training overrides from ``method_params`` applied."""
+        overrides = {k: v for k, v in self.method_params.get(method, {}).items() if k in TRAINING_KEYS}
+        return replace(self, **overrides) if overrides else self
+
+    def aggregator_params(self, method: str) -> dict[str, Any]:
+        """The method's own options (``method_params`` less the training overrides)."""
+        return {k: v for k, v in self.method_params.get(method, {}).items() if k not in TRAINING_KEYS}
 
     def spec(self, family: str) -> AdapterSpec:
         """The adapter spec every client of a method of this family trains."""
@@ -106,6 +159,21 @@ class SimConfig:
             heads=self.heads,
             seed=self.seed,
         )
+
+    def flag_values(
+        self, skip: tuple[str, ...] = ("out", "seeds", "seed", "method_params")
+    ) -> dict[str, Any]:
+        """The settings that differ from the defaults, keyed as ``fleetlora sim``'s flags (a TOML run
+        config): tuples become comma-separated strings."""
+        default = SimConfig()
+        renamed = {"methods": "method", "deadline_s": "deadline"}
+        out: dict[str, Any] = {}
+        for name, value in asdict(self).items():
+            if name in skip or value == getattr(default, name):
+                continue
+            key = renamed.get(name, name).replace("_", "-")
+            out[key] = ",".join(map(str, value)) if isinstance(value, tuple | list) else value
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,15 +1,18 @@
 """The simulator's main loop: one federated run of one method, round by round.
 
-Read top to bottom: build the world once (data, cached inputs, fleet, one base model per adapter
-family), then for each method: sample clients, charge the virtual clock, train the clients that
-make the deadline, aggregate with the real coordinator aggregator, evaluate on the held-out test split.
+Read top to bottom: build the world once (data with a validation split carved from the training
+split, cached inputs, fleet, one base model per adapter family), then for each method: sample
+clients, charge the virtual clock, train the clients that make the deadline, aggregate with the real
+coordinator aggregator (and the server optimizer), score the round on validation; at the end read the
+test split once, for the round validation chose.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,18 +21,19 @@ from torch import nn
 
 from coordinator import aggregators
 from coordinator.aggregators import ClientInfo, ClientUpdate
+from coordinator.server_optimizer import ServerOptimizer
 from edge_client.backends import make_trainer
 from edge_client.local_round import LocalPlan, start_state
 from edge_client.trainer import OptimizerConfig, Trainer, evaluate
 from export.adapters import attach
 from export.base_delta import applied_base_delta, split_base_delta
-from export.data import load_text_dataset, tokenize_cached
+from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
 from export.models import build_model
 from export.spec import AdapterSpec
-from export.state import State, load_trainable_state, num_bytes, trainable_state
+from export.state import State, clone_state, load_trainable_state, num_bytes, trainable_state
 from sim.config import SimConfig
 from sim.features import Inputs, prefix_inputs
-from sim.fleet import VirtualClient, build_fleet, model_cost
+from sim.fleet import NoTrainingError, VirtualClient, build_fleet, model_cost
 from sim.transports import ClientJob, InProcTransport, Transport
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -39,9 +43,10 @@ RoundCallback = Callable[[dict[str, Any]], None]
 class World:
     """Everything a comparison shares across methods: identical clients, data and budgets."""
 
-    config: SimConfig
+    config: SimConfig  # resolved: ``max_len`` is the length actually used
     classes: tuple[str, ...]
-    train: Inputs
+    train: Inputs  # the clients' pool: the training split less the validation split
+    val: Inputs
     test: Inputs
     clients: list[VirtualClient]
     deadline_s: float
@@ -82,7 +87,7 @@ def client_trainer(
     model and adapter (built once, then read from the cache), with base-delta inputs for a method
     that changes the base (``base_delta``).
     """
-    optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=0.9)
+    optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=config.momentum)
     bundle = None
     if config.trainer == "executorch":
         from export.build import cached_bundle
@@ -95,10 +100,16 @@ def client_trainer(
 
 
 def build_world(config: SimConfig) -> World:
+    """Data, validation split, cached inputs and fleet of an experiment (one seed)."""
     dataset = load_text_dataset(config.dataset)
     base: Any
     base, tokenizer = build_model(config.model, len(dataset.classes), seed=config.seed)
+    if not config.max_len:
+        config = replace(config, max_len=auto_max_len(dataset, tokenizer))
     train_tok, test_tok = tokenize_cached(dataset, tokenizer, config.max_len)
+    if config.eval_examples:  # a fixed random subset of the test split, not its first rows
+        order = np.random.default_rng(12345).permutation(len(test_tok))
+        test_tok = test_tok.subset(np.sort(order[: config.eval_examples]))
     # The ExecuTorch program takes token ids: with it, no cached hidden states (the adapter still
     # sits on ``layers`` only; the frozen lower blocks are just run every step).
     start = min(config.layers) if config.layers and config.trainer == "eager" else 0
@@ -109,20 +120,29 @@ def build_world(config: SimConfig) -> World:
     test = prefix_inputs(
         base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test"
     )
-    if config.eval_examples:  # evaluate on a fixed random subset of the test split, not its first rows
-        test = test.subset(np.random.default_rng(12345).permutation(len(test)))
     return assemble_world(config, dataset.classes, base, train, test)
+
+
+def auto_max_len(dataset: Any, tokenizer: Any) -> int:
+    """Tokens per example from the training split: its median length rounded up to a multiple of 32,
+    within [32, 256] (32 tokens cut most Reuters and 20 Newsgroups documents to their first line)."""
+    lengths = token_lengths(dataset.train_texts, tokenizer, cap=256)
+    return int(min(256, max(32, -(-int(np.median(lengths)) // 32) * 32)))
 
 
 def assemble_world(
     config: SimConfig, classes: tuple[str, ...], base: Any, train: Inputs, test: Inputs
 ) -> World:
-    """A world from ready inputs: the fleet, its budgets (priced on ``base``) and the deadline."""
+    """A world from ready inputs: the validation split carved from ``train``, the fleet over the rest
+    (budgets priced on ``base``) and the deadline."""
+    labels = train.labels.numpy()
+    pool_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    pool, val = train.subset(pool_idx), train.subset(val_idx)
     enc = base.encoder.config
     n_params = sum(p.numel() for p in base.parameters())
     cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
-    clients, deadline = build_fleet(config, train.labels.numpy(), cost)
-    return World(config, classes, train, test, clients, deadline)
+    clients, deadline = build_fleet(config, pool.labels.numpy(), cost)
+    return World(config, classes, pool, val, test, clients, deadline)
 
 
 def method_family(method: str) -> str:
@@ -130,10 +150,16 @@ def method_family(method: str) -> str:
 
 
 def make_transport(
-    world: World, family: str, train: bool = True, spec: AdapterSpec | None = None, base_delta: bool = False
+    world: World,
+    family: str,
+    train: bool = True,
+    spec: AdapterSpec | None = None,
+    base_delta: bool = False,
+    config: SimConfig | None = None,
 ) -> Transport:
-    """How this method's clients are reached; ``base_delta``: the method changes the frozen base."""
-    config = world.config
+    """How this method's clients are reached; ``base_delta``: the method changes the frozen base;
+    ``config``: the method's own settings (default the world's)."""
+    config = config or world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
 
@@ -168,42 +194,84 @@ def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, seed: 
     return LocalPlan(budget.local_steps, rank=rank)
 
 
+@dataclass
+class MethodRun:
+    """One method's run on one seed: per-round records (scored on validation) and the test result.
+
+    ``chosen_round`` is the round with the best validation accuracy; the test split is read once, for
+    that round's global adapter (``test`` holds its accuracy and loss).
+    """
+
+    method: str
+    rounds: list[dict[str, Any]]
+    test: dict[str, Any]
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of the run, as written to ``metrics.jsonl``: the rounds, then the test line."""
+        return [*self.rounds, self.test]
+
+
+@dataclass
+class _Best:
+    """The best round so far on validation, with what is needed to test it later."""
+
+    round: int = 0
+    val_accuracy: float = -1.0
+    state: State = field(default_factory=dict)
+    local: dict[str, State] = field(default_factory=dict)
+
+
+def sample_round(config: SimConfig, num_clients: int, rnd: int) -> tuple[list[int], np.ndarray]:
+    """Who is sampled in round ``rnd`` (sorted) and each one's dropout draw: the same for every method."""
+    rng = np.random.default_rng([config.seed, rnd])
+    picked = sorted(int(i) for i in rng.choice(num_clients, config.clients_per_round, replace=False))
+    return picked, rng.random(len(picked))
+
+
 def run_method(
     world: World,
     method: str,
     on_round: RoundCallback | None = None,
     train: bool = True,
     aggregator: aggregators.Aggregator | None = None,
-) -> list[dict[str, Any]]:
-    """Run every round of one method; returns (and reports through ``on_round``) per-round metrics.
+    read_test: bool = True,
+) -> MethodRun:
+    """Run one method round by round, scoring each round on validation; test the chosen round once.
 
-    ``aggregator`` replaces the method's registered one (``bench sim`` passes a no-op).
+    ``aggregator`` replaces the method's registered one (``bench sim`` passes a no-op); ``read_test``
+    False (tuning) leaves the test split unread: the test record then holds validation only. Raises
+    :class:`NoTrainingError` when a round's sampled clients all miss the deadline or the whole run
+    aggregates nothing.
     """
-    config = world.config
+    config = world.config.for_method(method)
     family = method_family(method)
     spec = aggregators.get(method).client_spec(config.spec(family))  # e.g. FFA-LoRA freezes A
-    params = dict(config.method_params.get(method, {}))
-    agg = aggregator or aggregators.create(method, spec, device="auto", weighting=config.weighting, **params)
+    agg = aggregator or aggregators.create(
+        method, spec, device="auto", weighting=config.weighting, **config.aggregator_params(method)
+    )
+    server = ServerOptimizer(config.server_lr, config.server_momentum)
+    server.check_method(method, agg.changes_base)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train, spec, base_delta=agg.changes_base)
+    transport = make_transport(world, family, train, spec, base_delta=agg.changes_base, config=config)
     model = world.model(family, spec)
     template = world.initial_state(family, spec)
     global_state = agg.init_global(template)
     # Tensors each client keeps between rounds (FedSA-LoRA's B): a newcomer starts from the template's.
     local_keys = [k for k in template if agg.local_suffixes and k.endswith(agg.local_suffixes)]
+    newcomer = {k: template[k] for k in local_keys}  # the global view: a client with no local state
     local_states: dict[str, State] = {}
     history: list[dict[str, Any]] = []
+    best = _Best()
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
     try:
         for rnd in range(config.rounds):
-            rng = np.random.default_rng([config.seed, rnd])  # same draws for every method
-            picked = sorted(rng.choice(len(world.clients), config.clients_per_round, replace=False))
-            drop_draws = rng.random(len(picked))
+            picked, drop_draws = sample_round(config, len(world.clients), rnd)
             jobs, bytes_down, round_time, dropped, late = [], 0, 0.0, 0, 0
             for i, draw in zip(picked, drop_draws, strict=True):
                 client = world.clients[i]
                 budget = client.budgets[family]
-                plan = plan_for(client, spec, hetero, (config.seed, rnd, int(i), 1))
+                plan = plan_for(client, spec, hetero, (config.seed, rnd, i, 1))
                 payload = agg.payload_for(ClientInfo(client.cid, plan.rank, plan.heads), global_state)
                 bytes_down += num_bytes(payload)
                 if draw < client.profile.dropout:  # vanishes mid-round: the server waits to the deadline
@@ -215,41 +283,37 @@ def run_method(
                     round_time = world.deadline_s
                     continue
                 round_time = max(round_time, budget.round_s)
-                keep = (
-                    local_states.get(client.cid, {k: template[k] for k in local_keys}) if local_keys else None
-                )
+                keep = local_states.get(client.cid, newcomer) if local_keys else None
                 jobs.append(
                     ClientJob(
-                        client, payload, plan, budget.batch_size, (config.seed, rnd, int(i)), keep_local=keep
+                        client, payload, plan, budget.batch_size, (config.seed, rnd, i), keep_local=keep
                     )
+                )
+            if late and not jobs and not dropped:
+                raise NoTrainingError(
+                    f"{method}, round {rnd + 1}: none of the {late} sampled clients can train within the "
+                    f"{world.deadline_s:.1f} s round deadline; raise --deadline or lower --local-steps"
                 )
             results = transport.run(spec, jobs)
             local_states.update({r.cid: r.local for r in results if r.local})
             updates = [
                 ClientUpdate(
-                    r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads}
+                    r.cid, r.upload, j.client.num_examples, rank=j.plan.rank, meta={"heads": j.plan.heads},
+                    examples_seen=r.metrics.examples,
                 )
                 for r, j in zip(results, jobs, strict=True)
-            ]
+            ]  # fmt: skip
             bytes_up = sum(num_bytes(u.state) for u in updates)
             agg.metrics = {}
             if updates:  # never aggregate from nothing: a round without updates keeps the global
-                global_state = agg.aggregate(global_state, updates)
-            newcomer = {k: template[k] for k in local_keys}  # the global view: a client with no local state
-            accuracy, loss = evaluate_global(
-                model, spec, agg, global_state, template, world.test, config.eval_examples, newcomer
+                global_state = server.step(global_state, agg.aggregate(global_state, updates))
+            val_accuracy, val_loss = evaluate_global(
+                model, spec, agg, global_state, template, world.val, 0, newcomer
             )
             local_acc = [
-                evaluate_global(
-                    model,
-                    spec,
-                    agg,
-                    global_state,
-                    template,
-                    world.test,
-                    config.eval_examples,
-                    local_states[r.cid],
-                )[0]
+                evaluate_global(model, spec, agg, global_state, template, world.val, 0, local_states[r.cid])[
+                    0
+                ]
                 for r in results
                 if r.cid in local_states
             ]
@@ -258,15 +322,18 @@ def run_method(
             bytes_down_total += bytes_down
             train_losses = [loss for r in results for loss in r.metrics.losses]
             record = {
+                "kind": "round",
                 "method": method,
+                "seed": config.seed,
                 "round": rnd + 1,
-                "accuracy": accuracy,
-                "accuracy_local": float(np.mean(local_acc)) if local_acc else None,
-                "loss": loss,
+                "val_accuracy": val_accuracy,
+                "val_accuracy_local": float(np.mean(local_acc)) if local_acc else None,
+                "val_loss": val_loss,
                 "train_loss": float(np.mean(train_losses)) if train_losses else None,
                 "participants": len(updates),
                 "dropped": dropped,
                 "late": late,
+                "examples": sum(r.metrics.examples for r in results),
                 "bytes_up": bytes_up,
                 "bytes_down": bytes_down,
                 "bytes_up_total": bytes_up_total,
@@ -282,9 +349,65 @@ def run_method(
             history.append(record)
             if on_round:
                 on_round(record)
+            if val_accuracy > best.val_accuracy:
+                best = _Best(
+                    rnd + 1,
+                    val_accuracy,
+                    clone_state(global_state),
+                    {r.cid: clone_state(local_states[r.cid]) for r in results if r.cid in local_states},
+                )
+            elif config.patience and rnd + 1 - best.round >= config.patience:
+                break
     finally:
         transport.close()
-    return history
+    if not any(r["participants"] for r in history):
+        late, dropped = sum(r["late"] for r in history), sum(r["dropped"] for r in history)
+        raise NoTrainingError(
+            f"{method}: no client update was aggregated in {len(history)} rounds ({late + dropped} "
+            f"sampled: {late} missed the {world.deadline_s:.1f} s deadline, {dropped} dropped out); "
+            f"raise --deadline or lower --local-steps"
+        )
+    test = test_record(world, method, model, spec, agg, template, newcomer, best, history, read_test)
+    return MethodRun(method, history, test)
+
+
+def test_record(
+    world: World,
+    method: str,
+    model: nn.Module,
+    spec: AdapterSpec,
+    agg: aggregators.Aggregator,
+    template: State,
+    newcomer: State,
+    best: _Best,
+    history: list[dict[str, Any]],
+    read_test: bool = True,
+) -> dict[str, Any]:
+    """The one read of the test split: the chosen round's global adapter (and its clients' own)."""
+    limit = world.config.eval_examples
+    accuracy, loss, local = math.nan, math.nan, []
+    if read_test:
+        accuracy, loss = evaluate_global(model, spec, agg, best.state, template, world.test, limit, newcomer)
+        local = [
+            evaluate_global(model, spec, agg, best.state, template, world.test, limit, kept)[0]
+            for kept in best.local.values()
+        ]
+    chosen = history[best.round - 1]
+    return {
+        "kind": "test",
+        "method": method,
+        "seed": world.config.seed,
+        "chosen_round": best.round,
+        "rounds_run": len(history),
+        "val_accuracy": best.val_accuracy,
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "test_accuracy_local": float(np.mean(local)) if local else None,
+        "bytes_up_total": chosen.get("bytes_up_total"),
+        "bytes_down_total": chosen.get("bytes_down_total"),
+        "virtual_time_s": chosen.get("virtual_time_s"),
+        "wall_time_s": history[-1]["wall_time_s"],
+    }
 
 
 @torch.no_grad()
@@ -298,7 +421,8 @@ def evaluate_global(
     limit: int,
     keep_local: State | None = None,
 ) -> tuple[float, float]:
-    """Accuracy and loss of the global adapter (with a client's kept tensors) on the held-out test split.
+    """Accuracy and loss of the global adapter (with a client's kept tensors) on ``test`` (validation
+    every round, the test split once).
 
     A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only.
     """

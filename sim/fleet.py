@@ -16,6 +16,10 @@ from sim.config import SimConfig
 from sim.partition import dirichlet_partition, iid_partition
 
 
+class NoTrainingError(RuntimeError):
+    """A run in which no client could train: reported instead of the untrained model's accuracy."""
+
+
 @dataclass(frozen=True)
 class VirtualClient:
     cid: str
@@ -74,13 +78,22 @@ def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple
         if config.local_steps:
             budgets = {fam: _fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
         clients.append(VirtualClient(f"c{i:05d}", profile, np.asarray(idx, dtype=np.int64), budgets))
+    fastest = min(min(b.round_s for b in c.budgets.values()) for c in clients)
+    if fastest > deadline:
+        raise NoTrainingError(
+            f"no client can finish a round within the {deadline:.1f} s deadline (the fastest needs "
+            f"{fastest:.1f} s): raise --deadline, or lower --local-steps / --batch-size"
+        )
     return clients, deadline
 
 
 def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: SimConfig) -> float:
-    """A deadline at which the median device of the mix affords ``max_steps`` full batches."""
+    """A deadline at which the median device of the mix affords the round's full batches: ``max_steps``
+    of them, or ``local_steps`` when those are fixed (sizing it for ``max_steps`` then would leave
+    most devices late)."""
     gflops = float(np.median([p.train_gflops for p in profiles]))
-    compute = config.max_steps * config.batch_size * cost.train_flops_per_example / (gflops * 1e9)
+    steps = config.local_steps or config.max_steps
+    compute = steps * config.batch_size * cost.train_flops_per_example / (gflops * 1e9)
     return float(round(compute * 1.5 + 5.0, 1))
 
 

@@ -38,15 +38,17 @@ def test_quality_rows_give_mean_spread_and_bytes_to_the_datasets_target(tmp_path
         (config,) = [c for c in grid_configs(QUICK, tmp_path) if c.partition == "iid"]
         config = dataclasses.replace(config, seed=seed, methods=("fedit",))
         records = [
-            {"method": "fedit", "accuracy": a, "bytes_up_total": (i + 1) * 1e6}
+            {"kind": "round", "method": "fedit", "val_accuracy": a, "bytes_up_total": (i + 1) * 1e6}
             for i, a in enumerate(accuracies)
         ]
-        return config, records
+        test = {"kind": "test", "method": "fedit", "test_accuracy": accuracies[-1]}
+        return config, [*records, test]
 
     target = TARGETS["trec6"]
     rows = quality_rows([run(0, [0.2, target, 0.6]), run(1, [0.1, 0.2, 0.4])])
     (row,) = rows
-    assert row["final_acc_mean"] == pytest.approx(0.5) and row["final_acc_std"] == pytest.approx(0.1)
+    # Two seeds' test accuracies 0.6 and 0.4: sample std sqrt(0.02) (n - 1 in the denominator).
+    assert row["test_acc_mean"] == pytest.approx(0.5) and row["test_acc_std"] == pytest.approx(0.02**0.5)
     assert row["MB_up_to_target"] == pytest.approx(2.0)  # only seed 0 reached it, after 2 MB
     assert row["target_acc"] == target and row["seeds"] == 2
     (never,) = quality_rows([run(1, [0.1, 0.2, 0.4])])
@@ -55,7 +57,7 @@ def test_quality_rows_give_mean_spread_and_bytes_to_the_datasets_target(tmp_path
 
 def test_a_report_written_midway_says_how_far_the_run_got(tmp_path: Path) -> None:
     (config, _) = grid_configs(QUICK, tmp_path)
-    records = [{"method": m, "accuracy": 0.6, "bytes_up_total": 1e6} for m in config.methods]
+    records = [{"kind": "test", "method": m, "test_accuracy": 0.6} for m in config.methods]
     speed = ["| `fleetlora bench ingest` | `ingest: ratio_to_raw=0.71 lost=0` | 30 s |"]
     text = report("fleetlora bench all", QUICK, speed, [(config, records)], 2, None, None)
     assert "**Partial**: 1 of 2 simulator runs" in text and "ratio_to_raw=0.71" in text
@@ -77,9 +79,10 @@ def test_resume_reuses_only_a_complete_run_of_the_same_config(tmp_path: Path) ->
     folder = Path(config.out)
     folder.mkdir(parents=True)
     config.save(folder / "config.json")
-    records = [{"method": m, "round": r, "accuracy": 0.5} for m in config.methods for r in range(1, 4)]
+    records = [{"kind": "round", "method": m, "round": r} for m in config.methods for r in range(1, 4)]
+    records += [{"kind": "test", "method": m, "test_accuracy": 0.5} for m in config.methods]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
-    assert finished_records(config) is None  # the last method's last round is missing
+    assert finished_records(config) is None  # the last method's test line is missing
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert finished_records(config) == records
     assert finished_records(dataclasses.replace(config, rounds=5)) is None  # another config

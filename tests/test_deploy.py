@@ -306,8 +306,11 @@ def test_sim_mqtt_transport_matches_inproc(method: str) -> None:
         methods=(method,), model="tiny-bert", dataset="trec6", clients=5, clients_per_round=3, rounds=3,
         max_len=16, layers=(), local_steps=2, batch_size=8, eval_examples=64,
     )  # fmt: skip
-    inproc = run_method(build_world(config), method)
-    mqtt = run_method(build_world(dataclasses.replace(config, transport="mqtt")), method)
-    keys = ("accuracy", "accuracy_local", "loss", "train_loss", "participants", "bytes_up")
+    inproc = run_method(build_world(config), method).records
+    mqtt = run_method(build_world(dataclasses.replace(config, transport="mqtt")), method).records
+    keys = ("val_accuracy", "val_accuracy_local", "val_loss", "train_loss", "participants", "bytes_up")
+    keys_test = ("test_accuracy", "test_accuracy_local", "test_loss", "chosen_round")
+    assert [mqtt[-1][k] for k in keys_test] == [inproc[-1][k] for k in keys_test]
+    inproc, mqtt = inproc[:-1], mqtt[:-1]
     assert [[r[k] for k in keys] for r in mqtt] == [[r[k] for k in keys] for r in inproc]
     assert sum(r["participants"] for r in mqtt) >= 6  # most sampled clients answered every round

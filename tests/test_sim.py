@@ -11,6 +11,7 @@ from edge_client.budget import DeviceProfile
 from fleetlora.cli import main
 from sim.config import ConfigError, SimConfig
 from sim.engine import build_world, run_method
+from sim.fleet import NoTrainingError
 from sim.report import read_metrics
 from sim.run import run_experiment
 
@@ -44,7 +45,7 @@ def test_same_seed_repeats_exactly(tmp_path) -> None:
         runs.append(strip_wall(run_experiment(config, quiet=True)))
     assert runs[0] == runs[1]
     other = SimConfig(methods=("fedit",), out=str(tmp_path / "c"), seed=1, **TINY)  # type: ignore[arg-type]
-    assert strip_wall(run_experiment(other, quiet=True)) != runs[0][: TINY["rounds"]]
+    assert strip_wall(run_experiment(other, quiet=True)) != runs[0]
 
 
 def test_run_folder_has_config_metrics_plots_and_summary(tmp_path) -> None:
@@ -53,43 +54,62 @@ def test_run_folder_has_config_metrics_plots_and_summary(tmp_path) -> None:
     out = tmp_path / "run"
     assert json.loads((out / "config.json").read_text())["methods"] == ["fedit", "ravan"]
     assert read_metrics(out / "metrics.jsonl") == records
-    assert len(records) == 2 * TINY["rounds"]
+    rounds = [r for r in records if r["kind"] == "round" and r["method"] != "centralized"]
+    tests = {r["method"]: r for r in records if r["kind"] == "test"}
+    assert len(rounds) == 2 * TINY["rounds"]
+    assert set(tests) == {"fedit", "ravan", "centralized", "centralized_ceiling"}  # the reference rows
     for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png", "accuracy_vs_time.png", "divergence.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert "| fedit |" in summary and "| ravan |" in summary
-    for r in records:
-        assert 0.0 <= r["accuracy"] <= 1.0
+    assert "| fedit |" in summary and "| ravan |" in summary and "| centralized |" in summary
+    for t in tests.values():
+        assert 0.0 <= t["test_accuracy"] <= 1.0 and t["chosen_round"] >= 1
+    for r in rounds:
+        assert 0.0 <= r["val_accuracy"] <= 1.0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert r["participants"] + r["dropped"] + r["late"] == TINY["clients_per_round"]
-    ravan_up = [r["bytes_up"] / r["participants"] for r in records if r["method"] == "ravan"]
-    lora_up = [r["bytes_up"] / r["participants"] for r in records if r["method"] == "fedit"]
+    ravan_up = [r["bytes_up"] / r["participants"] for r in rounds if r["method"] == "ravan"]
+    lora_up = [r["bytes_up"] / r["participants"] for r in rounds if r["method"] == "fedit"]
     assert max(ravan_up) <= max(lora_up) * 1.1  # Ravan at the same trainable budget uploads no more
 
 
-def test_every_client_dropping_keeps_the_global_adapter(world) -> None:
+def test_a_round_without_updates_keeps_the_global_and_a_run_without_any_is_an_error(world) -> None:
+    seen: list[dict] = []
     gone = [
         dataclasses.replace(c, profile=dataclasses.replace(c.profile, dropout=1.0)) for c in world.clients
     ]
     w = dataclasses.replace(world, clients=gone)
-    records = run_method(w, "fedit")
-    assert all(r["participants"] == 0 and r["dropped"] == 3 for r in records)
-    assert all(r["virtual_time_s"] == pytest.approx(w.deadline_s * r["round"]) for r in records)
-    assert records[0]["accuracy"] == records[1]["accuracy"]  # never aggregated from nothing
-    assert records[0]["bytes_up"] == 0
+    with pytest.raises(NoTrainingError, match=r"no client update was aggregated in 2 rounds \(6 sampled"):
+        run_method(w, "fedit", seen.append)
+    assert all(r["participants"] == 0 and r["dropped"] == 3 for r in seen)
+    assert all(r["virtual_time_s"] == pytest.approx(w.deadline_s * r["round"]) for r in seen)
+    assert seen[0]["val_accuracy"] == seen[1]["val_accuracy"]  # never aggregated from nothing
+    assert seen[0]["bytes_up"] == 0
 
 
-def test_a_deadline_nobody_meets_makes_every_client_late(world) -> None:
+def test_a_deadline_nobody_meets_is_an_error_not_an_untrained_model(world, tmp_path) -> None:
     w = dataclasses.replace(world, deadline_s=1e-6)
-    records = run_method(w, "fedit")
-    assert all(r["participants"] == 0 for r in records)
-    assert sum(r["late"] + r["dropped"] for r in records) == 2 * 3
+    with pytest.raises(NoTrainingError, match=r"missed the 0\.0 s deadline"):
+        run_method(w, "fedit")
+    # Said before anything trains when the deadline is set so: the fastest device's round time.
+    with pytest.raises(NoTrainingError, match=r"no client can finish a round within the 0\.0 s deadline"):
+        build_world(SimConfig(methods=("fedit",), deadline_s=1e-6, **TINY))  # type: ignore[arg-type]
+    args = ["sim", "--model", "tiny-bert", "--dataset", "trec6", "--clients", "2", "--clients-per-round", "2"]
+    assert main([*args, "--deadline", "0.000001", "--out", str(tmp_path)]) == 2
+
+
+def test_fixed_local_steps_get_a_deadline_sized_for_them() -> None:
+    """The deadline trap: a deadline sized for max_steps dropped most clients of --local-steps 20."""
+    w = build_world(SimConfig(methods=("fedit",), **{**TINY, "local_steps": 20}))  # type: ignore[arg-type]
+    on_time = [c for c in w.clients if c.budgets["lora"].round_s <= w.deadline_s]
+    assert len(on_time) >= len(w.clients) // 2  # the deadline lets the median device do 20 steps
+    assert all(c.budgets["lora"].local_steps == 20 for c in w.clients)
 
 
 def test_weak_devices_train_fewer_ravan_heads(world) -> None:
     weak = DeviceProfile("weak", "phone", 2.0, 4000, 5.0, 20.0, 1.0, 0.0)
     clients = [dataclasses.replace(c, profile=weak) for c in world.clients]
-    records = run_method(dataclasses.replace(world, clients=clients), "ravan")
+    records = run_method(dataclasses.replace(world, clients=clients), "ravan").rounds
     assert all(h <= world.config.heads for r in records for h in r["heads"])
 
 
@@ -103,5 +123,5 @@ def test_bad_config_and_flags_fail_clearly(capsys) -> None:
 
 
 def test_methods_run_back_to_back_start_from_the_same_adapter(world) -> None:
-    first = strip_wall(run_method(world, "fedit"))
-    assert strip_wall(run_method(world, "fedit")) == first
+    first = strip_wall(run_method(world, "fedit").records)
+    assert strip_wall(run_method(world, "fedit").records) == first

@@ -56,7 +56,7 @@ def test_round_of_1000_clients_holds_about_an_adapter_per_client(one_thread: Non
     gc.collect()
     before = rss_bytes()
     with PeakRss() as peak:
-        record = engine.run_method(world, "fedit")[0]
+        record = engine.run_method(world, "fedit").rounds[0]
     per_client = (peak.peak - before) / config.clients
     assert record["participants"] > config.clients // 2
     # Each client's upload (and its copy stacked for aggregation) plus bookkeeping: a few adapters.
@@ -101,7 +101,7 @@ def test_engine_keeps_no_client_adapter_after_its_round(
         if len(uploads) >= 2:  # the previous round's uploads, once this round has aggregated
             alive_after_next_round.append(sum(ref() is not None for ref in uploads[-2]))
 
-    history = engine.run_method(world, "fedit", on_round)
+    history = engine.run_method(world, "fedit", on_round).rounds
     gc.collect()
     assert sum(r["participants"] for r in history) > 0
     assert all(len(u) > 0 for u in recorders[0].uploads)

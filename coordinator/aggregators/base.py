@@ -17,7 +17,8 @@ import torch
 from export.spec import AdapterSpec
 from export.state import State, layout
 
-Weighting = Literal["examples", "uniform"]
+Weighting = Literal["examples", "work", "uniform"]
+WEIGHTINGS: tuple[str, ...] = ("examples", "work", "uniform")
 
 DEFAULT_CHUNK_BYTES = 1 << 30
 
@@ -52,6 +53,7 @@ class ClientUpdate:
     num_examples: int
     rank: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    examples_seen: int = 0  # examples processed in this round's training (local steps x batch)
 
 
 class Aggregator(ABC):
@@ -63,8 +65,9 @@ class Aggregator(ABC):
         The adapter every client trains.
     device : str or torch.device
         Where the math runs; ``"auto"`` picks CUDA when present.
-    weighting : {"examples", "uniform"}
-        Client weights ``p_u``: proportional to local examples, or ``1/U``.
+    weighting : {"examples", "work", "uniform"}
+        Client weights ``p_u``: proportional to local examples, to the examples processed this round
+        (a device that trained one step weighs less than one that trained twenty), or ``1/U``.
     chunk_bytes : int
         Working-memory bound of one batch: same-shaped layers are stacked and processed together up
         to about this many bytes (a method declares its float64 working copies per stacked scalar),
@@ -94,8 +97,8 @@ class Aggregator(ABC):
         weighting: Weighting = "examples",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.spec = spec
@@ -136,9 +139,13 @@ class Aggregator(ABC):
         if self.weighting == "uniform":
             w = torch.ones(len(updates), dtype=torch.float64)
         else:
-            w = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+            work = self.weighting == "work"
+            w = torch.tensor(
+                [float(u.examples_seen if work else u.num_examples) for u in updates], dtype=torch.float64
+            )
             if (w <= 0).any():
-                raise ValueError("every update needs num_examples > 0 for example weighting")
+                field_name = "examples_seen" if work else "num_examples"
+                raise ValueError(f"every update needs {field_name} > 0 for {self.weighting!r} weighting")
         return (w / w.sum()).to(self.device)
 
     def stacked(self, updates: list[ClientUpdate], key: str) -> torch.Tensor:

@@ -15,7 +15,9 @@ EXAMPLES = """fleetlora sim                  # MiniLM + Reuters-R8, 20 clients, 
 fleetlora sim --method fedit,ravan --rounds 5 --clients 50 --alpha 0.1
 fleetlora sim --dataset trec6 --partition iid --local-steps 5 --out runs/trec
 fleetlora sim --method all --config experiment.toml   # TOML keys match the flags
-fleetlora sim --transport ray --ray-actors 4    # clients spread over Ray actors (same numbers)"""
+fleetlora sim --transport ray --ray-actors 4    # clients spread over Ray actors (same numbers)
+fleetlora sim --method fedit,fedrpca --seeds 0,1,2,3,4   # mean +- std, paired differences with 95% CI
+fleetlora sim --config runs/tune/tuned.toml     # the settings `fleetlora tune` chose on validation"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +64,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=d.optimizer, help="local optimizer")
     p.add_argument(
+        "--momentum",
+        type=non_negative_float,
+        default=d.momentum,
+        help="local SGD momentum (default: %(default)s)",
+    )
+    p.add_argument(
+        "--server-lr",
+        type=non_negative_float,
+        default=d.server_lr,
+        help="server step on each round's aggregate (FedAvgM; 1 = the aggregate itself)",
+    )
+    p.add_argument(
+        "--server-momentum",
+        type=non_negative_float,
+        default=d.server_momentum,
+        help="server momentum (FedAvgM)",
+    )
+    p.add_argument(
         "--rank", type=positive_int, default=d.rank, help="LoRA rank; Ravan heads match its budget"
     )
     p.add_argument("--heads", type=positive_int, default=d.heads, help="Ravan heads (default: %(default)s)")
@@ -75,15 +95,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weighting",
-        choices=["examples", "uniform"],
+        choices=["examples", "work", "uniform"],
         default=d.weighting,
-        help="client weights in aggregation",
+        help="client weights: local examples, examples processed this round (work), or equal",
     )
     p.add_argument(
         "--layers", default=",".join(map(str, d.layers)), help="adapted blocks, e.g. 4,5 ('' = all)"
     )
     p.add_argument(
-        "--max-len", type=positive_int, default=d.max_len, help="tokens per example (default: %(default)s)"
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="tokens per example; 0 = the training split's median, rounded up to a multiple of 32",
     )
     p.add_argument(
         "--deadline",
@@ -92,7 +115,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="virtual round deadline in s (0 = auto)",
     )
     p.add_argument(
-        "--eval-examples", type=int, default=d.eval_examples, help="test examples evaluated (0 = all)"
+        "--eval-examples",
+        type=int,
+        default=d.eval_examples,
+        help="test examples read (once, for the round validation chose); 0 = the whole test split",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=non_negative_float,
+        default=d.val_fraction,
+        help="share of the training split held out for validation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop after this many rounds without better validation accuracy (0 = run every round)",
+    )
+    p.add_argument(
+        "--seeds", default="", help="several seeds, e.g. 0,1,2: mean +- std and paired differences"
+    )
+    p.add_argument(
+        "--centralized",
+        action=argparse.BooleanOptionalAction,
+        default=d.centralized,
+        help="add the centralized reference rows (same adapter on the pooled data)",
+    )
+    p.add_argument(
+        "--centralized-max-epochs",
+        type=non_negative_float,
+        default=d.centralized_max_epochs,
+        help="how far the reference trains past the federated budget (epochs)",
     )
     p.add_argument(
         "--transport",
@@ -145,6 +198,7 @@ def config_from_args(args: argparse.Namespace) -> object:
             "target_modules": tuple(as_list(args.target_modules)),
             "deadline_s": args.deadline,
             "method_params": params,
+            "seeds": tuple(int(x) for x in as_list(args.seeds)),
         }
         # every other config field has a flag of the same name
         plain = {f.name: getattr(args, f.name) for f in fields(SimConfig) if f.name not in special}
@@ -155,7 +209,11 @@ def config_from_args(args: argparse.Namespace) -> object:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    from sim.fleet import NoTrainingError
     from sim.run import run_experiment
 
-    run_experiment(config)  # type: ignore[arg-type]
+    try:
+        run_experiment(config)  # type: ignore[arg-type]
+    except NoTrainingError as e:
+        raise CliError(f"nothing was trained: {e}") from e
     return 0
