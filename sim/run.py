@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -64,7 +65,13 @@ def run_experiment(config: SimConfig, quiet: bool = False) -> list[dict[str, Any
     for seed in config.run_seeds:
         world = build_world(replace(config, seed=seed, seeds=()))
         if seed == config.run_seeds[0]:
-            replace(world.config, seeds=config.seeds).save(out / "config.json")  # max_len resolved
+            config.save(out / "config.json")  # as given: `--resume` of the benchmarks compares it
+            world_facts = {
+                "max_len": world.config.max_len,  # resolved when the config says 0 (auto)
+                "deadline_s": world.deadline_s,
+                "examples": {"train": len(world.train), "val": len(world.val), "test": len(world.test)},
+            }
+            (out / "world.json").write_text(json.dumps(world_facts, indent=2) + "\n")
             if not quiet:
                 say(
                     f"fleetlora sim: {config.model} on {config.dataset}, {config.clients} clients, "

@@ -17,6 +17,7 @@ HELP = "run a benchmark (side-by-side timings in one run)"
 ORDER = 90
 EXAMPLES = """\
 fleetlora bench all --quick                   # every benchmark side by side -> BENCHMARKS.md
+fleetlora bench claims --quick                # the seed papers' claims over seeds -> BENCHMARKS.md section
 fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
 fleetlora bench client --steps 10             # ExecuTorch runtime vs eager step time on MiniLM
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "aggregate": "coordinator.bench_aggregate:main",
     "client": "edge_client.bench_client:main",
     "all": "sim.bench_all",
+    "claims": "sim.bench_claims",
     "mqtt": "coordinator.bench_mqtt",
     "ingest": "coordinator.bench_ingest",
     "sim": "sim.bench_sim",
