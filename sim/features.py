@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from edge_client.trainer import Batch
 
@@ -91,7 +93,10 @@ def prefix_inputs(
         t = load_file(path)
         return Inputs(t["hidden"], attention_mask, labels, start_layer)
     chunks = []
-    for s in range(0, input_ids.shape[0], 128):
+    starts = range(0, input_ids.shape[0], 128)
+    # Minutes for a large split on a CPU, once per data set and length: say what is happening.
+    bar = tqdm(starts, desc=f"frozen blocks 0-{start_layer - 1} ({key}, once)", unit="batch", file=sys.stderr)
+    for s in bar:
         chunks.append(base.prefix(input_ids[s : s + 128], attention_mask[s : s + 128], start_layer))
     hidden = torch.cat(chunks).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
