@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import gamma, sum_tol, unit_roundoff
 
 from coordinator.aggregators import AggregationError, ClientUpdate, available, create, get
 from coordinator.divergence import exact_fro2, lora_divergence
@@ -20,7 +21,6 @@ from export.base_delta import base_delta_layers, dense_base_delta
 from export.ravan import layer_seed, make_bases
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S
-from tolerances import gamma, sum_tol, unit_roundoff
 
 LORA_LAYERS = {"l0.query": (24, 16), "l0.value": (24, 16), "l1.query": (20, 12)}  # prefix -> (d, k)
 RANK = 3
