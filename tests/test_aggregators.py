@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import gamma, sum_tol, unit_roundoff
+from tolerances import divergence_abs, gamma, stored_product_rel, sum_tol, unit_roundoff
 
 from coordinator.aggregators import AggregationError, ClientUpdate, available, create, get
 from coordinator.divergence import exact_fro2, lora_divergence
@@ -136,15 +136,12 @@ def magnitudes(family: str, state, shared=None) -> dict[str, torch.Tensor]:
 PRODUCT_TERMS = 2 + 6 * RANK
 PCP_TOL = 1e-7
 U32 = unit_roundoff(torch.float32)
-# The divergence metric (coordinator/divergence.py) is ``sqrt((||X||^2 - 2 <X, T> + ||T||^2) / ||T||^2)``
-# in float64: three terms of size ~||T||^2, each a sum of at most (U r)^2 Gram products of d-term (or
-# k-term) dot products (U <= 6 clients, d <= 24), so the numerator is off by at most
-# 4 gamma_n ||T||^2 and a divergence by sqrt(4 gamma_n) where it is near 0.
+# The divergence metric near 0 (tests/tolerances.py): U <= 6 clients, d <= 24; GRAM_TERMS bounds the
+# objective's trace-form sums alike.
 GRAM_TERMS = (6 * RANK) ** 2 * 24
-DIVERGENCE_ABS = (4 * gamma(GRAM_TERMS, torch.float64)) ** 0.5
-# A global stored in float32 is off from its float64 value by u per factor entry: its divergence moves
-# by ~gamma_(2 + terms) ||(|B| |A|)|| / ||T||, <= RANK times that for these Gaussian factors.
-STORED_DIVERGENCE = RANK * gamma(PRODUCT_TERMS, torch.float32)
+DIVERGENCE_ABS = divergence_abs(6, RANK, 24)
+# A global stored in float32 moves its divergence by up to this much.
+STORED_DIVERGENCE = stored_product_rel(6 * RANK, RANK)
 
 
 def assert_products_close(family, got, want, shared=None):

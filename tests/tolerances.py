@@ -61,3 +61,19 @@ def network_tol(
 # hidden states, weights of std 0.02), so magnitude 1.
 TINY_BERT_FORWARD_TOL = network_tol(64, 18)
 TINY_BERT_TRAIN_TOL = network_tol(64, 2 * 18)
+
+
+def stored_product_rel(terms: int, rank: int) -> float:
+    """Relative error of a low-rank product whose factors a method computed in float64 and stored in
+    float32: u per stored entry, so ``gamma_(2 + terms)`` of ``sum |B_ir A_rj|`` per entry over
+    ``terms`` stacked rank-1 terms; ``sum |terms|`` stays within ``rank`` times ``|product|`` (in
+    Frobenius norm) for the tests' Gaussian factors."""
+    return rank * gamma(2 + terms, torch.float32)
+
+
+def divergence_abs(clients: int, rank: int, dim: int) -> float:
+    """Absolute error of a float64 divergence ``sqrt((||X||^2 - 2 <X, T> + ||T||^2) / ||T||^2)``
+    (coordinator/divergence.py) near 0: three terms of size ``||T||^2`` that cancel, each a sum of at
+    most ``(clients rank)^2`` Gram products of ``dim``-term dot products, so the numerator is off by
+    ``4 gamma_n ||T||^2`` and the divergence by its square root."""
+    return math.sqrt(4 * gamma((clients * rank) ** 2 * dim, torch.float64))
