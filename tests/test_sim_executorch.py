@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from tolerances import TINY_BERT_TRAIN_TOL
 
 from fleetlora.cli import main
 from sim.config import ConfigError, SimConfig
@@ -18,6 +19,9 @@ TINY = SimConfig(
     max_len=16, layers=(), rank=4, heads=2, batch_size=8, max_steps=3, optimizer="sgd", lr=0.05,
     eval_examples=300, trainer="executorch",
 )  # fmt: skip
+# Eager and ExecuTorch clients each train within tiny-bert's training rounding bound of the other, and
+# a round starts from the previous round's (so differing) global: the bounds add over the rounds.
+ROUNDS_TOL = TINY.rounds * TINY_BERT_TRAIN_TOL
 
 
 def test_executorch_needs_sgd(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,9 +62,10 @@ def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
     assert all(r["participants"] > 0 for r in et)
     for a, b in zip(eager, et, strict=True):
         assert (a["participants"], a["bytes_up"]) == (b["participants"], b["bytes_up"])
-        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-4)
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        # One prediction may flip where its logit margin lies inside the trainers' rounding difference.
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1 / TINY.eval_examples)
+        assert b["loss"] == pytest.approx(a["loss"], abs=ROUNDS_TOL)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=ROUNDS_TOL)
     assert et[-1]["loss"] != et[0]["loss"]  # it trained
 
 
@@ -80,5 +85,5 @@ def test_executorch_clients_follow_a_method_that_changes_the_base(method: str, t
     eager, et = runs["eager"], runs["executorch"]
     assert len(et) == len(eager) == TINY.rounds and all(r["participants"] > 0 for r in et)
     for a, b in zip(eager, et, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], abs=ROUNDS_TOL)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=ROUNDS_TOL)
