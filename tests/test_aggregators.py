@@ -22,6 +22,8 @@ from export.ravan import layer_seed, make_bases
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S
 
+pytestmark = pytest.mark.numerical  # compares floats across code paths: rerun under other CPU capabilities
+
 LORA_LAYERS = {"l0.query": (24, 16), "l0.value": (24, 16), "l1.query": (20, 12)}  # prefix -> (d, k)
 RANK = 3
 RAVAN_LAYERS = ("l0.query", "l1.value")

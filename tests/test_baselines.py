@@ -24,6 +24,8 @@ from export.state import BASE_DELTA, BASE_DELTA_A, BASE_DELTA_B, LORA_A, LORA_B,
 from sim.config import SimConfig
 from sim.run import run_experiment
 
+pytestmark = pytest.mark.numerical  # compares floats across code paths: rerun under other CPU capabilities
+
 LAYERS = {"l0.query": (40, 30), "l1.value": (40, 30)}  # prefix -> (d, k); two layers of one shape
 RANK = 4
 DENSE = "classifier.weight"

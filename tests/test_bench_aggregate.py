@@ -12,6 +12,8 @@ import pytest
 from coordinator.aggregators import available, get
 from coordinator.bench_aggregate import LLAMA7B, MINILM, Shape, plan, run_config
 
+pytestmark = pytest.mark.numerical  # compares floats across code paths: rerun under other CPU capabilities
+
 TINY = Shape("tiny", 24, 4, 4)
 
 

@@ -241,6 +241,7 @@ def test_make_trainer_by_name(tiny: Bundle) -> None:
         ExecuTorchTrainer.from_bundle(tiny, OptimizerConfig(name="adamw"))
 
 
+@pytest.mark.numerical
 def test_rewrite_addmm_keeps_outputs() -> None:
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(5, 8)
@@ -261,6 +262,7 @@ def test_rewrite_addmm_keeps_outputs() -> None:
     assert bool(((ep.module()(x) - want).abs() <= bound).all())
 
 
+@pytest.mark.numerical
 def test_decompose_erf_adds_only_its_own_roundings_to_gelus_error() -> None:
     """``erf(z) = 2 gelu(y) / y - 1`` with ``y = sqrt(2) z``: the result's error is the gelu kernel's
     own error on ``2 Phi(y)`` (torch's vectorised erf inside gelu is an A&S 7.1.26-style approximation
@@ -295,6 +297,7 @@ def test_decompose_erf_adds_only_its_own_roundings_to_gelus_error() -> None:
     assert float(err.max()) < TINY_BERT_TRAIN_TOL
 
 
+@pytest.mark.numerical
 def test_dropping_the_softmax_guard_changes_nothing_while_every_row_has_a_key() -> None:
     class Attention(nn.Module):
         def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

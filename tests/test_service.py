@@ -182,6 +182,7 @@ def _norm_service(tmp_path: Path, mode: str) -> RoundService:
     return svc
 
 
+@pytest.mark.numerical
 def test_clip_norm_scales_an_outsized_update_back_to_the_limit(tmp_path: Path) -> None:
     from coordinator.clipping import delta_norm
 

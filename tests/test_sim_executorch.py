@@ -49,6 +49,7 @@ def test_executorch_world_feeds_token_ids() -> None:
 
 
 @pytest.mark.executorch
+@pytest.mark.numerical
 def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
     pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
     runs = {
@@ -70,6 +71,7 @@ def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
 
 
 @pytest.mark.executorch
+@pytest.mark.numerical
 @pytest.mark.parametrize("method", ["flora", "fedex_lora"])
 def test_executorch_clients_follow_a_method_that_changes_the_base(method: str, tmp_path) -> None:
     """Their globals carry a change of the frozen base: the simulator exports the program with
