@@ -14,3 +14,6 @@ if [ "${FLEETLORA_SLOW:-0}" = "1" ]; then
 else
   .venv/bin/python -m pytest -q -m "not slow" "$@"
 fi
+# The numerical tests again under the CPU code paths below this machine's best (AVX2, plain SSE): a
+# tolerance must hold on any CPU, not only on the one CI runs on.
+bash scripts/test_cpu_levels.sh "$@"

@@ -12,6 +12,8 @@ import pytest
 from coordinator.aggregators import available, get
 from coordinator.bench_aggregate import LLAMA7B, MINILM, Shape, plan, run_config
 
+pytestmark = pytest.mark.numerical  # compares floats across code paths: rerun under other CPU capabilities
+
 TINY = Shape("tiny", 24, 4, 4)
 
 
@@ -28,7 +30,9 @@ def test_every_method_runs_at_k100_and_both_comparisons_are_measured(capsys: pyt
             assert 0 <= divergence < 1, name
     assert ratios["fedrpca"] > 0 and ratios["flora_na"] > 0
     max_rel_diff = float(rows["pcp/numpy"][-1])
-    assert max_rel_diff < 1e-5  # the batched PCP gives the textbook loop's answer
+    # The batched PCP gives the textbook loop's answer: both stop at a 1e-7 relative residual, so they
+    # differ by convergence gaps (float64 rounding is ~1e-14), allowed 100x (tests/test_rpca.py).
+    assert max_rel_diff < 1e-5
 
 
 def test_the_plan_runs_the_7b_dense_reference_only_on_a_gpu():

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from deploy_helpers import adapted, client_ids, make_service, spec_for
+from tolerances import unit_roundoff
 
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
@@ -181,6 +182,7 @@ def _norm_service(tmp_path: Path, mode: str) -> RoundService:
     return svc
 
 
+@pytest.mark.numerical
 def test_clip_norm_scales_an_outsized_update_back_to_the_limit(tmp_path: Path) -> None:
     from coordinator.clipping import delta_norm
 
@@ -188,7 +190,11 @@ def test_clip_norm_scales_an_outsized_update_back_to_the_limit(tmp_path: Path) -
     small, huge = update_for(svc, "dev0", 1, scale=0.01), update_for(svc, "dev1", 1, scale=1e30)
     assert svc.receive([(up_topic("t", "dev0"), small), (up_topic("t", "dev1"), huge)]) == 2
     sent = {k: v.cpu() for k, v in svc.global_state.items()}
-    assert delta_norm(svc.accepted["dev1"].update.state, sent, None) == pytest.approx(1.0, rel=1e-5)
+    # The scaled update global + delta (||delta|| = 1) is stored in float32: u per entry, so the
+    # recovered delta's norm is off by at most u ||global + delta|| <= u (||global|| + 1).
+    g_norm = sum(float(v.double().square().sum()) for v in sent.values() if v.is_floating_point()) ** 0.5
+    drift = unit_roundoff(torch.float32) * (g_norm + 1)
+    assert delta_norm(svc.accepted["dev1"].update.state, sent, None) == pytest.approx(1.0, rel=0, abs=drift)
     assert delta_norm(svc.accepted["dev0"].update.state, sent, None) < 1.0  # left as sent
     assert svc.tally.clipped == 1 and not svc.tally.rejected
     resumed = make_service(METHOD, tmp_path, client_ids(2), rounds=1, clip_norm=1.0)

@@ -4,8 +4,10 @@ and give the eager trainer's numbers (same SGD, same batches)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
+from tolerances import TINY_BERT_TRAIN_TOL
 
 from fleetlora.cli import main
 from sim.config import ConfigError, SimConfig
@@ -18,6 +20,9 @@ TINY = SimConfig(
     max_len=16, layers=(), rank=4, heads=2, batch_size=8, max_steps=3, optimizer="sgd", lr=0.05,
     eval_examples=300, trainer="executorch", centralized=False,
 )  # fmt: skip
+# Eager and ExecuTorch clients each train within tiny-bert's training rounding bound of the other, and
+# a round starts from the previous round's (so differing) global: the bounds add over the rounds.
+ROUNDS_TOL = TINY.rounds * TINY_BERT_TRAIN_TOL
 
 
 def rounds(records: list[dict]) -> list[dict]:
@@ -49,6 +54,7 @@ def test_executorch_world_feeds_token_ids() -> None:
 
 
 @pytest.mark.executorch
+@pytest.mark.numerical
 def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
     pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
     runs = {
@@ -58,17 +64,20 @@ def test_executorch_trainer_gives_the_eager_numbers(tmp_path) -> None:
         for trainer in ("eager", "executorch")
     }
     eager, et = rounds(runs["eager"]), rounds(runs["executorch"])
+    val_size = json.loads((tmp_path / "eager" / "world.json").read_text())["examples"]["val"]
     assert len(et) == len(eager) == TINY.rounds
     assert all(r["participants"] > 0 for r in et)
     for a, b in zip(eager, et, strict=True):
         assert (a["participants"], a["bytes_up"]) == (b["participants"], b["bytes_up"])
-        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=1e-4)
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        # One prediction may flip where its logit margin lies inside the trainers' rounding difference.
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=1 / val_size)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=ROUNDS_TOL)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=ROUNDS_TOL)
     assert et[-1]["val_loss"] != et[0]["val_loss"]  # it trained
 
 
 @pytest.mark.executorch
+@pytest.mark.numerical
 @pytest.mark.parametrize("method", ["flora", "fedex_lora"])
 def test_executorch_clients_follow_a_method_that_changes_the_base(method: str, tmp_path) -> None:
     """Their globals carry a change of the frozen base: the simulator exports the program with
@@ -84,5 +93,5 @@ def test_executorch_clients_follow_a_method_that_changes_the_base(method: str, t
     eager, et = rounds(runs["eager"]), rounds(runs["executorch"])
     assert len(et) == len(eager) == TINY.rounds and all(r["participants"] > 0 for r in et)
     for a, b in zip(eager, et, strict=True):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=ROUNDS_TOL)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=ROUNDS_TOL)
