@@ -2,7 +2,8 @@
 
 Every federated run is shown against it, so a user sees its distance to the ceiling. The reference
 trains one adapter (the LoRA spec of the run, from the same initial state) on the union of the clients'
-data with one optimizer that is never reset, in chunks: chunk ``r`` processes as many examples as the
+data with one optimizer that is never reset (the run's learning rate; the momentum it uses locally or
+at the server, whichever is larger), in chunks: chunk ``r`` processes as many examples as the
 federated round ``r`` did (all its clients together), and each chunk is scored on validation like a
 round. Two rows come out of one run:
 
@@ -46,7 +47,10 @@ def run_centralized(
     model = world.model("lora", spec)
     template = world.initial_state("lora", spec)
     agg = aggregators.create("fedit", spec, device="cpu")  # evaluation only: its payload is the state
-    optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=config.momentum)
+    # The momentum the federated run applies, on the clients or at the server (FedAvgM): with local
+    # SGD, server momentum is what plays the role of the centralized optimizer's.
+    momentum = max(config.momentum, config.server_momentum)
+    optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=momentum)
     trainer = EagerTrainer(model, optimizer, keep_optimizer=True)
     trainer.set_trainable(template)
     pool = np.arange(len(world.train))

@@ -71,6 +71,7 @@ class SimConfig:
     ray_address: str = ""  # "" = a private Ray on this machine; "auto" or host:port = join a cluster
     ray_actors: int = 0  # Ray actors (one model each); 0 = one per CPU of the cluster
     trainer: str = "eager"
+    threads: int = 0  # torch intra-op threads; 0 = the idle cores (sim/threads.py)
     weighting: str = "examples"
     eval_examples: int = 0  # the test split is read once per reported model: all of it (0), or a subset
     val_fraction: float = 0.1  # of the training split, stratified, held out from every client
@@ -110,6 +111,7 @@ class SimConfig:
                 f"(not {self.optimizer!r})",
             ),
             (self.ray_actors >= 0, f"ray_actors must be >= 0, got {self.ray_actors}"),
+            (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.max_len == 0 or self.max_len >= 8, f"max_len must be 0 (auto) or >= 8, got {self.max_len}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}"),

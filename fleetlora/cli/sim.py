@@ -170,6 +170,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trainer", choices=["eager", "executorch"], default=d.trainer, help="client trainer backend"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads; 0 = the cores not already busy (printed at start)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed: the same seed repeats the numbers exactly")
     p.add_argument("--out", default=d.out, help="run folder (default: %(default)s)")
     p.add_argument("--method-params", default="{}", help='JSON per method, e.g. \'{"fedrpca": {"beta": 2}}\'')
@@ -210,8 +216,10 @@ def config_from_args(args: argparse.Namespace) -> object:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from sim.fleet import NoTrainingError
-    from sim.run import run_experiment
+    from sim.run import run_experiment, say
+    from sim.threads import apply_threads
 
+    say(apply_threads(config.threads))  # type: ignore[attr-defined]
     try:
         run_experiment(config)  # type: ignore[arg-type]
     except NoTrainingError as e:

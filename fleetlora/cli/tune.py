@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fleetlora.cli import CliError, as_list
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sim.fleet import NoTrainingError
+    from sim.threads import apply_threads
     from sim.tune import tune
 
     config = config_from_args(args)
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if not lrs or any(lr <= 0 for lr in lrs):
         raise CliError(f"--lrs must be positive learning rates, got {args.lrs!r}")
     out = Path(args.out)
+    print(apply_threads(config.threads), file=sys.stderr)  # type: ignore[attr-defined]
     try:
         chosen = tune(config, lrs, out)  # type: ignore[arg-type]
     except (NoTrainingError, ValueError) as e:

@@ -1,0 +1,24 @@
+"""The simulator's thread policy: an explicit choice wins, else the cores not already busy, never 0."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sim import threads
+
+
+def test_explicit_then_environment_then_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads(2) == (2, "--threads")
+    assert threads.choose_threads(0) == (3, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.choose_threads(0)[0] == 2  # an idle 2-core machine: both cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+    assert threads.choose_threads(0)[0] == 1  # one core busy elsewhere: one thread
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    n, why = threads.choose_threads(0)
+    assert n == 1 and "load 7.0" in why  # never fewer than one, and the reason is printed
