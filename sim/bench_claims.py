@@ -54,10 +54,12 @@ class Grid:
     seeds: tuple[int, ...]
     clients: int = 20
     clients_per_round: int = 10
+    max_len: int = 0  # 0 = the run config's (tokens from the data, within its cap)
 
 
-QUICK = Grid(("reuters8",), ("iid", "0.3"), (0, 1, 2))
-FULL = Grid(("reuters8", "20news"), ("iid", "0.3", "0.1"), (0, 1, 2, 3, 4))
+# The quick grid fits an afternoon on 2 CPU cores: one data set, two splits, 32 tokens per example.
+QUICK = Grid(("reuters8",), ("iid", "0.3"), (0, 1, 2), max_len=32)
+FULL = Grid(("reuters8", "20news"), ("iid", "0.3", "0.1"), (0, 1, 2, 3, 4), max_len=0)
 
 
 def base_config(dataset: str, tuned: dict[str, Path]) -> SimConfig:
@@ -72,6 +74,20 @@ def base_config(dataset: str, tuned: dict[str, Path]) -> SimConfig:
     return config_from_args(args)  # type: ignore[return-value]
 
 
+def with_grid(config: SimConfig, grid: Grid, seed: int, out: Path, **fields: Any) -> SimConfig:
+    """A cell's run: the grid's fleet size, tokens and seed on top of the data set's config."""
+    return replace(
+        config,
+        clients=grid.clients,
+        clients_per_round=grid.clients_per_round,
+        max_len=grid.max_len or config.max_len,
+        seed=seed,
+        seeds=(),
+        out=str(out),
+        **fields,
+    )
+
+
 def cell_configs(grid: Grid, tuned: dict[str, Path], runs: Path) -> list[SimConfig]:
     """One simulator run per data set x split x seed (seed-major: an interrupted grid has all cells)."""
     out = []
@@ -81,35 +97,31 @@ def cell_configs(grid: Grid, tuned: dict[str, Path], runs: Path) -> list[SimConf
             methods = tuple(m for m in METHODS if m in base.methods) if tuned.get(dataset) else METHODS
             for split in grid.splits:
                 out.append(
-                    replace(
+                    with_grid(
                         base,
+                        grid,
+                        seed,
+                        runs / f"{dataset}-{split}-s{seed}",
                         methods=methods,
                         dataset=dataset,
                         partition="iid" if split == "iid" else "dirichlet",
                         alpha=base.alpha if split == "iid" else float(split),
-                        clients=grid.clients,
-                        clients_per_round=grid.clients_per_round,
-                        seed=seed,
-                        seeds=(),
                         centralized=True,
-                        out=str(runs / f"{dataset}-{split}-s{seed}"),
                     )
                 )
         for dataset in grid.datasets[:1]:  # compute heterogeneity: mostly weak devices
             base = base_config(dataset, tuned)
             out.append(
-                replace(
+                with_grid(
                     base,
+                    grid,
+                    seed,
+                    runs / f"{dataset}-right_skewed-s{seed}",
                     methods=HETERO_METHODS,
                     dataset=dataset,
                     device_mix="right_skewed",
-                    clients=grid.clients,
-                    clients_per_round=grid.clients_per_round,
                     method_params={m: p for m, p in base.method_params.items() if m in HETERO_METHODS},
-                    seed=seed,
-                    seeds=(),
                     centralized=False,
-                    out=str(runs / f"{dataset}-right_skewed-s{seed}"),
                 )
             )
     return out

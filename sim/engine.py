@@ -105,7 +105,7 @@ def build_world(config: SimConfig) -> World:
     base: Any
     base, tokenizer = build_model(config.model, len(dataset.classes), seed=config.seed)
     if not config.max_len:
-        config = replace(config, max_len=auto_max_len(dataset, tokenizer))
+        config = replace(config, max_len=auto_max_len(dataset, tokenizer, config.max_len_cap))
     train_tok, test_tok = tokenize_cached(dataset, tokenizer, config.max_len)
     if config.eval_examples:  # a fixed random subset of the test split, not its first rows
         order = np.random.default_rng(12345).permutation(len(test_tok))
@@ -123,11 +123,12 @@ def build_world(config: SimConfig) -> World:
     return assemble_world(config, dataset.classes, base, train, test)
 
 
-def auto_max_len(dataset: Any, tokenizer: Any) -> int:
+def auto_max_len(dataset: Any, tokenizer: Any, cap: int = 64) -> int:
     """Tokens per example from the training split: its median length rounded up to a multiple of 32,
-    within [32, 256] (32 tokens cut most Reuters and 20 Newsgroups documents to their first line)."""
-    lengths = token_lengths(dataset.train_texts, tokenizer, cap=256)
-    return int(min(256, max(32, -(-int(np.median(lengths)) // 32) * 32)))
+    within [32, cap] (32 tokens cut most Reuters and 20 Newsgroups documents to their first line;
+    the cap bounds the cost of a step, which grows with its tokens)."""
+    lengths = token_lengths(dataset.train_texts, tokenizer, cap=max(cap, 32))
+    return int(min(cap, max(32, -(-int(np.median(lengths)) // 32) * 32)))
 
 
 def assemble_world(

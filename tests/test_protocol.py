@@ -80,7 +80,8 @@ def test_centralized_reference_sees_the_federated_examples_then_trains_to_its_ce
     assert matched.test["chosen_round"] <= len(per_round) < len(seen)
     assert ceiling.test["method"] == CEILING and ceiling.test["val_accuracy"] >= matched.test["val_accuracy"]
     after = [r["val_accuracy"] for r in seen[ceiling.test["chosen_round"] :]]
-    assert len(after) == 3 or seen[-1]["epochs"] >= world.config.centralized_max_epochs  # patience or cap
+    patience = world.config.patience or 3
+    assert len(after) == patience or seen[-1]["epochs"] >= world.config.centralized_max_epochs  # or the cap
     with pytest.raises(ValueError, match="needs the examples"):
         run_centralized(world, [])
 

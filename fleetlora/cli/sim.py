@@ -106,7 +106,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-len",
         type=int,
         default=d.max_len,
-        help="tokens per example; 0 = the training split's median, rounded up to a multiple of 32",
+        help="tokens per example; 0 = the training split's median, rounded up to a multiple of 32, "
+        "at most --max-len-cap",
+    )
+    p.add_argument(
+        "--max-len-cap",
+        type=positive_int,
+        default=d.max_len_cap,
+        help="the most tokens --max-len 0 may choose",
     )
     p.add_argument(
         "--deadline",
