@@ -250,10 +250,11 @@ def section(
         START,
         "## The seed papers' claims, tested",
         "",
-        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}: {status}, {hours:.1f} h on this machine. Test",
-        "accuracy at the round validation chose (the test split read once per reported model), mean +- std",
-        f"over seeds {list(grid.seeds)}, {grid.clients} clients, {grid.clients_per_round} per round. The",
-        "difference is paired by seed with its 95% t interval; 'holds' means the interval lies above 0.",
+        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}: {status}, {hours:.1f} h on this machine.",
+        "Test accuracy at the round validation chose (the test split read once per reported model), mean",
+        f"+- std over seeds {list(grid.seeds)}, {grid.clients} clients, {grid.clients_per_round} per round,",
+        f"{grid.max_len or 'the data-derived number of'} tokens per example. The difference is paired by",
+        "seed with its 95% t interval; 'holds' means the interval lies above 0.",
         "",
         markdown_table(rows) if rows else "(no run finished yet)",
         "",
@@ -323,7 +324,9 @@ def main(argv: list[str]) -> int:
         description="Test the seed papers' claims on real data over seeds; write the BENCHMARKS.md section.",
         epilog="example: fleetlora bench claims --quick --tuned reuters8=runs/tune-r8/tuned.toml",
     )
-    p.add_argument("--quick", action="store_true", help="Reuters-R8, IID and Dirichlet 0.3, 3 seeds")
+    p.add_argument(
+        "--quick", action="store_true", help="Reuters-R8, IID and Dirichlet 0.3, 3 seeds, 32 tokens"
+    )
     p.add_argument(
         "--tuned", default="", help="DATASET=tuned.toml,... from `fleetlora tune` (default: defaults)"
     )
