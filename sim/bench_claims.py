@@ -291,6 +291,17 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def spent_hours(results: list[tuple[SimConfig, list[dict[str, Any]]]]) -> float:
+    """Wall time the finished runs took (each method's run, the centralized reference once)."""
+    seconds = sum(
+        r["wall_time_s"]
+        for _, records in results
+        for r in records
+        if r.get("kind") == "test" and r["method"] != f"{CENTRALIZED}_ceiling"
+    )
+    return seconds / 3600
+
+
 def estimate_hours(configs: list[SimConfig], done: int) -> float:
     """Rough cost of the runs left: client steps x the measured seconds per step of the first config."""
     from edge_client.local_round import LocalPlan
@@ -333,6 +344,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", default="runs/claims", help="run folders (a finished one is reused)")
     p.add_argument("--out", default="BENCHMARKS.md", help="report whose claims section is (re)written")
     p.add_argument("--seeds", default="", help="override the grid's seeds, e.g. 0,1,2")
+    p.add_argument(
+        "--report-only", action="store_true", help="write the section from the finished runs; run nothing"
+    )
     args = p.parse_args(argv)
     grid = QUICK if args.quick else FULL
     if args.seeds:
@@ -352,6 +366,11 @@ def main(argv: list[str]) -> int:
     configs = cell_configs(grid, tuned, Path(args.runs))
     finished = [finished_records(c) for c in configs]
     done = sum(r is not None for r in finished)
+    if args.report_only:
+        configs, finished = (
+            [c for c, r in zip(configs, finished, strict=True) if r is not None],
+            [r for r in finished if r is not None],
+        )
     hours = estimate_hours([c for c, r in zip(configs, finished, strict=True) if r is None], 0)
     print(
         f"bench claims: {len(configs)} simulator runs, {done} finished earlier; "
@@ -359,17 +378,15 @@ def main(argv: list[str]) -> int:
         file=sys.stderr,
         flush=True,
     )
-    cmd = " ".join(["fleetlora bench claims", *argv])
+    cmd = " ".join(["fleetlora bench claims", *(a for a in argv if a != "--report-only")])
+    planned = len(configs) if not args.report_only else len(cell_configs(grid, tuned, Path(args.runs)))
     results: list[tuple[SimConfig, list[dict[str, Any]]]] = []
-    t0 = time.perf_counter()
     for config, records in zip(configs, finished, strict=True):
         if records is None:
             records = run_experiment(config, quiet=True)
         results.append((config, records))
         print(f"  {config.out} done ({len(results)} of {len(configs)})", file=sys.stderr, flush=True)
-        write_section(
-            Path(args.out), section(cmd, grid, results, len(configs), (time.perf_counter() - t0) / 3600)
-        )
+        write_section(Path(args.out), section(cmd, grid, results, planned, spent_hours(results)))
     rows = claim_rows(results)
     print(markdown_table(rows))
     counts = {
