@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from fleetlora.cli import CliError, positive_int
+from fleetlora.cli import CliError, as_list, positive_int
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,6 +34,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--spec", default="{}", help="adapter spec: JSON text or a .json file (keys of AdapterSpec)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the head and every frozen random tensor")
+
+
+def label_names(value: str) -> tuple[str, ...]:
+    """``--labels``: a file with one label name a line, or names separated by commas."""
+    path = Path(value)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        source = str(path)
+    else:
+        names, source = as_list(value), "--labels"
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise CliError(f"{source}: label names must be distinct, {twice} appear twice")
+    if not names:
+        raise CliError(f"{source}: no label names")
+    return tuple(names)
 
 
 def parse_broker(url: str) -> tuple[str, int, bool]:
