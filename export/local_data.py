@@ -203,15 +203,15 @@ def validation_indices(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.n
     return np.sort(order[size:]), np.sort(order[:size])
 
 
-def load_local_data(
+def load_examples(
     path: str | Path,
     tokenizer: Any,
     max_len: int,
     classes: Sequence[str],
     *,
     cache_dir: Path | None = None,
-) -> LocalData:
-    """Read, check, tokenize (or read the cache) and split a device's data (see the module docstring).
+) -> TokenizedSplit:
+    """Every example of a data file or folder: read, checked, tokenized, or read from the cache.
 
     ``classes``: the bundle's label names, in class-index order. Raises :class:`DataError` naming
     the file (and the line) for anything it cannot use.
@@ -246,10 +246,23 @@ def load_local_data(
             cache,
             key_fields,
         )
+    return split
+
+
+def load_local_data(
+    path: str | Path,
+    tokenizer: Any,
+    max_len: int,
+    classes: Sequence[str],
+    *,
+    cache_dir: Path | None = None,
+) -> LocalData:
+    """A device's data (see :func:`load_examples`), split into training and validation parts."""
+    split = load_examples(path, tokenizer, max_len, classes, cache_dir=cache_dir)
     counts = np.bincount(split.labels.numpy(), minlength=len(classes))
     train, validation = validation_indices(len(split))
     return LocalData(
-        p,
+        Path(path),
         tuple(classes),
         split.subset(train),
         split.subset(validation),

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from fleetlora.cli import CliError, positive_int
+from fleetlora.cli import CliError, as_list, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,8 @@ ORDER = 40
 EXAMPLES = """\
 fleetlora broker run --port 1883                 # plain loopback mosquitto, anonymous (local development)
 fleetlora broker init-ca ./pki                   # CA + server certificate for 127.0.0.1/localhost
-fleetlora broker add-device ./pki jetson-01      # password, client certificate, ACL entry
-fleetlora broker add-device ./pki coordinator --coordinator
+fleetlora broker init-ca ./pki --hosts 10.0.0.5,broker.lan   # ... for the addresses devices reach it at
+fleetlora devices enroll jetson-01 --pki ./pki --keys ./keys # a device (and, the first time, the coordinator)
 fleetlora broker run --dir ./pki                 # the shipped setup: TLS on 8883 + passwords + ACL
 fleetlora broker run --dir ./pki --tls --require-certificate  # mutual TLS: the certificate CN is the username
 fleetlora broker run --embedded --port 1883      # no mosquitto: amqtt, MQTT 3.1.1 only (see run --help)"""
@@ -77,16 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"use the embedded amqtt broker instead of mosquitto: {LIMITS}",
     )
-    init = actions.add_parser("init-ca", help="create a CA and a server certificate for 127.0.0.1/localhost")
-    init.add_argument("dir", help="new credentials directory")
-    add = actions.add_parser("add-device", help="create a client's password, certificate and ACL entry")
-    add.add_argument("dir", help="credentials directory made by init-ca")
-    add.add_argument("name", help="client name: its MQTT client id, username and certificate CN")
-    add.add_argument(
-        "--coordinator",
-        action="store_true",
-        help="give this client the coordinator's rights (publish global, read every update)",
+    init = actions.add_parser(
+        "init-ca",
+        help="create a CA and a server certificate (enrol clients with: fleetlora devices enroll)",
     )
+    init.add_argument("dir", help="new credentials directory")
+    init.add_argument(
+        "--hosts", default="127.0.0.1,localhost",
+        help="addresses and names the server certificate is valid for, comma-separated "
+        "(the ones devices reach the broker at; default: %(default)s)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "init-ca":
             return _init_ca(args)
-        if args.action == "add-device":
-            return _add_device(args)
         return _run_broker(args)
     except BrokerError as e:
         raise CliError(str(e)) from e
@@ -105,21 +103,15 @@ def run(args: argparse.Namespace) -> int:
 def _init_ca(args: argparse.Namespace) -> int:
     from coordinator.broker_credentials import make_test_ca
 
-    paths = make_test_ca(args.dir)
-    print(f"CA and server certificate written to {paths.root} (CA key: {paths.ca_key}, keep it private)")
-    print(f"next: fleetlora broker add-device {paths.root} NAME")
-    return 0
-
-
-def _add_device(args: argparse.Namespace) -> int:
-    from coordinator.broker_credentials import add_device
-
-    creds = add_device(args.dir, args.name, role="coordinator" if args.coordinator else "device")
+    hosts = tuple(as_list(args.hosts))
+    if not hosts:
+        raise CliError("--hosts names no address")
+    paths = make_test_ca(args.dir, hosts=hosts)
     print(
-        f"client {creds.username}: certificate {creds.cert}, key {creds.key}, "
-        f"password in {creds.password_file}"
+        f"CA and a server certificate for {', '.join(hosts)} written to {paths.root} "
+        f"(CA key: {paths.ca_key}, keep it private)"
     )
-    print("a running broker picks it up on SIGHUP (or restart it)")
+    print(f"next: fleetlora devices enroll NAME --pki {paths.root} --keys KEYS")
     return 0
 
 
@@ -153,6 +145,11 @@ def _run_broker(args: argparse.Namespace) -> int:
         )
         broker = Mosquitto(_workdir(args), config)
     broker.start()
+    if args.dir:
+        from fleetlora.cli._deploy import write_broker_record
+
+        scheme = "mqtts" if args.tls else "mqtt"
+        write_broker_record(Path(args.dir), f"{scheme}://{broker.host}:{broker.port}")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--heads", type=positive_int, default=4, help="Ravan heads")
     p.add_argument("--targets", default="query,value", help="target modules, comma-separated")
+    p.add_argument("--layers", default="", help="only adapt these transformer blocks, e.g. 5 (default: all)")
     p.add_argument("--seed", type=int, default=0, help="adapter seed (Ravan bases, LoRA A)")
     p.add_argument(
         "--num-classes", type=positive_int, help="classes of the head (default: how many --labels)"
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from export.build import build_bundle
     from export.models import MODELS
-    from export.spec import AdapterSpec, SpecError
+    from export.spec import AdapterSpec
 
     if args.model not in MODELS:
         raise CliError(f"unknown --model {args.model!r}; choose from {', '.join(MODELS)}")
@@ -71,12 +72,13 @@ def run(args: argparse.Namespace) -> int:
         spec = AdapterSpec(
             family=args.family,
             target_modules=tuple(as_list(args.targets)),
+            layers=tuple(int(x) for x in as_list(args.layers)),
             rank=args.rank,
             alpha=args.alpha,
             heads=args.heads,
             seed=args.seed,
         )
-    except SpecError as e:
+    except ValueError as e:  # a SpecError, or --layers that are not integers
         raise CliError(str(e)) from e
     print(f"exporting {args.model} + {args.family} -> {args.out}")
     bundle, report = build_bundle(
