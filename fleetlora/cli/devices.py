@@ -340,21 +340,37 @@ def budget_action(args: argparse.Namespace) -> int:
 )
 def enroll_action(args: argparse.Namespace) -> int:
     import secrets
+    import sys
     from pathlib import Path
 
-    from coordinator.broker_credentials import BrokerError, CredentialPaths, add_device, check_name
+    from coordinator.broker_credentials import (
+        COORDINATOR,
+        BrokerError,
+        CredentialPaths,
+        add_device,
+        check_name,
+    )
     from coordinator.broker_credentials import ensure_coordinator as make_coordinator
     from edge_client.keys import KEY_SUFFIX, write_key
 
     try:
         check_name(args.name)
+        if args.name == COORDINATOR and not args.coordinator:
+            raise BrokerError(
+                f"{COORDINATOR!r} is the coordinator's name (the first enrolment creates it): give the "
+                "device another name, or enrol a coordinator with --coordinator"
+            )
         key_file = Path(args.keys) / f"{args.name}{KEY_SUFFIX}" if args.keys else None
         if key_file is not None and key_file.exists():
             raise BrokerError(f"{key_file} already exists: device {args.name!r} is enrolled")
         creds = add_device(args.pki, args.name, role="coordinator" if args.coordinator else "device")
-        coordinator, announce = make_coordinator(args.pki)
     except BrokerError as e:
         raise CliError(str(e)) from None
+    coordinator = announce = None
+    try:
+        coordinator, announce = make_coordinator(args.pki)
+    except BrokerError as e:
+        print(f"warning: {e}", file=sys.stderr)
     # Paths only: the password and the keys never reach the terminal or a log.
     print(f"enrolled {creds.username}: password in {creds.password_file}, certificate {creds.cert}")
     if key_file is not None:
