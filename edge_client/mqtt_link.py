@@ -373,7 +373,10 @@ class MqttLink:
                 f"TLS with {cfg.host}:{cfg.port} failed: {e.verify_message or e}; is the broker's "
                 f"certificate signed by {cfg.ca_cert or 'a CA this system trusts'}, for host {cfg.host}?"
             )
-        if isinstance(e, ssl.SSLError | ssl.CertificateError):
+        if isinstance(e, ssl.SSLError | ssl.CertificateError) or (
+            cfg.tls and isinstance(e, ConnectionResetError)
+        ):
+            # (a plain listener answers a TLS hello by resetting the connection)
             hint = "is that port a TLS listener? (a plain one takes mqtt://)"
             return "tls", f"TLS handshake with {cfg.host}:{cfg.port} failed ({e}); {hint}"
         if isinstance(e, ConnectionRefusedError):
