@@ -16,7 +16,7 @@ from fleetlora.cli import CliError, as_list, positive_int
 log = logging.getLogger(__name__)
 
 NAME = "broker"
-HELP = "run a local MQTT broker (mosquitto, or embedded amqtt) and create device credentials"
+HELP = "run a local MQTT broker (mosquitto, or embedded amqtt) and create the fleet's CA"
 ORDER = 40
 EXAMPLES = """\
 fleetlora broker run --port 1883                 # plain loopback mosquitto, anonymous (local development)
@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Run a broker on 127.0.0.1 in the foreground until Ctrl-C or SIGTERM.",
     )
     run.add_argument("--port", type=_port, help="listener port (default 1883, or 8883 with --tls)")
+    run.add_argument(
+        "--bind", default="127.0.0.1",
+        help="address to listen on (default: loopback only); 0.0.0.0 or a LAN address for real devices",
+    )  # fmt: skip
     run.add_argument(
         "--dir",
         help="credentials directory from init-ca: clients need a password (or certificate) "
@@ -125,6 +129,8 @@ def _run_broker(args: argparse.Namespace) -> int:
         args.tls = bool(args.dir)  # credentials mean a fleet: TLS unless --plain says otherwise
     if not args.dir:
         log.warning("anonymous broker without TLS: for local development only (give --dir for a fleet)")
+        if args.bind != "127.0.0.1":
+            raise CliError("an anonymous broker listens on loopback only: give --dir for --bind")
     if args.require_certificate and not args.tls:
         raise CliError("--require-certificate needs --tls")
     port = args.port or (8883 if args.tls else 1883)
@@ -142,6 +148,7 @@ def _run_broker(args: argparse.Namespace) -> int:
             credentials=Path(args.dir) if args.dir else None,
             require_certificate=args.require_certificate,
             max_packet_size=args.max_packet_size,
+            bind=args.bind,
         )
         broker = Mosquitto(_workdir(args), config)
     broker.start()

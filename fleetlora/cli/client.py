@@ -27,6 +27,7 @@ from fleetlora.cli._deploy import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LR = {"sgd": 0.05, "adamw": 2e-3}  # SGD (momentum 0.9) at the simulator's rate
 BACKENDS = ("eager", "executorch")  # edge_client.backends.BACKENDS, without importing torch at start-up
 
 NAME = "client"
@@ -60,7 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="", help="device profile (name or TOML) that sets the budget")
     p.add_argument("--local-steps", type=int, default=0, help="fixed local steps (0 = from the budget)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="largest local batch")
-    p.add_argument("--lr", type=float, default=2e-3, help="local learning rate")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="local learning rate (default: 0.05 with SGD, as the simulator; 2e-3 with AdamW)",
+    )
     p.add_argument(
         "--optimizer",
         choices=["adamw", "sgd"],
@@ -191,7 +196,7 @@ def local_trainer(args: argparse.Namespace, bundle: Any, model: Any) -> Any:
     if args.backend == "executorch" and name != "sgd":
         raise CliError(f"--backend executorch trains with SGD only, not --optimizer {name}")
     try:
-        optimizer = OptimizerConfig(name=name, lr=args.lr)
+        optimizer = OptimizerConfig(name=name, lr=args.lr or DEFAULT_LR[name])
     except ValueError as e:
         raise CliError(str(e)) from e
     return make_trainer(args.backend, bundle=bundle, model=model, optimizer=optimizer)
