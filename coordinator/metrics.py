@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from coordinator.store import RoundState
 from edge_client.wire import UpdateHeader
 
 
@@ -100,6 +101,20 @@ def device_measurements(headers: Sequence[UpdateHeader]) -> dict[str, Any]:
         weight = sum(h.num_examples for h in trained)
         out["train_loss"] = sum((h.train_loss or 0.0) * h.num_examples for h in trained) / weight
     return out
+
+
+def open_line(state: RoundState, rounds: int, min_clients: int) -> str:
+    """One line for a round that opens: whom it waits for, until when."""
+    if state.done:
+        return f"all {rounds} rounds are aggregated"
+    waiting = (
+        f"{len(state.sampled)} sampled clients ({', '.join(state.sampled)})"
+        if state.sampled is not None
+        else f"every client drawn at fraction {state.sample_fraction:g}"
+    )
+    until = time.strftime("%H:%M:%S", time.localtime(state.deadline))
+    then = f"then closes with at least {min_clients}"
+    return f"round {state.round}/{rounds} open: waiting for {waiting}, until {until} ({then})"
 
 
 def round_line(record: Mapping[str, Any], rounds: int) -> str:

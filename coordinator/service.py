@@ -53,8 +53,8 @@ import torch
 
 from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
-from coordinator.metrics import MetricsLog, device_measurements, round_line
-from coordinator.store import RoundState, RoundStore, StoreError
+from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
+from coordinator.store import RoundState, RoundStore, StoreError, describe_task
 from edge_client.mqtt_types import Payload
 from edge_client.topics import parse_up_topic
 from edge_client.wire import (
@@ -138,18 +138,6 @@ class ServiceConfig:
         for ok, message in checks:
             if not ok:
                 raise ServiceError(message)
-
-
-def describe_task(run: str, method: str, task: Mapping[str, Any]) -> str:
-    """What a coordinator or a state folder trains, in words (for the refusal of another's folder)."""
-    spec = task.get("spec") or {}
-    adapter = (
-        f"{spec.get('family')} rank {spec.get('rank')} on {','.join(spec.get('target_modules', []))}"
-        if spec
-        else f"adapter spec {task.get('spec_digest', '?')}"
-    )
-    model = f"model {task['model']} with {task['num_classes']} classes, " if task.get("model") else ""
-    return f"run {run!r}, method {method}, {model}{adapter}"
 
 
 def sample_clients(roster: tuple[str, ...], k: int, seed: int, round: int) -> list[str]:
@@ -273,11 +261,8 @@ class RoundService:
     def _check_same_run(self, state: RoundState) -> None:
         """Refuse a state folder of another run, method, model, class count or adapter spec."""
         mine, theirs = self._task(), state.task
-        same = (state.run, state.method, state.spec) == (
-            self.config.run,
-            self.config.method,
-            self.spec.digest(),
-        )
+        ours = (self.config.run, self.config.method, self.spec.digest())
+        same = (state.run, state.method, state.spec) == ours
         for key in ("model", "num_classes"):  # (folders written before the task was recorded lack them)
             same = same and (not theirs.get(key) or not mine[key] or theirs[key] == mine[key])
         if not same:
@@ -289,21 +274,8 @@ class RoundService:
             )
 
     def _log_open(self) -> None:
-        state = self.state
-        assert state is not None
-        if state.done:
-            log.info("all %d rounds are aggregated", self.config.rounds)
-            return
-        waiting = (
-            f"{len(state.sampled)} sampled clients ({', '.join(state.sampled)})"
-            if state.sampled is not None
-            else f"every client drawn at fraction {state.sample_fraction:g}"
-        )
-        until = time.strftime("%H:%M:%S", time.localtime(state.deadline))
-        log.info(
-            "round %d/%d open: waiting for %s, until %s (then closes with at least %d)",
-            state.round, self.config.rounds, waiting, until, self.config.min_clients,
-        )  # fmt: skip
+        assert self.state is not None
+        log.info(open_line(self.state, self.config.rounds, self.config.min_clients))
 
     def _open_state(self, round: int) -> RoundState:
         cfg = self.config
@@ -553,7 +525,10 @@ class RoundService:
         if self.agg.device.type == "cuda":
             torch.cuda.synchronize(self.agg.device)
         aggregate_s = time.perf_counter() - start
-        evaluation = dict(self.evaluate(self.global_state)) if self.evaluate is not None else {}
+        evaluation: dict[str, float] = {}
+        if self.evaluate is not None:
+            start = time.perf_counter()
+            evaluation = {**self.evaluate(self.global_state), "eval_s": time.perf_counter() - start}
         record = self.metrics.write(
             "round", round=state.round, participants=len(updates), clients=clients,
             sampled=len(state.sampled) if state.sampled is not None else None,

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,18 @@ class RoundState:
             return cls(**fields)
         except TypeError as e:
             raise StoreError(f"state.json does not describe a round: {e}") from e
+
+
+def describe_task(run: str, method: str, task: Mapping[str, Any]) -> str:
+    """What a coordinator or a state folder trains, in words (for the refusal of another's folder)."""
+    spec = task.get("spec") or {}
+    adapter = (
+        f"{spec.get('family')} rank {spec.get('rank')} on {','.join(spec.get('target_modules', []))}"
+        if spec
+        else f"adapter spec {task.get('spec_digest', '?')}"
+    )
+    model = f"model {task['model']} with {task['num_classes']} classes, " if task.get("model") else ""
+    return f"run {run!r}, method {method}, {model}{adapter}"
 
 
 def _write_chunks(fd: int, chunks: Sequence[Payload], *, early_writeback: bool) -> None:

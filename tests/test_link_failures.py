@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +21,7 @@ from fleetlora.cli import main as cli_main
 
 pytestmark = pytest.mark.mqtt
 WAIT = 30.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def warnings_until(caplog: pytest.LogCaptureFixture, text: str, timeout_s: float = WAIT) -> str:
@@ -124,3 +130,29 @@ def test_the_client_exits_when_its_credentials_are_refused(
     err = capsys.readouterr().err
     assert "dev0: gave up after 2 refusals: the broker at 127.0.0.1:" in err
     assert f"refused user 'dev0' (password from {wrong}): Not authorized; is dev0 enrolled?" in err
+
+
+def test_a_tls_client_without_the_coordinators_key_warns_once(broker_dir: Path) -> None:
+    """Announcements it cannot verify are still taken (the broker's ACL guards the topic), but said."""
+    pki = make_test_ca(broker_dir / "pki")
+    port = free_port()  # nobody listens: the client keeps trying, after its warnings
+    (pki.root / "broker.json").write_text(
+        json.dumps({"url": f"mqtts://127.0.0.1:{port}"})
+    )  # broker run's record
+    args = [sys.executable, "-m", "fleetlora", "client", "--run", "r", "--id", "dev0", "--dataset", "trec6"]
+    args += ["--max-examples", "16", "--ca", str(pki.ca_cert), "--connect-jitter", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)  # mqtts:// from the CA
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "cannot reach the broker" in line:  # it got as far as connecting: the warning came first
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    warned = [line for line in lines if "no --coordinator-key" in line]
+    assert len(warned) == 1 and "announcements from the broker are trusted unverified" in warned[0]
+    assert any(f"127.0.0.1:{port} over TLS" in line for line in lines)
