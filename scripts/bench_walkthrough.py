@@ -10,7 +10,7 @@ with MODEL=minilm against the simulator on the same split, rounds and budgets.
    accuracy on the whole Reuters-R8 test split (2,189 examples).
 3. Runs ``fleetlora sim``'s engine with the same model, method, split (3 clients, Dirichlet alpha and
    seed of ``fleetlora data split``), rounds, steps, batch size, SGD learning rate and momentum, adapter
-   (rank 8 on query/value of every block), sequence length, without dropouts or deadlines, and
+   (rank 8 on query/value of the top block, MiniLM's 5), sequence length, without dropouts or deadlines, and
    evaluates on the same test split.
 Prints both accuracies and their difference, and writes them to OUT/result.json.
 """
@@ -80,14 +80,14 @@ def adapter_accuracy(folder: Path) -> float:
     return correct / len(data.test_texts)
 
 
-def simulator_accuracy(model: str, steps: int, rounds: int, alpha: float) -> list[float]:
+def simulator_accuracy(model: str, steps: int, rounds: int, alpha: float, seed: int = 0) -> list[float]:
     from sim.config import SimConfig
     from sim.engine import build_world, run_method
 
     config = SimConfig(
         methods=("fedrpca",), model=model, dataset="reuters8", clients=3, clients_per_round=3, rounds=rounds,
-        partition="dirichlet", alpha=alpha, seed=0, local_steps=steps, batch_size=16, lr=0.05,
-        optimizer="sgd", rank=8, lora_alpha=16.0, target_modules=("query", "value"), layers=(),
+        partition="dirichlet", alpha=alpha, seed=seed, local_steps=steps, batch_size=16, lr=0.05,
+        optimizer="sgd", rank=8, lora_alpha=16.0, target_modules=("query", "value"), layers=(5,),
         max_len=64, eval_examples=0, deadline_s=1e9,
     )  # fmt: skip
     world = build_world(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from fleetlora.cli import CliError, as_list, positive_int
 from fleetlora.cli._deploy import label_names
@@ -15,7 +16,8 @@ fleetlora export --model minilm --family ravan --heads 4 --num-classes 8 --xnnpa
 fleetlora export --model tiny-bert --rank 4 --num-classes 4 --seq-len 16 --batch-max 32 --out /tmp/tiny
 fleetlora export --model minilm --labels ABBR,DESC,ENTY,HUM,LOC,NUM --out bundles/trec
 fleetlora export --model minilm --labels data/labels.txt --seq-len 64 --out bundles/r8   # one name a line
-fleetlora export --model minilm --num-classes 8 --base-delta --out bundles/minilm-flora  # FLoRA, FedEx"""
+fleetlora export --model minilm --num-classes 8 --base-delta --out bundles/minilm-flora  # FLoRA, FedEx
+fleetlora export --model minilm --labels data/labels.txt --layers top --out bundles/top  # the top block"""
 ORDER = 40
 
 
@@ -26,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--heads", type=positive_int, default=4, help="Ravan heads")
     p.add_argument("--targets", default="query,value", help="target modules, comma-separated")
-    p.add_argument("--layers", default="", help="only adapt these transformer blocks, e.g. 5 (default: all)")
+    p.add_argument(
+        "--layers", default="",
+        help="only adapt these transformer blocks: indices (5 or 4,5), or 'top' for the last one "
+        "(as the simulator does); default: all",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="adapter seed (Ravan bases, LoRA A)")
     p.add_argument(
         "--num-classes", type=positive_int, help="classes of the head (default: how many --labels)"
@@ -48,6 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="LoRA: the program takes the coordinator's change of the base as inputs (FLoRA, FedEx-LoRA)",
     )
     p.add_argument("--out", required=True, help="bundle folder to write")
+
+
+def adapted_layers(model: str, text: str) -> tuple[int, ...]:
+    """``--layers``: block indices, or ``top`` (the model's last block, looked up in the model)."""
+    if text.strip() != "top":
+        return tuple(int(x) for x in as_list(text))
+    from export.models import build_model
+
+    base: Any
+    base, _ = build_model(model, 2)
+    return (int(base.num_layers) - 1,)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         spec = AdapterSpec(
             family=args.family,
             target_modules=tuple(as_list(args.targets)),
-            layers=tuple(int(x) for x in as_list(args.layers)),
+            layers=adapted_layers(args.model, args.layers),
             rank=args.rank,
             alpha=args.alpha,
             heads=args.heads,
