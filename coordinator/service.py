@@ -66,6 +66,7 @@ from edge_client.wire import (
     decode_update,
     encode_global,
     is_sampled,
+    spec_differences,
 )
 from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
@@ -268,6 +269,8 @@ class RoundService:
         if not same:
             here = describe_task(self.config.run, self.config.method, mine)
             there = describe_task(state.run, state.method, theirs or {"spec_digest": state.spec})
+            if theirs.get("spec") and state.spec != self.spec.digest():
+                there += f" (adapter spec: {spec_differences(theirs['spec'], self.spec)})"
             raise StoreError(
                 f"{self.store.root} holds {there}; this coordinator serves {here}: use another "
                 "--state-dir (or serve the bundle that folder was trained with)"

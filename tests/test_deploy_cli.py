@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from deploy_helpers import make_service
+from deploy_helpers import make_service, spec_for
 
 from coordinator.store import StoreError
 from export.bundle import BundleInfo, write_bundle
@@ -129,3 +129,9 @@ def test_a_state_folder_of_another_model_or_class_count_is_refused_naming_both(t
     message = str(info.value)
     assert f"{tmp_path} holds run 't', method fedit, model tiny-bert with 6 classes, lora rank 4" in message
     assert "this coordinator serves run 't', method fedit, model tiny-bert with 8 classes" in message
+    spec = spec_for("fedit")
+    make_service("fedit", tmp_path / "b", ("d1",), rounds=1, model="tiny-bert", num_classes=6).start()
+    other = make_service("fedit", tmp_path / "b", ("d1",), rounds=1, model="tiny-bert", num_classes=6)
+    other.spec = spec.with_(alpha=32.0)  # the same model and classes, another adapter
+    with pytest.raises(StoreError, match=r"\(adapter spec: alpha 16.0, here 32.0\)"):
+        other.start()
