@@ -8,6 +8,8 @@ One credentials directory holds everything the broker and the clients need::
     acl                        mosquitto ACL, regenerated from users.json on every change
     users.json                 roster: client name -> role ("device" or "coordinator")
     clients/NAME.crt .key .password   what one device or the coordinator needs to connect
+    clients/coordinator.announce.key  the HMAC key that signs the coordinator's announcements (devices
+                                      get a copy to verify them)
 
 Secrets (keys, passwords) are written 0600 and never logged. Mosquitto started as root drops to user
 ``mosquitto``, so the files the broker reads are handed to that user (see :func:`give_to_broker_user`).
@@ -28,6 +30,7 @@ from pathlib import Path
 TOPIC_ROOT = "fleetlora"
 BROKER_USER = "mosquitto"
 ROLES = ("device", "coordinator")
+COORDINATOR = "coordinator"  # the coordinator's client name when the first enrolment creates it
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _KEY_ARGS = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
 
@@ -73,6 +76,21 @@ class CredentialPaths:
     @property
     def clients(self) -> Path:
         return self.root / "clients"
+
+    @property
+    def announce_key(self) -> Path:
+        """The coordinator's announcement key (hex HMAC key; see edge_client.keys)."""
+        return self.clients / f"{COORDINATOR}.announce.key"
+
+    def password_of(self, name: str) -> Path:
+        return self.clients / f"{name}.password"
+
+    def roster_roles(self) -> dict[str, str]:
+        """``name -> role`` of every enrolled client (empty before the first enrolment)."""
+        if not self.roster.exists():
+            return {}
+        roles: dict[str, str] = json.loads(self.roster.read_text())
+        return roles
 
 
 @dataclass(frozen=True)
@@ -326,6 +344,34 @@ def add_device(directory: Path | str, name: str, *, role: str = "device") -> Dev
     paths.roster.write_text(json.dumps(roster, indent=1, sort_keys=True) + "\n")
     _write_acl(paths, roster)
     return creds
+
+
+def ensure_coordinator(directory: Path | str) -> tuple[DeviceCredentials | None, Path | None]:
+    """The coordinator's credentials and announcement key, created unless there are some already
+    (a client of the coordinator role under any name counts).
+
+    Returns ``(credentials, announcement key)`` of what was created now (``None`` for what existed).
+    Raises BrokerError when the name ``coordinator`` is taken by a device.
+    """
+    from edge_client.keys import write_key
+
+    paths = CredentialPaths(Path(directory))
+    roles = paths.roster_roles()
+    creds = None
+    has_coordinator = "coordinator" in roles.values()
+    if not has_coordinator and roles.get(COORDINATOR) == "device":
+        raise BrokerError(
+            f"{paths.root}: {COORDINATOR!r} is enrolled as a device, so the coordinator was not created: "
+            "enrol it under another name with --coordinator"
+        )
+    if not has_coordinator:
+        creds = add_device(paths.root, COORDINATOR, role="coordinator")
+    key = None
+    if not paths.announce_key.exists():
+        paths.clients.mkdir(exist_ok=True)
+        write_key(paths.announce_key, secrets.token_bytes(32))
+        key = paths.announce_key
+    return creds, key
 
 
 def load_device(directory: Path | str, name: str) -> DeviceCredentials:

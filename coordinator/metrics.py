@@ -1,8 +1,12 @@
 """The coordinator's metrics: one JSON object per line, appended as events happen.
 
 Every line has ``ts`` (Unix time) and ``event``; the events are ``start``, ``round`` (one per aggregated
-round: participants, rejections by reason, divergence, timings), ``rejected`` (one per refused
-envelope: reason, client, message), ``deadline_extended`` and ``done``. The file is append-only and
+round: participants, rejections by reason, redeliveries, divergence, timings; the devices' evaluation
+of the global the round trained from, ``fed_eval_loss``/``fed_eval_accuracy`` over
+``fed_eval_examples`` validation examples of ``fed_eval_clients`` devices, and their ``train_loss``;
+with ``--eval-data``, ``eval_loss``/``eval_accuracy``/``eval_examples`` of the new global),
+``rejected`` (one per refused envelope: reason, client, message), ``redelivered``,
+``device_status`` (a device's status message), ``deadline_extended`` and ``done``. The file is append-only and
 line-buffered, so a plot or ``tail -f`` can read it while the service runs and a killed service leaves
 at most one partial last line.
 """
@@ -13,8 +17,12 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from coordinator.store import RoundState
+from edge_client.wire import UpdateHeader
 
 
 def _clean(value: Any) -> Any:
@@ -70,3 +78,69 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return records
+
+
+def device_measurements(headers: Sequence[UpdateHeader]) -> dict[str, Any]:
+    """A round's federated evaluation from its updates' headers: example-weighted means.
+
+    ``fed_eval_*``: the global the round trained from, on the devices' validation examples (only the
+    devices that measured it count); ``train_loss``: the mean local training loss, weighted by each
+    device's training examples. Keys are left out when no device measured them.
+    """
+    out: dict[str, Any] = {}
+    evaluated = [h for h in headers if h.eval_examples]
+    if evaluated:
+        n = sum(h.eval_examples or 0 for h in evaluated)
+        out["fed_eval_loss"] = sum((h.eval_loss or 0.0) * (h.eval_examples or 0) for h in evaluated) / n
+        out["fed_eval_accuracy"] = (
+            sum((h.eval_accuracy or 0.0) * (h.eval_examples or 0) for h in evaluated) / n
+        )
+        out["fed_eval_examples"], out["fed_eval_clients"] = n, len(evaluated)
+    trained = [h for h in headers if h.train_loss is not None]
+    if trained:
+        weight = sum(h.num_examples for h in trained)
+        out["train_loss"] = sum((h.train_loss or 0.0) * h.num_examples for h in trained) / weight
+    return out
+
+
+def open_line(state: RoundState, rounds: int, min_clients: int) -> str:
+    """One line for a round that opens: whom it waits for, until when."""
+    if state.done:
+        return f"all {rounds} rounds are aggregated"
+    waiting = (
+        f"{len(state.sampled)} sampled clients ({', '.join(state.sampled)})"
+        if state.sampled is not None
+        else f"every client drawn at fraction {state.sample_fraction:g}"
+    )
+    until = time.strftime("%H:%M:%S", time.localtime(state.deadline))
+    then = f"then closes with at least {min_clients}"
+    return f"round {state.round}/{rounds} open: waiting for {waiting}, until {until} ({then})"
+
+
+def round_line(record: Mapping[str, Any], rounds: int) -> str:
+    """One line for a round record: what a coordinator's operator reads while the run goes on."""
+    sampled = record.get("sampled")
+    parts = [f"round {record['round']}/{rounds}: {record['participants']}/{sampled or '?'} updates"]
+    rejected = record.get("rejected") or {}
+    if rejected:
+        parts.append(
+            f"refused {sum(rejected.values())} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
+            + ")"
+        )
+    if record.get("redelivered"):
+        parts.append(f"{record['redelivered']} redelivered")
+    if "fed_eval_accuracy" in record:
+        parts.append(
+            f"devices: accuracy {record['fed_eval_accuracy']:.3f} loss {record['fed_eval_loss']:.3f} "
+            f"of the global they trained from ({record['fed_eval_examples']} validation examples)"
+        )
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.3f}")
+    if "eval_accuracy" in record:
+        parts.append(
+            f"eval data: accuracy {record['eval_accuracy']:.3f} loss {record['eval_loss']:.3f} "
+            f"({record['eval_examples']} examples)"
+        )
+    parts.append(f"{record.get('bytes_up', 0) / 1e6:.2f} MB up, {record.get('round_s', 0.0):.1f} s")
+    return ", ".join(parts)

@@ -24,12 +24,19 @@ Policy for updates that are not simply "the first valid update of a sampled clie
 - **duplicate**: a second, different update (another message id) from the same client for the same
   round is rejected as ``replay``: the first one wins. The *same* message again (a QoS 1 redelivery
   after a lost acknowledgement or a coordinator restart) is acknowledged and counted as
-  ``redelivered``, not as a rejection.
+  ``redelivered``, not as a rejection; so is a redelivery of an update the round before this one
+  aggregated (a restarted coordinator may close a round from its stored updates before the broker
+  has delivered them again).
 
 Closing: a round closes as soon as every sampled client has reported (clients named in the
 announcement), or at its deadline when at least ``min_clients`` updates are in. A deadline reached
 with fewer extends the round by another ``deadline_s`` (re-announced, updates kept), counted as
 ``deadline_extended``, rather than aggregating too few updates or dropping the ones received.
+
+Saying what happens: each round logs one line when it opens (who it waits for, until when) and one
+when it closes (:func:`coordinator.metrics.round_line`: updates, refusals by reason, the devices'
+evaluation of the global they trained from, the server's evaluation of the new one, bytes, time). A
+device's status message (``refused: <why>``, ``offline``) is logged by device.
 """
 
 from __future__ import annotations
@@ -46,8 +53,8 @@ import torch
 
 from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
-from coordinator.metrics import MetricsLog
-from coordinator.store import RoundState, RoundStore, StoreError
+from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
+from coordinator.store import RoundState, RoundStore, StoreError, describe_task
 from edge_client.mqtt_types import Payload
 from edge_client.topics import parse_up_topic
 from edge_client.wire import (
@@ -59,6 +66,7 @@ from edge_client.wire import (
     decode_update,
     encode_global,
     is_sampled,
+    spec_differences,
 )
 from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
@@ -67,6 +75,7 @@ from export.state import State, num_bytes, without_kept
 log = logging.getLogger(__name__)
 
 REDELIVERED = "redelivered"
+Evaluator = Callable[[State], Mapping[str, float]]  # a new global -> eval_accuracy, eval_loss, eval_examples
 
 
 class ServiceError(ValueError):
@@ -98,6 +107,12 @@ class ServiceConfig:
     max_bytes: int = DEFAULT_MAX_BYTES
     clip_norm: float = 0.0
     clip_mode: ClipMode = "scale"
+    # What is trained (from the bundle): announced to devices and recorded in the state folder.
+    model: str = ""
+    num_classes: int = 0
+    labels: tuple[str, ...] = ()
+    seq_len: int = 0
+    model_seed: int = 0
 
     def __post_init__(self) -> None:
         per_round = self.clients_per_round or len(self.clients)
@@ -168,6 +183,8 @@ class RoundService:
         refused (``bad_mac``). Without keys a SHA-256 checksum is required.
     coordinator_key : bytes, optional
         Signs the announcements (clients verify them with it).
+    evaluate : callable, optional
+        Evaluates each new global on held-out data (``--eval-data``); its figures join the round record.
     clock : callable
         Unix time (tests replace it).
     """
@@ -183,9 +200,11 @@ class RoundService:
         *,
         device_keys: Mapping[str, bytes] | None = None,
         coordinator_key: bytes | None = None,
+        evaluate: Evaluator | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config, self.spec, self.agg = config, spec, aggregator
+        self.evaluate = evaluate
         self.store, self.metrics, self.clock = store, metrics, clock
         self.device_keys = dict(device_keys) if device_keys is not None else None
         self.coordinator_key = coordinator_key
@@ -227,16 +246,39 @@ class RoundService:
             "start", run=self.config.run, method=self.config.method, round=self.state.round,
             resumed_updates=resumed, done=self.state.done, device=str(self.agg.device),
         )  # fmt: skip
+        if resumed:
+            log.info("resumed round %d with %d stored updates", self.state.round, resumed)
+        self._log_open()
         self._announcement = self._encode_announcement()
         return self._announcement
 
+    def _task(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": cfg.model, "num_classes": cfg.num_classes, "labels": list(cfg.labels),
+            "seq_len": cfg.seq_len, "model_seed": cfg.model_seed, "spec": self.spec.to_dict(),
+        }  # fmt: skip
+
     def _check_same_run(self, state: RoundState) -> None:
-        mine = (self.config.run, self.config.method, self.spec.digest())
-        theirs = (state.run, state.method, state.spec)
-        if mine != theirs:
+        """Refuse a state folder of another run, method, model, class count or adapter spec."""
+        mine, theirs = self._task(), state.task
+        ours = (self.config.run, self.config.method, self.spec.digest())
+        same = (state.run, state.method, state.spec) == ours
+        for key in ("model", "num_classes"):  # (folders written before the task was recorded lack them)
+            same = same and (not theirs.get(key) or not mine[key] or theirs[key] == mine[key])
+        if not same:
+            here = describe_task(self.config.run, self.config.method, mine)
+            there = describe_task(state.run, state.method, theirs or {"spec_digest": state.spec})
+            if theirs.get("spec") and state.spec != self.spec.digest():
+                there += f" (adapter spec: {spec_differences(theirs['spec'], self.spec)})"
             raise StoreError(
-                f"the state directory holds run/method/spec {theirs}, not {mine}: use another --state-dir"
+                f"{self.store.root} holds {there}; this coordinator serves {here}: use another "
+                "--state-dir (or serve the bundle that folder was trained with)"
             )
+
+    def _log_open(self) -> None:
+        assert self.state is not None
+        log.info(open_line(self.state, self.config.rounds, self.config.min_clients))
 
     def _open_state(self, round: int) -> RoundState:
         cfg = self.config
@@ -245,7 +287,7 @@ class RoundService:
             run=cfg.run, method=cfg.method, spec=self.spec.digest(), round=round,
             deadline=self.clock() + cfg.deadline_s, sampled=sampled,
             sample_fraction=None if sampled is not None else cfg.sample_fraction,
-            done=round > cfg.rounds,
+            done=round > cfg.rounds, task=self._task(),
         )  # fmt: skip
 
     @property
@@ -292,6 +334,7 @@ class RoundService:
             sample_fraction=0.0 if final else self.state.sample_fraction,
             rank=self.spec.rank if self.spec.family == "lora" else None, final=final,
             key=self.coordinator_key, keep_local=self.agg.local_suffixes,
+            model=self.config.model or None, num_classes=self.config.num_classes or None,
         )  # fmt: skip
 
     # ---- receiving --------------------------------------------------------------------------------
@@ -386,11 +429,42 @@ class RoundService:
                         Reason.REPLAY, f"{client} already sent round {self.round}: the first update wins"
                     )
             except EnvelopeError as e:
+                if e.reason is Reason.WRONG_ROUND and client and self._aggregated_before(client, payload):
+                    self.tally.redelivered += 1
+                    self.metrics.write(REDELIVERED, client=client, round=self.round - 1, late=True)
+                    continue
                 self._reject(e.reason.value, client, e.message)
                 continue
             self.accepted[client] = _Accepted(decoded, len(payload))
             fresh.append((client, payload))
         return fresh
+
+    def _aggregated_before(self, client: str, payload: Payload) -> bool:
+        """Whether ``payload`` is the very update of ``client`` that the previous round aggregated."""
+        assert self.state is not None
+        expected = self.state.closed_msg_ids.get(client)
+        if expected is None:
+            return False
+        key = self.device_keys.get(client) if self.device_keys is not None else None
+        try:
+            header = decode_update(
+                payload, expected_run=self.config.run, expected_client=client, rounds=self.round - 1,
+                spec=self.spec, template=self.template, key=key, max_bytes=self.config.max_bytes,
+            ).header  # fmt: skip
+        except EnvelopeError:
+            return False
+        return header.msg_id == expected
+
+    def device_status(self, client: str, status: bytes) -> None:
+        """A device's status message (retained ``online``/``offline``, or ``refused: <why>``): logged."""
+        text = bytes(status[:1000]).decode("utf-8", errors="replace")
+        if text.startswith("refused"):
+            log.warning("%s %s", client, text.replace("refused:", "refused the announcement:", 1))
+        elif text == "offline":
+            log.info("%s went offline", client)
+        else:
+            log.debug("%s is %s", client, text)
+        self.metrics.write("device_status", client=client, status=text)
 
     def _reject(self, reason: str, client: str | None, message: str) -> None:
         self.tally.rejected[reason] += 1
@@ -426,6 +500,12 @@ class RoundService:
                 "deadline_extended", round=state.round, accepted=len(self.accepted),
                 min_clients=self.config.min_clients, deadline=state.deadline,
             )  # fmt: skip
+            missing = sorted(set(state.sampled or ()) - set(self.accepted))
+            log.warning(
+                "round %d: %d of the %d updates needed by the deadline%s; waiting another %g s",
+                state.round, len(self.accepted), self.config.min_clients,
+                f" (no update yet from {', '.join(missing)})" if missing else "", self.config.deadline_s,
+            )  # fmt: skip
         else:
             return None
         self._announcement = self._encode_announcement()
@@ -448,6 +528,10 @@ class RoundService:
         if self.agg.device.type == "cuda":
             torch.cuda.synchronize(self.agg.device)
         aggregate_s = time.perf_counter() - start
+        evaluation: dict[str, float] = {}
+        if self.evaluate is not None:
+            start = time.perf_counter()
+            evaluation = {**self.evaluate(self.global_state), "eval_s": time.perf_counter() - start}
         record = self.metrics.write(
             "round", round=state.round, participants=len(updates), clients=clients,
             sampled=len(state.sampled) if state.sampled is not None else None,
@@ -457,14 +541,17 @@ class RoundService:
             redelivered=self.tally.redelivered, clipped=self.tally.clipped,
             deadline_extensions=state.extensions,
             aggregate_s=aggregate_s, round_s=time.time() - self.tally.opened_at,
-            device=str(self.agg.device),
+            device=str(self.agg.device), **device_measurements([d.header for d in decoded]), **evaluation,
             **{k: v for k, v in self.agg.metrics.items() if k == "divergence"},
         )  # fmt: skip
         self.history.append(record)
+        log.info(round_line(record, self.config.rounds))
         self.state = self._open_state(state.round + 1)
+        self.state.closed_msg_ids = {c: d.header.msg_id for c, d in zip(clients, decoded, strict=True)}
         self.store.commit_round(self.state, self.global_state)
         self.accepted = {}
         self.tally = _RoundTally()
+        self._log_open()
         if self.state.done:
             self.metrics.write(
                 "done", rounds=self.config.rounds, rejected_total=dict(self.metrics.rejections)

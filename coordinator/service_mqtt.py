@@ -7,6 +7,9 @@ validation of one batch overlaps the write and fsync of the one before, and a ro
 every batch it counted is written. The link announces a receive maximum of ``WINDOW`` (MQTT 5): the
 broker may hold back deliveries beyond it until earlier ones are acknowledged (see RELIABILITY.md for
 what mosquitto 2.0.11 was measured to do under a burst).
+Devices' status messages (``fleetlora/{run}/status/+``: ``refused: <why>``, ``offline``) are logged by
+device. A link that gives up (the broker refused the coordinator's credentials ``max_auth_failures``
+times in a row) ends :func:`serve` with :class:`LinkFailed`.
 A coordinator killed before that point leaves the
 messages unacknowledged in its broker session, and the broker delivers them again when it comes back
 (same client id, no clean start, session expiry). The announcement is published retained, QoS 1,
@@ -24,9 +27,10 @@ from dataclasses import replace
 
 from coordinator.service import RoundService
 from coordinator.store import RoundStore
-from edge_client.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink
+from edge_client.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink, MqttLinkError
 from edge_client.mqtt_types import Payload
-from edge_client.topics import global_topic, up_subscription
+from edge_client.topics import global_topic, parse_status_topic, status_subscription, up_subscription
+from edge_client.wire_errors import EnvelopeError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ BATCH_MAX = 64
 BATCH_BYTES = 32 << 20
 POLL_S = 0.2
 PENDING_POLL_S = 0.002  # how soon a finished write is acknowledged while the inbox is quiet
+
+
+class LinkFailed(MqttLinkError):
+    """The coordinator's link gave up connecting (its ``failure`` says why)."""
 
 
 def _drain(inbox: queue.SimpleQueue[InboundMessage], timeout_s: float) -> list[InboundMessage]:
@@ -108,11 +116,16 @@ def serve(
     persister = _Persister(service.store, link)
     inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
     link.subscribe_acked(up_subscription(run, share_group), inbox.put)
+    statuses: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()  # logged on this thread
+    link.subscribe(status_subscription(run), lambda topic, payload: statuses.put((topic, payload)))
     topic = global_topic(run)
     announced_on = 0  # the connection the current announcement went out on
     last: Delivery | None = None
     try:
         while not stop.is_set():
+            if link.failure is not None:
+                raise LinkFailed(link.failure)
+            _log_statuses(service, statuses)
             if ready is not None and not ready.is_set() and link.wait_subscribed(0):
                 ready.set()
             if link.connected and link.connects != announced_on:
@@ -143,3 +156,17 @@ def serve(
         persister.close()
         link.close()  # after the queued acknowledgements: the loop runs its calls in order
     return service
+
+
+def _log_statuses(service: RoundService, statuses: queue.SimpleQueue[tuple[str, bytes]]) -> None:
+    while True:
+        try:
+            topic, payload = statuses.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            _, client = parse_status_topic(topic)
+        except EnvelopeError as e:
+            log.debug("ignored a status message: %s", e)
+            continue
+        service.device_status(client, payload)

@@ -2,8 +2,10 @@
 
 Layout of a state directory::
 
-    state.json                      the commit point: round, sampled clients, deadline, done
-    global-000003.safetensors       the global adapter that round 3 trains from
+    state.json                      the commit point: round, sampled clients, deadline, done, and the
+                                    task (model, classes, labels, sequence length, adapter spec)
+    global-000003.safetensors       the global adapter that round 3 trains from (the result of round
+                                    2); earlier ones are kept too (``keep_globals``: all, or the last N)
     updates/round-000003/000001.seg every update accepted in round 3, exactly as received and validated:
                                     one segment per persisted batch (group commit), records of
                                     (client id, envelope)
@@ -12,7 +14,8 @@ Every file is written to a temporary name and moved into place with ``os.replace
 restarted coordinator) sees either the old or the new file, never a torn one. A round moves forward in
 two steps: the new global is written under the new round's name first, then ``state.json`` is replaced
 to point at it; a ``kill -9`` between the two leaves the old round intact (its updates are still there)
-and the orphaned global is overwritten when the round is aggregated again.
+and the orphaned global is overwritten when the round is aggregated again. Updates of earlier rounds
+are deleted once their round is aggregated.
 
 Durability: with ``sync=True`` every batch of writes is flushed to the disk (``fsync`` of the files and
 their directory) before the call returns, so what the coordinator acknowledges survives a power cut.
@@ -27,8 +30,8 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,12 @@ class RoundState:
     sample_fraction: float | None
     done: bool = False
     extensions: int = 0  # how often this round's deadline was extended for lack of a quorum
+    # What is trained: model, num_classes, labels, seq_len, model_seed, spec (its JSON fields); empty in
+    # folders written before it was recorded. A coordinator of another task refuses the folder.
+    task: dict[str, Any] = field(default_factory=dict)
+    # client -> message id of the updates aggregated in the round before this one: a redelivery of
+    # one of them (the broker's, after a restart) is recognised as such, not refused as a stale round.
+    closed_msg_ids: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
@@ -82,6 +91,18 @@ class RoundState:
             return cls(**fields)
         except TypeError as e:
             raise StoreError(f"state.json does not describe a round: {e}") from e
+
+
+def describe_task(run: str, method: str, task: Mapping[str, Any]) -> str:
+    """What a coordinator or a state folder trains, in words (for the refusal of another's folder)."""
+    spec = task.get("spec") or {}
+    adapter = (
+        f"{spec.get('family')} rank {spec.get('rank')} on {','.join(spec.get('target_modules', []))}"
+        if spec
+        else f"adapter spec {task.get('spec_digest', '?')}"
+    )
+    model = f"model {task['model']} with {task['num_classes']} classes, " if task.get("model") else ""
+    return f"run {run!r}, method {method}, {model}{adapter}"
 
 
 def _write_chunks(fd: int, chunks: Sequence[Payload], *, early_writeback: bool) -> None:
@@ -121,9 +142,12 @@ def _fsync_dir(path: Path) -> None:
 class RoundStore:
     """The coordinator's state directory (see the module docstring)."""
 
-    def __init__(self, root: Path | str, *, sync: bool = True) -> None:
+    def __init__(self, root: Path | str, *, sync: bool = True, keep_globals: int = 0) -> None:
+        if keep_globals < 0:
+            raise StoreError(f"keep_globals must be >= 0 (0 = every round's), got {keep_globals}")
         self.root = Path(root)
         self.sync = sync
+        self.keep_globals = keep_globals  # the last N globals are kept (0: all of them)
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ---- paths ------------------------------------------------------------------------------------
@@ -133,6 +157,15 @@ class RoundStore:
 
     def round_dir(self, round: int) -> Path:
         return self.root / "updates" / f"round-{round:06d}"
+
+    def globals(self) -> dict[int, Path]:
+        """The kept global adapters by the round that trains from them (round N+1: after N rounds)."""
+        found = {}
+        for path in self.root.glob("global-*.safetensors"):
+            number = path.name[len("global-") : -len(".safetensors")]
+            if number.isdigit():
+                found[int(number)] = path
+        return dict(sorted(found.items()))
 
     # ---- writing ----------------------------------------------------------------------------------
 
@@ -176,13 +209,16 @@ class RoundStore:
     def commit_round(self, state: RoundState, global_state: State) -> None:
         """Write the global adapter ``state.round`` trains from, then make ``state`` current.
 
-        Afterwards the updates and globals of earlier rounds are deleted (they are folded into it).
+        Afterwards the updates of earlier rounds are deleted (they are folded into it), and the globals
+        beyond the last ``keep_globals`` (none when it is 0), or of rounds after this one (written by a
+        run that was stopped before it committed them).
         """
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in global_state.items()}
         self._write_all([(self.global_path(state.round), save(cpu, metadata={"round": str(state.round)}))])
         self.save_state(state)
-        for path in self.root.glob("global-*.safetensors"):
-            if path != self.global_path(state.round):
+        oldest = state.round - self.keep_globals + 1 if self.keep_globals else 0
+        for round, path in self.globals().items():
+            if round < oldest or round > state.round:
                 path.unlink()
         updates = self.root / "updates"
         if updates.is_dir():

@@ -3,10 +3,13 @@
 A flashed folder holds::
 
     bundle/            the verified bundle (train.pte, adapter.ptd, infer.pte, specs, manifest)
-    credentials/       copies of the credential files given (password, CA, client cert and key)
-    client.toml        the ``fleetlora client`` flags: broker, run, id, profile, backend, bundle and
+    credentials/       copies of the credential files given (password, CA, client cert and key, HMAC keys)
+    data/              a copy of the device's own examples (``--data``: a .jsonl, a .csv or a folder)
+    profile.toml       a copy of the device profile, when it was given as a file
+    client.toml        the ``fleetlora client`` flags: broker, run, id, profile, backend, bundle, data and
                        the credential paths (relative to the folder)
-    run-client.sh      starts the client with one command: python -m fleetlora client --config client.toml
+    run-client.sh      starts the client with one command: python -m fleetlora client --config client.toml,
+                       with the interpreter it was flashed for (or ``$PYTHON``), or says what to install
 
 The folder is staged locally first; ``local:`` copies it, ``ssh:`` and ``adb:`` run ``scp``/``adb``
 command lines (printed and not run with ``dry_run``).
@@ -28,6 +31,8 @@ CLIENT_TOML = "client.toml"
 RUN_SCRIPT = "run-client.sh"
 BUNDLE_DIR = "bundle"
 CREDENTIALS_DIR = "credentials"
+DATA_DIR = "data"
+PROFILE_TOML = "profile.toml"
 # Broker credentials (password, TLS CA, client certificate and its key), then the HMAC keys: the one
 # that signs this device's updates and the one that verifies the coordinator's announcements.
 CREDENTIAL_KEYS = (
@@ -47,13 +52,23 @@ CLIENT_FLAGS = {
     "key_file": "key_file",
     "hmac_key_file": "key",
     "coordinator_key_file": "coordinator_key",
+    "data": "data",
+    "dataset": "dataset",
 }
 
+# The interpreter flashed in (PYTHON overrides it; python3 when it is not on this machine) must import
+# fleetlora: said in one line, not as a Python traceback, when it cannot.
 RUN_CLIENT_SH = """#!/bin/sh
 # Start the fleetlora client of this flashed folder (PYTHON overrides the interpreter).
-set -e
-cd "$(dirname "$0")"
-exec "${PYTHON:-python3}" -m fleetlora client --config client.toml "$@"
+cd "$(dirname "$0")" || exit 1
+PY="${PYTHON:-__PYTHON__}"
+if [ -z "${PYTHON:-}" ] && ! command -v "$PY" >/dev/null 2>&1; then PY=python3; fi
+if ! "$PY" -c "import fleetlora" >/dev/null 2>&1; then
+  echo "run-client.sh: $PY cannot import fleetlora: install it for that interpreter" \\
+    "(pip install 'fleetlora[executorch]'), or set PYTHON=/path/to/python" >&2
+  exit 127
+fi
+exec "$PY" -m fleetlora client --config client.toml "$@"
 """
 
 
@@ -99,17 +114,25 @@ class ClientConfig:
     device: str
     backend: str = "executorch"
     credentials: dict[str, str] = field(default_factory=dict)
+    data: str = ""  # the device's own examples (a file or a folder), copied into data/
+    dataset: str = ""  # or a built-in demo data set
+    python: str = "python3"  # the interpreter run-client.sh starts (PYTHON overrides it on the device)
 
     def to_toml(self) -> str:
-        """The ``client.toml`` text, keyed by client flags; credential paths point into ``credentials/``."""
+        """The ``client.toml`` text, keyed by client flags; local paths point into the folder."""
+        device = PROFILE_TOML if self.device.endswith(".toml") else self.device
         values: dict[str, str] = {
             "broker": self.broker,
             "run_id": self.run_id,
             "client_id": self.client_id,
-            "device": self.device,
+            "device": device,
             "backend": self.backend,
             "bundle": BUNDLE_DIR,
         }
+        if self.data:
+            values["data"] = f"{DATA_DIR}/{Path(self.data).name}"
+        if self.dataset:
+            values["dataset"] = self.dataset
         for key, local in sorted(self.credentials.items()):
             values[key] = f"{CREDENTIALS_DIR}/{Path(local).name}"
         # JSON string escaping is valid TOML basic-string escaping.
@@ -132,9 +155,21 @@ def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:
             if not Path(local).is_file():
                 raise FlashError(f"{key}: file not found: {local}")
             shutil.copy2(local, creds / Path(local).name)
+    if config.data:
+        data = Path(config.data)
+        if not data.exists():
+            raise FlashError(f"--data: not found: {data}")
+        (folder / DATA_DIR).mkdir(exist_ok=True)
+        if data.is_dir():
+            shutil.copytree(data, folder / DATA_DIR / data.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(data, folder / DATA_DIR / data.name)
+    if config.device.endswith(".toml"):
+        shutil.copy2(config.device, folder / PROFILE_TOML)
     (folder / CLIENT_TOML).write_text(config.to_toml())
     script = folder / RUN_SCRIPT
-    script.write_text(RUN_CLIENT_SH)
+    quoted = "".join("\\" + c if c in '"$`\\' else c for c in config.python)  # inside "..." in sh
+    script.write_text(RUN_CLIENT_SH.replace("__PYTHON__", quoted))
     script.chmod(0o755)
     return folder
 

@@ -22,18 +22,26 @@ in ``kept`` and, with a state file, in ``<state file>.kept.safetensors`` (writte
 
 An update above the broker's packet limit is refused locally (:class:`PayloadTooLarge`): the round is
 marked ``refused`` with the reason, nothing is sent, and the link stays connected.
+
+An announcement the device cannot take (another model, class count or adapter spec, a signature that
+does not verify) is refused with the reason in words, logged, and published (retained) on the device's
+status topic as ``refused: <reason>``, so the coordinator logs it by device; ``online`` replaces it once
+an announcement is taken again. With ``eval_batches`` the device evaluates each global it receives on
+its validation examples before training, and the update header carries the result.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -41,12 +49,13 @@ import torch
 
 from edge_client.local_round import LocalPlan, run_local_round, trained_kept
 from edge_client.mqtt_link import Delivery, MqttLink, MqttLinkError, PayloadTooLarge
-from edge_client.topics import global_topic, up_topic
+from edge_client.topics import STATUS_ONLINE, global_topic, up_topic
 from edge_client.trainer import Batch, Trainer, TrainMetrics
 from edge_client.wire import (
     DEFAULT_MAX_BYTES,
     EnvelopeError,
     GlobalHeader,
+    Reason,
     decode_global,
     encode_update,
     is_sampled,
@@ -58,6 +67,7 @@ from export.state import State
 log = logging.getLogger(__name__)
 
 PlanFn = Callable[[GlobalHeader], LocalPlan]
+EvalBatchesFn = Callable[[], Iterable[Batch]]
 BatchesFn = Callable[[GlobalHeader, LocalPlan], Iterable[Batch]]
 TrainedFn = Callable[[GlobalHeader, TrainMetrics], None]
 
@@ -70,7 +80,9 @@ TRAINED, RESENT, NOT_SAMPLED, ALREADY_DONE, FINAL, REJECTED, REFUSED = (
 @dataclass(frozen=True)
 class EdgeConfig:
     """Who this device is in which run, and its keys (``key`` signs updates, ``coordinator_key``
-    verifies announcements). ``state_file``: where progress survives restarts (None: memory only)."""
+    verifies announcements). ``state_file``: where progress survives restarts (None: memory only).
+    ``model``, ``num_classes``: what this device trains (announcements of others are refused in words).
+    """
 
     run: str
     client_id: str
@@ -80,6 +92,8 @@ class EdgeConfig:
     coordinator_key: bytes | None = None
     state_file: Path | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    model: str | None = None
+    num_classes: int | None = None
 
 
 @dataclass
@@ -122,6 +136,8 @@ class EdgeClient:
         The local mini-batches for a plan.
     on_trained : callable, optional
         Called with the local training metrics of each round (for logs and the simulator).
+    eval_batches : callable, optional
+        The validation batches each received global is evaluated on (federated evaluation).
     """
 
     def __init__(
@@ -133,8 +149,10 @@ class EdgeClient:
         plan_fn: PlanFn,
         batches_fn: BatchesFn,
         on_trained: TrainedFn | None = None,
+        eval_batches: EvalBatchesFn | None = None,
     ) -> None:
         self.config, self.link, self.trainer = config, link, trainer
+        self.eval_batches = eval_batches
         self.template = template
         self.shapes = template_of(template)
         self.plan_fn, self.batches_fn, self.on_trained = plan_fn, batches_fn, on_trained
@@ -146,6 +164,7 @@ class EdgeClient:
         self._answered = ""  # the id of the announcement the last update answered
         self._up_topic = up_topic(config.run, config.client_id)
         self.last_rejection: str | None = None  # why the last announcement refused to decode, if it did
+        self._status = STATUS_ONLINE  # what the status topic says of us (the link publishes "online")
         self.kept: State = self._load_kept()  # the tensors this device keeps between rounds, if any
 
     # ---- progress file ----------------------------------------------------------------------------
@@ -234,11 +253,16 @@ class EdgeClient:
             decoded = decode_global(
                 payload, expected_run=cfg.run, spec=cfg.spec, template=self.shapes,
                 key=cfg.coordinator_key, min_round=progress.last_round, max_bytes=cfg.max_bytes,
+                model=cfg.model, num_classes=cfg.num_classes,
             )  # fmt: skip
         except EnvelopeError as e:
-            log.warning("%s: announcement refused: %s", cfg.client_id, e)
+            words = refusal_words(e)
+            log.warning("%s: announcement refused: %s", cfg.client_id, words)
             self.last_rejection = str(e)
+            if e.reason is not Reason.WRONG_ROUND:  # a stale retained announcement is nobody's concern
+                self._set_status(f"refused: {words}".encode())
             return REJECTED  # not persisted: a bad message says nothing about our progress
+        self._set_status(STATUS_ONLINE)
         header = decoded.header
         self.settle()  # an acknowledgement that arrived since the last look counts before we judge
         if progress.pending_round and progress.pending_round == header.round:
@@ -276,13 +300,25 @@ class EdgeClient:
             return self._finish(NOT_SAMPLED)
         return self._train_and_publish(header, decoded.state)
 
+    def _set_status(self, status: bytes) -> None:
+        """Publish ``status`` (retained) on our status topic when it is news."""
+        topic = self.link.config.status_topic
+        if topic is None or status == self._status:
+            return
+        try:
+            self.link.publish(topic, status, qos=1, retain=True)
+            self._status = status
+        except MqttLinkError as e:
+            log.error("%s: status not published: %s", self.config.client_id, e)
+
     def _train_and_publish(self, header: GlobalHeader, payload: State) -> str:
         cfg = self.config
         plan = self.plan_fn(header)
         kept = {k: self.kept.get(k, t) for k, t in self.template.items() if k.endswith(header.keep_local)}
         upload, metrics = run_local_round(
-            self.trainer, cfg.spec, payload, self.template, self.batches_fn(header, plan), plan, kept
-        )
+            self.trainer, cfg.spec, payload, self.template, self.batches_fn(header, plan), plan, kept,
+            eval_batches=self.eval_batches() if self.eval_batches is not None else None,
+        )  # fmt: skip
         if kept:
             self.kept = {k: v.contiguous() for k, v in trained_kept(self.trainer, kept).items()}
             if self._kept_file is not None:
@@ -295,6 +331,7 @@ class EdgeClient:
             spec=cfg.spec, num_examples=cfg.num_examples, local_steps=metrics.steps,
             compute_s=metrics.seconds, rank=(plan.rank or cfg.spec.rank) if lora else None,
             heads=sorted(plan.heads) if plan.heads is not None else None, key=cfg.key,
+            **measurements(metrics),
         )  # fmt: skip
         self._pending_envelope, self._answered = envelope, header.msg_id
         if self._pending_file is not None:
@@ -341,11 +378,40 @@ class EdgeClient:
         return self.progress.pending_round == 0
 
 
+def refusal_words(error: EnvelopeError) -> str:
+    """Why an announcement was refused, in the words an operator needs."""
+    if error.reason in (Reason.SHAPE, Reason.UNKNOWN_KEY, Reason.MISSING_KEY):
+        why = "the coordinator's adapter does not fit this device's model (another model or class count?)"
+    elif error.reason is Reason.BAD_MAC:
+        why = "the announcement's signature does not verify with this device's coordinator key"
+    else:
+        return error.message
+    return f"{why}: {error.message}"
+
+
+def measurements(metrics: TrainMetrics) -> dict[str, Any]:
+    """The optional update header fields of a round's metrics (finite values only)."""
+    fields: dict[str, Any] = {}
+    if metrics.losses and math.isfinite(metrics.mean_loss):
+        fields["train_loss"] = metrics.mean_loss
+    e = metrics.evaluation
+    if e is not None and math.isfinite(e.loss):
+        fields.update(eval_loss=e.loss, eval_accuracy=e.accuracy, eval_examples=e.examples)
+    return fields
+
+
 def run_device(client: EdgeClient, stop: threading.Event, poll_s: float = 0.5) -> Progress:
-    """A device's main loop: handle announcements on this thread until the final one or ``stop``."""
+    """A device's main loop: handle announcements on this thread until the final one or ``stop``.
+
+    Also ends when the link gives up (the broker refused our credentials too often): the reason is
+    the progress's ``last_error``.
+    """
     inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
     client.subscribe(lambda _client, payload: inbox.put(payload))
     while not stop.is_set():
+        if client.link.failure is not None:
+            client.progress.last_error = client.link.failure
+            break
         try:
             payload = inbox.get(timeout=poll_s)
         except queue.Empty:

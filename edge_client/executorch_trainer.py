@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edge_client.trainer import Batch, OptimizerConfig, StepBudget, TrainMetrics
+from edge_client.trainer import Batch, EvalMetrics, EvalTally, OptimizerConfig, StepBudget, TrainMetrics
 from export.base_delta import base_delta_layers, dense_base_delta
 from export.bundle import ADAPTER_PTD, TRAIN_PTE, Bundle, load_bundle
 from export.state import RAVAN_H, RAVAN_S, State, StateError
@@ -196,6 +196,23 @@ class ExecuTorchTrainer:
 
         c = self.opt_config
         return get_sgd_optimizer(self._params, c.lr, c.momentum, 0.0, c.weight_decay, False)
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalMetrics:
+        """The current adapter on ``batches``: the program's loss and logits, no optimizer step.
+
+        The training program is the only one holding the adapter in runtime memory, so it computes
+        the logits (its gradients are computed too and dropped); batches above the program's largest
+        are cut into pieces.
+        """
+        tally = EvalTally()
+        hi = self.batch_range[1]
+        for batch in batches:
+            for start in range(0, int(batch["labels"].shape[0]), hi):
+                piece = {k: v[start : start + hi] for k, v in batch.items()}
+                n = int(piece["labels"].shape[0])
+                logits = self._module.forward_backward("forward", self._inputs(piece))[1]
+                tally.add(logits[:n], piece["labels"])
+        return tally.result()
 
     def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics:
         opt = self._optimizer()

@@ -75,21 +75,27 @@ def run_local_round(
     batches: Iterable[Batch],
     plan: LocalPlan,
     keep_local: State | None = None,
+    eval_batches: Iterable[Batch] | None = None,
 ) -> tuple[State, TrainMetrics]:
     """Train one round from ``payload`` and return (upload, metrics).
 
     ``keep_local``: tensors the client keeps between rounds instead of taking them from the payload
     (personalised methods, FedSA-LoRA's B); they override the payload and are not uploaded. Their
     trained values are what ``trainer.get_trainable()`` holds after the call.
+    ``eval_batches``: the client's validation examples; the received adapter is evaluated on them
+    before training (``metrics.evaluation``), by a trainer that can evaluate.
     """
     state = dict(payload)
     if keep_local:
         state.update(keep_local)
     with base_delta_context(trainer, state):
         trainer.set_trainable(start_state(spec, state, template))
+        evaluate = getattr(trainer, "evaluate", None)
+        evaluation = evaluate(eval_batches) if eval_batches is not None and evaluate is not None else None
         if spec.family == "ravan":
             trainer.select_heads(list(plan.heads) if plan.heads is not None else None)
         metrics = trainer.train(batches, plan)
+        metrics.evaluation = evaluation
     upload = upload_state(spec, trainer.get_trainable(), plan)
     return {k: v for k, v in upload.items() if k not in (keep_local or {})}, metrics
 

@@ -18,6 +18,10 @@ Payloads are opaque bytes here; the envelope format lives elsewhere. What the li
 - A bounded queue: messages not yet acknowledged (waiting for a connection, or in flight) are capped
   in count and bytes. Beyond the cap ``overflow="raise"`` raises :class:`QueueFull`; ``"drop_oldest"``
   fails the oldest message not yet sent instead. Queued messages go out in order after a reconnect.
+- Failures said in words: a refused TCP connection, a failed TLS handshake and refused credentials are
+  logged as warnings naming the broker, the user and the files used, with a hint (once per kind of
+  failure, then again every ``WARN_EVERY_S``); after ``max_auth_failures`` refusals of our credentials
+  in a row the link stops trying and :attr:`MqttLink.failure` says why.
 
 Every paho call happens on the loop thread of an :class:`~edge_client.mqtt_pool.MqttPool` (a private
 one unless a shared pool is given); the public methods are thread-safe. Message callbacks run on the
@@ -30,6 +34,7 @@ import logging
 import random
 import ssl
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +81,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = b"online", b"offline"
+WARN_EVERY_S = 60.0  # a failure that goes on is said again this often (each attempt is logged at DEBUG)
+# CONNACK reason codes that mean "these credentials are not welcome" (MQTT 5: 0x86, 0x87, 0x8C;
+# MQTT 3.1.1 return codes 4 and 5 are reported by paho with the same names).
+AUTH_REFUSALS = ("Bad user name or password", "Not authorized", "Bad authentication method")
 
 
 @dataclass
@@ -130,6 +139,11 @@ class MqttLink:
         self.client = self._make_client()
         self.connects = 0  # successful connections so far (a reconnect makes it 2, ...)
         self.last_refusal: str | None = None  # the broker's reason when it last refused to connect us
+        self.failure: str | None = None  # set when the link gave up (see LinkConfig.max_auth_failures)
+        self._auth_failures = 0
+        self._warned: tuple[str, float] = ("", 0.0)  # the kind of failure last warned about, and when
+        self._failed_attempts = 0
+        self._refused = False  # the broker answered this attempt with a refusal (then closes the socket)
 
     # ---- setup ------------------------------------------------------------------------------------
 
@@ -340,9 +354,67 @@ class MqttLink:
         try:
             self.client.reconnect()
         except (OSError, ValueError) as e:  # refused, unreachable, TLS handshake failed (ssl.SSLError)
-            log.debug("%s: connect failed: %s", self.config.client_id, e)
+            self._warn(*self._connect_error(e))
             self._give_back_slot()
             self._schedule_retry()
+
+    # ---- failures in words ------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        cfg = self.config
+        tls = f" over TLS (CA {cfg.ca_cert or 'the system store'})" if cfg.tls else ""
+        return f"the broker at {cfg.host}:{cfg.port}{tls}"
+
+    def _connect_error(self, e: Exception) -> tuple[str, str]:
+        """``(kind, message)`` of a failed connection attempt."""
+        cfg, where = self.config, self._where()
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return "tls", (
+                f"TLS with {cfg.host}:{cfg.port} failed: {e.verify_message or e}; is the broker's "
+                f"certificate signed by {cfg.ca_cert or 'a CA this system trusts'}, for host {cfg.host}?"
+            )
+        if isinstance(e, ssl.SSLError | ssl.CertificateError) or (
+            cfg.tls and isinstance(e, ConnectionResetError)
+        ):
+            # (a plain listener answers a TLS hello by resetting the connection)
+            hint = "is that port a TLS listener? (a plain one takes mqtt://)"
+            return "tls", f"TLS handshake with {cfg.host}:{cfg.port} failed ({e}); {hint}"
+        if isinstance(e, ConnectionRefusedError):
+            hint = "is it running (fleetlora broker run), and on this port?"
+            return "refused", f"cannot reach {where}: connection refused; {hint}"
+        return "unreachable", f"cannot reach {where}: {e}"
+
+    def _warn(self, kind: str, message: str) -> None:
+        """Log a connection failure: a warning when it is new or every WARN_EVERY_S, else at DEBUG."""
+        self._failed_attempts += 1
+        now = time.monotonic()
+        last_kind, last_at = self._warned
+        if kind != last_kind or now - last_at >= WARN_EVERY_S:
+            self._warned = (kind, now)
+            log.warning("%s: %s (retrying)", self.config.client_id, message)
+        else:
+            log.debug("%s: %s", self.config.client_id, message)
+
+    def _credentials_refused(self, reason: ReasonCode) -> None:
+        cfg = self.config
+        self._auth_failures += 1
+        if cfg.username is None:
+            who = "an anonymous connection"
+            hint = "the broker wants a username and password: give --password-file of an enrolled device"
+        else:
+            source = f"password from {cfg.password_file}" if cfg.password_file else "no password file"
+            who = f"user {cfg.username!r} ({source})"
+            hint = (
+                f"is {cfg.username} enrolled? `fleetlora devices enroll {cfg.username} --pki DIR` "
+                "(a running broker reads new passwords on SIGHUP or a restart)"
+            )
+        message = f"{self._where()} refused {who}: {reason}; {hint}"
+        limit = cfg.max_auth_failures
+        if limit and self._auth_failures >= limit:
+            self.failure = f"gave up after {self._auth_failures} refusals: {message}"
+            log.error("%s: %s", cfg.client_id, self.failure)
+        else:
+            self._warn("auth", message)
 
     def _give_back_slot(self) -> None:
         if self._connect_slot:
@@ -350,7 +422,7 @@ class MqttLink:
             self._pool.end_connect()
 
     def _schedule_retry(self) -> None:
-        if self._closed or self._retry_pending:
+        if self._closed or self._retry_pending or self.failure is not None:
             return
         self._retry_pending = True
         self._pool.call_later(self._backoff.next_delay(), self._attempt_connect)
@@ -366,8 +438,15 @@ class MqttLink:
         self._give_back_slot()
         if reason.is_failure:
             self.last_refusal = str(reason)
-            log.warning("%s: broker refused the connection: %s", self.config.client_id, reason)
+            self._refused = True
+            if str(reason) in AUTH_REFUSALS:
+                self._credentials_refused(reason)
+            else:
+                self._warn("refused", f"{self._where()} refused the connection: {reason}")
             return  # the broker closes the socket; _on_disconnect schedules the retry
+        if self._failed_attempts:
+            log.info("%s: connected to %s", self.config.client_id, self._where())
+        self._failed_attempts, self._auth_failures, self._warned = 0, 0, ("", 0.0)
         self._backoff.reset()
         self.connects += 1
         announced = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
@@ -402,6 +481,13 @@ class MqttLink:
             return
         if was_connected:
             log.info("%s: disconnected (%s); reconnecting", self.config.client_id, reason)
+        elif not self._refused:  # closed before any CONNACK: a TLS listener reached in plain?
+            self._warn(
+                "closed",
+                f"{self._where()} closed the connection before accepting it ({reason}); "
+                "is that port a TLS listener reached with mqtt:// (use mqtts:// and --ca)?",
+            )
+        self._refused = False
         self._schedule_retry()
 
     def _send_subscribe(self, filters: list[str]) -> None:

@@ -87,6 +87,11 @@ class LinkConfig:
     # MQTT 5: at most this many QoS 1 messages unacknowledged towards us (None: the protocol's 65535).
     # A receiver that acknowledges after persisting sets it to bound what it holds in memory.
     receive_maximum: int | None = None
+    # Where the password came from: named in the warnings when the broker refuses it (never the password).
+    password_file: Path | None = None
+    # Give up after this many refusals of our credentials in a row (0: keep trying, e.g. while the
+    # operator enrols the device); the link's ``failure`` then says why.
+    max_auth_failures: int = 0
 
     def __post_init__(self) -> None:
         if not self.client_id or any(c in self.client_id for c in "/+#"):
@@ -106,6 +111,8 @@ class LinkConfig:
             raise MqttLinkError(f"receive_maximum must be in 1..65535, got {self.receive_maximum}")
         if (self.client_cert is None) != (self.client_key is None):
             raise MqttLinkError("client_cert and client_key go together")
+        if self.max_auth_failures < 0:
+            raise MqttLinkError(f"max_auth_failures must be >= 0, got {self.max_auth_failures}")
 
 
 def _varint_len(n: int) -> int:

@@ -31,12 +31,40 @@ class StepBudget(Protocol):
     def local_steps(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Accuracy and mean loss over ``examples`` held-out examples."""
+
+    accuracy: float
+    loss: float
+    examples: int
+
+
+class EvalTally:
+    """Sums of correct predictions and losses, batch by batch (every backend evaluates with it)."""
+
+    def __init__(self) -> None:
+        self.correct, self.total, self.loss_sum = 0, 0, 0.0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        self.correct += int((logits.argmax(-1) == labels).sum())
+        self.total += int(labels.shape[0])
+
+    def result(self) -> EvalMetrics:
+        if self.total == 0:
+            raise ValueError("cannot evaluate on zero examples")
+        return EvalMetrics(self.correct / self.total, self.loss_sum / self.total, self.total)
+
+
 @dataclass
 class TrainMetrics:
     steps: int = 0
     examples: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    # The received global on the local validation part, before training (federated evaluation).
+    evaluation: EvalMetrics | None = None
 
     @property
     def mean_loss(self) -> float:
@@ -117,6 +145,10 @@ class EagerTrainer:
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
+    def evaluate(self, batches: Iterable[Batch]) -> EvalMetrics:
+        """The current adapter on ``batches`` (no training)."""
+        return evaluate_metrics(self.model, batches)
+
     def train(self, batches: Iterable[Batch], budget: StepBudget) -> TrainMetrics:
         if self.keep_optimizer:
             self._kept = self._kept or self._optimizer()
@@ -142,14 +174,15 @@ class EagerTrainer:
 
 
 @torch.no_grad()
+def evaluate_metrics(model: nn.Module, batches: Iterable[Batch]) -> EvalMetrics:
+    """Accuracy, mean loss and count of ``model`` over ``batches``."""
+    tally = EvalTally()
+    for batch in batches:
+        tally.add(model(**model_inputs(batch)), batch["labels"])
+    return tally.result()
+
+
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
     """(accuracy, mean loss) of ``model`` over ``batches``."""
-    correct, total, loss_sum = 0, 0, 0.0
-    for batch in batches:
-        logits = model(**model_inputs(batch))
-        loss_sum += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        total += int(batch["labels"].shape[0])
-    if total == 0:
-        raise ValueError("cannot evaluate on zero examples")
-    return correct / total, loss_sum / total
+    metrics = evaluate_metrics(model, batches)
+    return metrics.accuracy, metrics.loss

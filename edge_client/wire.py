@@ -35,10 +35,12 @@ import torch
 from edge_client.wire_errors import EnvelopeError, Reason
 from edge_client.wire_schema import (
     GLOBAL_FIELDS,
+    GLOBAL_OPTIONAL,
     HMAC_SHA256,
     SCHEMA_VERSION,
     SHA256,
     UPDATE_FIELDS,
+    UPDATE_OPTIONAL,
     check_schema,
 )
 from edge_client.wire_tensors import (
@@ -84,6 +86,9 @@ class UpdateHeader:
     ``rank``: the LoRA rank of the uploaded A/B (``None`` without LoRA layers). ``heads``: the Ravan
     heads uploaded (``None`` = all, or no Ravan layers). ``msg_id``: a random nonce, for replay checks.
     ``signed``: the mac was an HMAC with the client's key (else a plain checksum).
+    Optional measurements (``None`` when the device sent none): ``eval_loss`` and ``eval_accuracy``
+    of the global it received, on its ``eval_examples`` local validation examples, before training;
+    ``train_loss``, the mean loss of its local steps.
     """
 
     run: str
@@ -99,6 +104,10 @@ class UpdateHeader:
     msg_id: str
     sent_at: float
     signed: bool
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    eval_examples: int | None = None
+    train_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,8 @@ class GlobalHeader:
     sent_at: float
     signed: bool
     keep_local: tuple[str, ...] = ()  # suffixes of the tensors clients keep (FedSA-LoRA's B)
+    model: str | None = None  # the registered model the coordinator trains (None: not announced)
+    num_classes: int | None = None
 
 
 @dataclass
@@ -265,6 +276,10 @@ def encode_update(
     key: bytes | None = None,
     msg_id: str | None = None,
     sent_at: float | None = None,
+    eval_loss: float | None = None,
+    eval_accuracy: float | None = None,
+    eval_examples: int | None = None,
+    train_loss: float | None = None,
 ) -> bytes:
     """A client's update as one payload (see :class:`UpdateHeader` for the fields).
 
@@ -278,8 +293,23 @@ def encode_update(
         "local_steps": local_steps, "compute_s": compute_s, "rank": rank,
         "heads": None if heads is None else [int(i) for i in heads], "msg_id": msg_id, "sent_at": sent_at,
     }  # fmt: skip
-    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, UPDATE_FIELDS, "update")
+    measured = {
+        "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_examples": eval_examples,
+        "train_loss": train_loss,
+    }  # fmt: skip
+    header.update({k: v for k, v in measured.items() if v is not None})
+    _check_evaluation(header)
+    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, UPDATE_FIELDS, "update", UPDATE_OPTIONAL)
     return pack(header, encode_tensors(state), key)
+
+
+_EVALUATION = ("eval_loss", "eval_accuracy", "eval_examples")
+
+
+def _check_evaluation(d: Mapping[str, Any]) -> None:
+    given = [k for k in _EVALUATION if k in d]
+    if given and len(given) != len(_EVALUATION):
+        raise EnvelopeError(Reason.SCHEMA, f"{given} without {sorted(set(_EVALUATION) - set(given))}")
 
 
 def decode_update(
@@ -316,7 +346,8 @@ def decode_update(
     """
     _check_key(key)
     raw, blob = _unframe(payload, max_bytes)
-    d = check_schema(raw, UPDATE_FIELDS, "update")
+    d = check_schema(raw, UPDATE_FIELDS, "update", UPDATE_OPTIONAL)
+    _check_evaluation(d)
     _check_spec(d, spec, method)
     if d["run"] != expected_run or d["client"] != expected_client:
         raise EnvelopeError(
@@ -336,9 +367,15 @@ def decode_update(
         run=d["run"], round=d["round"], client=d["client"], method=d["method"], spec=d["spec"],
         num_examples=d["num_examples"], local_steps=d["local_steps"], compute_s=float(d["compute_s"]),
         rank=d["rank"], heads=heads, msg_id=d["msg_id"], sent_at=float(d["sent_at"]),
-        signed=d["auth"] == HMAC_SHA256,
+        signed=d["auth"] == HMAC_SHA256, eval_loss=_optional_float(d, "eval_loss"),
+        eval_accuracy=_optional_float(d, "eval_accuracy"), eval_examples=d.get("eval_examples"),
+        train_loss=_optional_float(d, "train_loss"),
     )  # fmt: skip
     return DecodedUpdate(header, state)
+
+
+def _optional_float(d: Mapping[str, Any], name: str) -> float | None:
+    return float(d[name]) if name in d else None
 
 
 # -- global adapter + round announcement -----------------------------------------------------------
@@ -360,12 +397,15 @@ def encode_global(
     msg_id: str | None = None,
     sent_at: float | None = None,
     keep_local: Sequence[str] = (),
+    model: str | None = None,
+    num_classes: int | None = None,
 ) -> bytes:
     """The global adapter and the round announcement as one (retained) payload.
 
     Exactly one of ``clients`` (the sampled ids) and ``sample_fraction`` (see :func:`is_sampled`)
     names the round's participants. ``keep_local``: suffixes of the tensors every client keeps
-    between rounds (they are neither in ``state`` nor in any update).
+    between rounds (they are neither in ``state`` nor in any update). ``model``, ``num_classes``: what
+    the coordinator trains (optional), so a device of another model says so.
     """
     if (clients is None) == (sample_fraction is None):
         raise EnvelopeError(Reason.SCHEMA, "give exactly one of clients and sample_fraction")
@@ -376,7 +416,8 @@ def encode_global(
         "clients": None if clients is None else list(clients), "sample_fraction": sample_fraction,
         "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at, "keep_local": list(keep_local),
     }  # fmt: skip
-    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global")
+    header.update({k: v for k, v in (("model", model), ("num_classes", num_classes)) if v is not None})
+    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
     stray = [k for k in state if k.endswith(tuple(keep_local))]
     if stray:
         raise EnvelopeError(Reason.UNKNOWN_KEY, f"{stray[0]} is kept by the clients, not sent")
@@ -392,16 +433,20 @@ def decode_global(
     key: bytes | None,
     min_round: int = 0,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    model: str | None = None,
+    num_classes: int | None = None,
 ) -> DecodedGlobal:
     """Validate and open a global adapter on a client; :class:`EnvelopeError` for anything not right.
 
     ``spec`` is the client's own (from its bundle): the header's hash and embedded spec must match it.
+    ``model``, ``num_classes``: the client's own; an announcement naming others is refused
+    (``model_mismatch``), and a spec that differs is refused naming the fields that differ.
     ``min_round`` refuses stale announcements (a retained message older than what the client has).
     ``key``: the coordinator's key when globals are signed.
     """
     _check_key(key)
     raw, blob = _unframe(payload, max_bytes)
-    d = check_schema(raw, GLOBAL_FIELDS, "global")
+    d = check_schema(raw, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
     if (d["clients"] is None) == (d["sample_fraction"] is None):
         raise EnvelopeError(Reason.SCHEMA, "exactly one of clients and sample_fraction must be set")
     try:
@@ -410,7 +455,12 @@ def decode_global(
         raise EnvelopeError(Reason.SCHEMA, f"spec_json is not an adapter spec: {str(e)[:200]}") from e
     if embedded != d["spec"]:
         raise EnvelopeError(Reason.SPEC_MISMATCH, f"spec_json hashes to {embedded}, header says {d['spec']}")
-    _check_spec(d, spec, None)
+    _check_model(d, model, num_classes)
+    if d["spec"] != spec.digest():
+        differences = spec_differences(d["spec_json"], spec)
+        raise EnvelopeError(
+            Reason.SPEC_MISMATCH, f"the coordinator's adapter spec differs from this device's: {differences}"
+        )
     if d["run"] != expected_run:
         raise EnvelopeError(
             Reason.TOPIC_MISMATCH, f"header says run {d['run']!r}, topic says {expected_run!r}"
@@ -430,5 +480,25 @@ def decode_global(
         deadline=float(d["deadline"]), sample_fraction=d["sample_fraction"], rank=d["rank"],
         clients=None if d["clients"] is None else tuple(d["clients"]), final=d["final"],
         msg_id=d["msg_id"], sent_at=float(d["sent_at"]), signed=d["auth"] == HMAC_SHA256, keep_local=kept,
+        model=d.get("model"), num_classes=d.get("num_classes"),
     )  # fmt: skip
     return DecodedGlobal(header, state)
+
+
+def _check_model(d: Mapping[str, Any], model: str | None, num_classes: int | None) -> None:
+    theirs = (d.get("model"), d.get("num_classes"))
+    mine = (model, num_classes)
+    if all(t is None or m is None or t == m for t, m in zip(theirs, mine, strict=True)):
+        return
+    raise EnvelopeError(
+        Reason.MODEL_MISMATCH,
+        f"the coordinator trains {theirs[0] or 'a model'} with {theirs[1] or '?'} classes; this device has "
+        f"{model or 'a model'} with {num_classes or '?'} classes (flash the coordinator's bundle)",
+    )
+
+
+def spec_differences(theirs: Mapping[str, Any], mine: AdapterSpec) -> str:
+    """The fields in which an announced spec differs from ``mine``, in words (``rank 8, here 4``)."""
+    own = mine.to_dict()
+    changed = [f"{k} {theirs.get(k)!r}, here {own[k]!r}" for k in sorted(own) if theirs.get(k) != own[k]]
+    return "; ".join(changed) or "the same fields, another hash"

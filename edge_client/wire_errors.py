@@ -19,6 +19,7 @@ class Reason(StrEnum):
     BAD_HEADER = "bad_header"  # the JSON header is not valid UTF-8 JSON
     SCHEMA = "schema"  # header fields: missing, unknown, wrong type, out of range, wrong version/kind
     SPEC_MISMATCH = "spec_mismatch"  # adapter spec hash or method differs from the run's
+    MODEL_MISMATCH = "model_mismatch"  # the announced model or class count differs from the receiver's
     TOPIC_MISMATCH = "topic_mismatch"  # run / client id in the header disagree with the topic
     WRONG_ROUND = "wrong_round"  # not a round the receiver accepts (stale, future, closed)
     BAD_MAC = "bad_mac"  # HMAC / checksum does not verify, or signed/unsigned mode disagrees

@@ -79,6 +79,15 @@ UPDATE_FIELDS: dict[str, Check] = {
     "compute_s": _num(0, 1e9),
     "heads": _optional(_unique_list(_int(0, 65535), 65536)),
 }
+# Optional update fields (absent from the envelopes of devices that do not measure them): the received
+# global's loss and accuracy on the device's local validation part (federated evaluation; the three
+# eval_* go together) and the mean loss of its local training steps.
+UPDATE_OPTIONAL: dict[str, Check] = {
+    "eval_loss": _num(0, 1e9),
+    "eval_accuracy": _num(0, 1),
+    "eval_examples": _int(1, 10**12),
+    "train_loss": _num(0, 1e9),
+}
 GLOBAL_FIELDS: dict[str, Check] = {
     **_COMMON,
     "kind": lambda x: x == "global",
@@ -94,7 +103,18 @@ GLOBAL_FIELDS: dict[str, Check] = {
 }
 
 
-def check_schema(d: object, fields: dict[str, Check], kind: str) -> dict[str, Any]:
+# Optional announcement fields: the model and class count the coordinator trains, so a device with
+# another bundle can say so in words instead of "unknown_key".
+GLOBAL_OPTIONAL: dict[str, Check] = {
+    "model": _match(ID_RE),
+    "num_classes": _int(1, 10**6),
+}
+
+
+def check_schema(
+    d: object, fields: dict[str, Check], kind: str, optional: dict[str, Check] | None = None
+) -> dict[str, Any]:
+    """``d`` if it has every field of ``fields``, any of ``optional`` and nothing else, all valid."""
     if not isinstance(d, dict):
         raise EnvelopeError(Reason.SCHEMA, "header is not a JSON object")
     if d.get("kind") != kind:
@@ -105,13 +125,15 @@ def check_schema(d: object, fields: dict[str, Check], kind: str) -> dict[str, An
         raise EnvelopeError(
             Reason.SCHEMA, f"schema version {str(d.get('v'))[:20]!r}, expected {SCHEMA_VERSION}"
         )
+    extra = optional or {}
     missing = sorted(set(fields) - set(d))
-    unknown = sorted(set(d) - set(fields))
+    unknown = sorted(set(d) - set(fields) - set(extra))
     if missing or unknown:
         raise EnvelopeError(
             Reason.SCHEMA, f"header fields missing {missing}, unknown {[u[:30] for u in unknown[:5]]}"
         )
-    bad = [name for name, check in fields.items() if not check(d[name])]
+    checks = {**fields, **{name: check for name, check in extra.items() if name in d}}
+    bad = [name for name, check in checks.items() if not check(d[name])]
     if bad:
         raise EnvelopeError(Reason.SCHEMA, f"header fields with wrong type or out of range: {bad}")
     return d

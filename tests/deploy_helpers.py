@@ -62,6 +62,7 @@ def make_service(
 ) -> RoundService:
     spec = spec_for(method)
     device_keys = overrides.pop("device_keys", None)
+    evaluate = overrides.pop("evaluate", None)
     config = ServiceConfig(
         run="t", method=method, rounds=rounds, min_clients=overrides.pop("min_clients", len(clients)),
         deadline_s=overrides.pop("deadline_s", 60.0), clients=clients, **overrides,
@@ -69,7 +70,7 @@ def make_service(
     agg = aggregators.create(method, spec, device="cpu")
     return RoundService(
         config, spec, agg, trainable_state(adapted(spec)), RoundStore(state_dir, sync=False),
-        MetricsLog(state_dir / "metrics.jsonl"), device_keys=device_keys,
+        MetricsLog(state_dir / "metrics.jsonl"), device_keys=device_keys, evaluate=evaluate,
     )  # fmt: skip
 
 
@@ -111,7 +112,11 @@ def device(
     *,
     state_file: Path | None = None,
     link_overrides: dict[str, Any] | None = None,
+    edge_overrides: dict[str, Any] | None = None,
+    eval_examples: int = 0,
 ) -> DeviceThread:
+    """A device training on its own slice of the task's examples; with ``eval_examples`` it evaluates
+    each global on the next slice (its validation examples)."""
     spec = spec_for(method)
     model = adapted(spec)
     train = train_split()
@@ -132,9 +137,23 @@ def device(
             cid, port=port, status_topic=status_topic("t", cid), backoff_max_s=1.0, **(link_overrides or {})
         )
     ).start()
-    config = EdgeConfig(run="t", client_id=cid, spec=spec, num_examples=EXAMPLES, state_file=state_file)
+    config = EdgeConfig(
+        run="t",
+        client_id=cid,
+        spec=spec,
+        num_examples=EXAMPLES,
+        state_file=state_file,
+        **(edge_overrides or {}),
+    )
     trainer = EagerTrainer(model, OptimizerConfig(name="adamw", lr=2e-3))
-    return DeviceThread(EdgeClient(config, link, trainer, trainable_state(model), plan, batches), link)
+    validation = train.subset(
+        range(len(train) - (index + 1) * eval_examples, len(train) - index * eval_examples)
+    )
+    client = EdgeClient(
+        config, link, trainer, trainable_state(model), plan, batches,
+        eval_batches=(lambda: validation.batches(8)) if eval_examples else None,
+    )  # fmt: skip
+    return DeviceThread(client, link)
 
 
 def serve_in_thread(service: RoundService, port: int) -> tuple[threading.Thread, threading.Event]:

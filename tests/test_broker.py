@@ -167,17 +167,46 @@ def test_unreachable_directory_is_a_clear_error(
 
 
 @needs_credential_tools
-def test_cli_init_ca_and_add_device(broker_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pki = broker_dir / "pki"
-    assert cli_main(["broker", "init-ca", str(pki)]) == 0
-    assert cli_main(["broker", "add-device", str(pki), "jetson-01"]) == 0
-    assert cli_main(["broker", "add-device", str(pki), "coordinator", "--coordinator"]) == 0
+def test_cli_init_ca_then_one_enrolment_makes_the_device_and_the_coordinator(
+    broker_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki, keys = broker_dir / "pki", broker_dir / "keys"
+    assert cli_main(["broker", "init-ca", str(pki), "--hosts", "127.0.0.1,broker.lan"]) == 0
+    out = capsys.readouterr().out
+    assert "for 127.0.0.1, broker.lan" in out and f"next: fleetlora devices enroll NAME --pki {pki}" in out
+    assert cli_main(["devices", "enroll", "jetson-01", "--pki", str(pki), "--keys", str(keys)]) == 0
     out = capsys.readouterr().out
     assert load_device(pki, "jetson-01").password not in out
+    assert "enrolled the coordinator too" in out and "coordinator.announce.key" in out
     assert "user coordinator" in (pki / "acl").read_text()
-    assert cli_main(["broker", "add-device", str(pki), "jetson-01"]) == 2
-    assert cli_main(["broker", "run", "--tls"]) == 2  # --tls without --dir
+    announce = (pki / "clients" / "coordinator.announce.key").read_text()
+    assert (
+        announce.strip() not in out
+        and oct((pki / "clients" / "coordinator.announce.key").stat().st_mode)[-3:] == "600"
+    )
+    assert cli_main(["devices", "enroll", "jetson-02", "--pki", str(pki), "--keys", str(keys)]) == 0
+    out = capsys.readouterr().out
+    assert "coordinator" not in out.replace("the coordinator's", "")  # made once, with the first device
+    assert (pki / "clients" / "coordinator.announce.key").read_text() == announce
+    assert cli_main(["devices", "enroll", "jetson-01", "--pki", str(pki)]) == 2
     assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one command for one job: devices enroll
+        cli_main(["broker", "add-device", str(pki), "x"])
+    assert cli_main(["broker", "run", "--tls"]) == 2  # --tls without --dir
+
+
+@needs_credential_tools
+def test_enrolment_says_why_it_cannot_make_the_coordinator(
+    broker_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = broker_dir / "pki"
+    make_test_ca(pki)
+    assert cli_main(["devices", "enroll", "coordinator", "--pki", str(pki)]) == 2
+    assert "'coordinator' is the coordinator's name" in capsys.readouterr().err
+    add_device(pki, "coordinator")  # a folder where a device took the name (made before this check)
+    assert cli_main(["devices", "enroll", "dev1", "--pki", str(pki)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "'coordinator' is enrolled as a device, so the coordinator was not" in err
 
 
 @pytest.mark.mqtt

@@ -221,7 +221,6 @@ def test_enrolled_devices_over_tls_cannot_impersonate_or_publish_the_global_and_
     names = client_names(3)
     for name in names:
         assert cli_main(["devices", "enroll", name, "--pki", str(pki), "--keys", str(keys)]) == 0
-    assert cli_main(["devices", "enroll", "coordinator", "--pki", str(pki), "--coordinator"]) == 0
     assert cli_main(["devices", "enroll", names[0], "--pki", str(pki), "--keys", str(keys)]) == 2  # once only
     enroll_output = capsys.readouterr()
     acl = (pki / "acl").read_text()
@@ -260,7 +259,9 @@ def test_enrolled_devices_over_tls_cannot_impersonate_or_publish_the_global_and_
         impostor.close()
     assert [r["clients"] for r in service.history] == [list(names)] * 2 and not service.metrics.rejections
     secrets = [load_device(pki, n).password for n in (*names, "coordinator")]
-    secrets += [f.read_text().strip() for f in keys.glob("*.key")]
+    secrets += [
+        f.read_text().strip() for f in [*keys.glob("*.key"), pki / "clients" / "coordinator.announce.key"]
+    ]
     secrets += [base64.b64encode(bytes.fromhex(f.read_text().strip())).decode() for f in keys.glob("*.key")]
     logs = {
         "logging": caplog.text,

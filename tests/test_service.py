@@ -125,6 +125,24 @@ def test_round_closes_when_everyone_reported_and_stale_updates_are_refused(servi
     assert rounds[0]["participants"] == 3 and rounds[0]["clients"] == list(client_ids(3))
 
 
+def test_a_redelivery_of_an_aggregated_update_is_counted_as_such_after_a_restart_too(tmp_path: Path) -> None:
+    """A restarted coordinator may close a round from its stored updates before the broker delivers
+    them again: those redeliveries are not stale updates (nor data loss) and are not refused."""
+    service = make_service(METHOD, tmp_path, client_ids(2), rounds=3)
+    service.start()
+    sent = {c: update_for(service, c, 1) for c in client_ids(2)}
+    service.receive([(up_topic("t", c), sent[c]) for c in client_ids(2)])
+    assert service.tick() is not None and service.round == 2
+    again = make_service(METHOD, tmp_path, client_ids(2), rounds=3)  # the coordinator restarts
+    again.start()
+    again.receive([(up_topic("t", c), sent[c]) for c in client_ids(2)])  # the broker redelivers
+    assert again.tally.redelivered == 2 and not again.tally.rejected
+    again.receive([(up_topic("t", "dev0"), update_for(again, "dev0", 1, scale=2.0))])  # not the same message
+    assert again.tally.rejected == {"wrong_round": 1}
+    events = read_metrics(tmp_path / "metrics.jsonl")
+    assert [e["client"] for e in events if e["event"] == "redelivered"] == ["dev0", "dev1"]
+
+
 def test_deadline_without_quorum_extends_the_round_and_keeps_updates(tmp_path: Path) -> None:
     now = [1000.0]
     svc = make_service(METHOD, tmp_path, client_ids(3), min_clients=2, deadline_s=10.0)

@@ -316,6 +316,13 @@ REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.SCHEMA, "uppercase mac", lambda: dec(edited_header(mac="A" * 64))),
     (Reason.SPEC_MISMATCH, "other spec", lambda: dec(GOOD, spec=LORA_SPEC.with_(rank=8))),
     (Reason.SPEC_MISMATCH, "other method", lambda: dec(GOOD, method="flora")),
+    (Reason.SCHEMA, "eval loss without accuracy", lambda: dec(repack(GOOD, eval_loss=0.5))),
+    (Reason.SCHEMA, "accuracy above 1", lambda: dec(
+        repack(GOOD, eval_loss=0.5, eval_accuracy=1.5, eval_examples=3))),
+    (Reason.MODEL_MISMATCH, "another model announced", lambda: decode_global(
+        encode_global({}, run="r", round=1, method="fedit", spec=LORA_SPEC, deadline=0, clients=[],
+                      model="minilm", num_classes=8),
+        expected_run="r", spec=LORA_SPEC, template={}, key=None, model="tiny-bert", num_classes=8)),
     (Reason.TOPIC_MISMATCH, "other client", lambda: dec(GOOD, expected_client="dev-8")),
     (Reason.TOPIC_MISMATCH, "other run", lambda: dec(GOOD, expected_run="run2")),
     (Reason.WRONG_ROUND, "stale round", lambda: dec(GOOD, rounds={4, 5})),
@@ -451,6 +458,36 @@ def test_encoder_refuses_a_bad_header() -> None:
     )
     with pytest.raises(ValueError, match="at least 16 bytes"):
         enc(random_state(LORA_T), key=b"short")
+
+
+def test_measurements_travel_in_the_update_header() -> None:
+    state = random_state(LORA_T)
+    plain = dec(enc(state)).header
+    assert (plain.eval_loss, plain.eval_accuracy, plain.eval_examples, plain.train_loss) == (None,) * 4
+    measured = enc(state, eval_loss=0.75, eval_accuracy=0.5, eval_examples=40, train_loss=0.25)
+    h = dec(measured).header
+    assert (h.eval_loss, h.eval_accuracy, h.eval_examples, h.train_loss) == (0.75, 0.5, 40, 0.25)
+    reject(Reason.SCHEMA, lambda: enc(state, eval_loss=0.75))  # the encoder refuses half an evaluation
+
+
+def test_a_device_of_another_model_or_spec_is_told_what_differs() -> None:
+    payload = encode_global(
+        {}, run="r", round=1, method="fedit", spec=LORA_SPEC, deadline=0, clients=[], model="minilm",
+        num_classes=8,
+    )  # fmt: skip
+    args: dict[str, Any] = dict(expected_run="r", template={}, key=None)
+    err = reject(
+        Reason.MODEL_MISMATCH,
+        lambda: decode_global(payload, spec=LORA_SPEC, model="tiny-bert", num_classes=6, **args),
+    )
+    assert "trains minilm with 8 classes; this device has tiny-bert with 6 classes" in err.message
+    err = reject(
+        Reason.SPEC_MISMATCH,
+        lambda: decode_global(payload, spec=LORA_SPEC.with_(rank=2), model="minilm", num_classes=8, **args),
+    )
+    assert "rank 4, here 2" in err.message
+    header = decode_global(payload, spec=LORA_SPEC, model="minilm", num_classes=8, **args).header
+    assert (header.model, header.num_classes) == ("minilm", 8)
 
 
 def test_global_rejections() -> None:

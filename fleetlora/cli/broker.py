@@ -11,18 +11,18 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from fleetlora.cli import CliError, positive_int
+from fleetlora.cli import CliError, as_list, positive_int
 
 log = logging.getLogger(__name__)
 
 NAME = "broker"
-HELP = "run a local MQTT broker (mosquitto, or embedded amqtt) and create device credentials"
+HELP = "run a local MQTT broker (mosquitto, or embedded amqtt) and create the fleet's CA"
 ORDER = 40
 EXAMPLES = """\
 fleetlora broker run --port 1883                 # plain loopback mosquitto, anonymous (local development)
 fleetlora broker init-ca ./pki                   # CA + server certificate for 127.0.0.1/localhost
-fleetlora broker add-device ./pki jetson-01      # password, client certificate, ACL entry
-fleetlora broker add-device ./pki coordinator --coordinator
+fleetlora broker init-ca ./pki --hosts 10.0.0.5,broker.lan   # ... for the addresses devices reach it at
+fleetlora devices enroll jetson-01 --pki ./pki --keys ./keys # a device (and, the first time, the coordinator)
 fleetlora broker run --dir ./pki                 # the shipped setup: TLS on 8883 + passwords + ACL
 fleetlora broker run --dir ./pki --tls --require-certificate  # mutual TLS: the certificate CN is the username
 fleetlora broker run --embedded --port 1883      # no mosquitto: amqtt, MQTT 3.1.1 only (see run --help)"""
@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Run a broker on 127.0.0.1 in the foreground until Ctrl-C or SIGTERM.",
     )
     run.add_argument("--port", type=_port, help="listener port (default 1883, or 8883 with --tls)")
+    run.add_argument(
+        "--bind", default="127.0.0.1",
+        help="address to listen on (default: loopback only); 0.0.0.0 or a LAN address for real devices",
+    )  # fmt: skip
     run.add_argument(
         "--dir",
         help="credentials directory from init-ca: clients need a password (or certificate) "
@@ -77,16 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"use the embedded amqtt broker instead of mosquitto: {LIMITS}",
     )
-    init = actions.add_parser("init-ca", help="create a CA and a server certificate for 127.0.0.1/localhost")
-    init.add_argument("dir", help="new credentials directory")
-    add = actions.add_parser("add-device", help="create a client's password, certificate and ACL entry")
-    add.add_argument("dir", help="credentials directory made by init-ca")
-    add.add_argument("name", help="client name: its MQTT client id, username and certificate CN")
-    add.add_argument(
-        "--coordinator",
-        action="store_true",
-        help="give this client the coordinator's rights (publish global, read every update)",
+    init = actions.add_parser(
+        "init-ca",
+        help="create a CA and a server certificate (enrol clients with: fleetlora devices enroll)",
     )
+    init.add_argument("dir", help="new credentials directory")
+    init.add_argument(
+        "--hosts", default="127.0.0.1,localhost",
+        help="addresses and names the server certificate is valid for, comma-separated "
+        "(the ones devices reach the broker at; default: %(default)s)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "init-ca":
             return _init_ca(args)
-        if args.action == "add-device":
-            return _add_device(args)
         return _run_broker(args)
     except BrokerError as e:
         raise CliError(str(e)) from e
@@ -105,21 +107,15 @@ def run(args: argparse.Namespace) -> int:
 def _init_ca(args: argparse.Namespace) -> int:
     from coordinator.broker_credentials import make_test_ca
 
-    paths = make_test_ca(args.dir)
-    print(f"CA and server certificate written to {paths.root} (CA key: {paths.ca_key}, keep it private)")
-    print(f"next: fleetlora broker add-device {paths.root} NAME")
-    return 0
-
-
-def _add_device(args: argparse.Namespace) -> int:
-    from coordinator.broker_credentials import add_device
-
-    creds = add_device(args.dir, args.name, role="coordinator" if args.coordinator else "device")
+    hosts = tuple(as_list(args.hosts))
+    if not hosts:
+        raise CliError("--hosts names no address")
+    paths = make_test_ca(args.dir, hosts=hosts)
     print(
-        f"client {creds.username}: certificate {creds.cert}, key {creds.key}, "
-        f"password in {creds.password_file}"
+        f"CA and a server certificate for {', '.join(hosts)} written to {paths.root} "
+        f"(CA key: {paths.ca_key}, keep it private)"
     )
-    print("a running broker picks it up on SIGHUP (or restart it)")
+    print(f"next: fleetlora devices enroll NAME --pki {paths.root} --keys KEYS")
     return 0
 
 
@@ -133,6 +129,8 @@ def _run_broker(args: argparse.Namespace) -> int:
         args.tls = bool(args.dir)  # credentials mean a fleet: TLS unless --plain says otherwise
     if not args.dir:
         log.warning("anonymous broker without TLS: for local development only (give --dir for a fleet)")
+        if args.bind != "127.0.0.1":
+            raise CliError("an anonymous broker listens on loopback only: give --dir for --bind")
     if args.require_certificate and not args.tls:
         raise CliError("--require-certificate needs --tls")
     port = args.port or (8883 if args.tls else 1883)
@@ -150,9 +148,15 @@ def _run_broker(args: argparse.Namespace) -> int:
             credentials=Path(args.dir) if args.dir else None,
             require_certificate=args.require_certificate,
             max_packet_size=args.max_packet_size,
+            bind=args.bind,
         )
         broker = Mosquitto(_workdir(args), config)
     broker.start()
+    if args.dir:
+        from fleetlora.cli._deploy import write_broker_record
+
+        scheme = "mqtts" if args.tls else "mqtt"
+        write_broker_record(Path(args.dir), f"{scheme}://{broker.host}:{broker.port}")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

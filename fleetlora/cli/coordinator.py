@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fleetlora.cli import CliError, as_list, non_negative_float, positive_int
 from fleetlora.cli._deploy import (
-    adapted_model,
     add_broker_arguments,
     add_model_arguments,
     link_config,
-    load_spec,
     read_secret_key,
+    resolve_task,
+    task_model,
 )
+
+log = logging.getLogger(__name__)
 
 NAME = "coordinator"
 HELP = "run the coordinator service: rounds, validation, persistence, aggregation (CUDA when present)"
 ORDER = 20
 EXAMPLES = """\
-fleetlora coordinator serve --run demo --method fedit --rounds 5 --clients c0,c1,c2 --min-clients 2
-fleetlora coordinator serve --run demo --method ravan --rounds 10 --sample-fraction 0.5 --deadline 120
-fleetlora coordinator serve --run demo --method fedit --rounds 5 --clients c0,c1 --clip-norm 5
-fleetlora coordinator serve --run demo --method fedit --rounds 3 --clients c0,c1 \\
-    --broker mqtts://127.0.0.1:8883 --ca pki/ca.crt --password-file pki/clients/coordinator.password \\
-    --keys keys/ --state-dir state/ --metrics state/metrics.jsonl"""
+fleetlora coordinator serve --run demo --bundle bundles/r8 --method fedrpca --rounds 5 --clients d1,d2,d3 \\
+    --pki pki --keys keys --state-dir state --eval-data data/test.jsonl   # TLS, signed both ways
+fleetlora coordinator serve --run demo --bundle bundles/r8 --method ravan --rounds 10 --sample-fraction 0.5
+fleetlora coordinator serve --run demo --model tiny-bert --num-classes 6 --method fedit --rounds 5 \\
+    --clients c0,c1,c2 --min-clients 2 --clip-norm 5    # a plain local broker, no bundle
+fleetlora coordinator serve --run demo --bundle bundles/r8 --rounds 3 --clients c0,c1 \\
+    --broker mqtts://10.0.0.5:8883 --ca pki/ca.crt --password-file pki/clients/coordinator.password \\
+    --coordinator-key pki/clients/coordinator.announce.key --keys keys/ --state-dir state/"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sample-fraction", type=float, default=1.0, help="without a roster: fraction drawn per round"
     )
+    p.add_argument(
+        "--pki", default="",
+        help="credentials folder of `fleetlora broker init-ca`: sets --ca, --password-file (of --client-id) "
+        "and --coordinator-key from it unless given, and the broker address `broker run --dir` recorded",
+    )  # fmt: skip
     p.add_argument("--state-dir", default="coordinator-state", help="where rounds are persisted")
+    p.add_argument(
+        "--keep-globals", type=int, default=0,
+        help="keep the global of the last N rounds in the state folder (0 = every round's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--eval-data", default="",
+        help="held-out examples (the --data formats of fleetlora client) each new global is evaluated on",
+    )  # fmt: skip
     p.add_argument("--metrics", default="", help="JSON-lines metrics file (default: STATE_DIR/metrics.jsonl)")
     p.add_argument("--keys", default="", help="folder of CLIENT.key HMAC keys: updates must be signed")
     p.add_argument("--coordinator-key", default="", help="key file (or env:NAME) signing announcements")
@@ -68,35 +87,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def apply_pki(args: argparse.Namespace) -> None:
+    """``--pki DIR``: the CA, the coordinator's password and announcement key in DIR, unless given."""
+    if not args.pki:
+        return
+    from coordinator.broker_credentials import CredentialPaths
+
+    paths = CredentialPaths(Path(args.pki))
+    wanted = {
+        "ca": paths.ca_cert, "password_file": paths.password_of(args.client_id),
+        "coordinator_key": paths.announce_key,
+    }  # fmt: skip
+    for dest, path in wanted.items():
+        if getattr(args, dest):
+            continue
+        if not path.is_file():
+            raise CliError(
+                f"--pki {args.pki}: {path} not found; enrolling the first device creates the coordinator's "
+                f"credentials (fleetlora devices enroll NAME --pki {args.pki})"
+            )
+        setattr(args, dest, str(path))
+
+
+def evaluator(args: argparse.Namespace, task: Any, tokenizer: Any, model: Any, agg: Any) -> Any:
+    """The ``--eval-data`` evaluator of each new global, or None."""
+    if not args.eval_data:
+        return None
+    if task.bundle is None or not task.labels:
+        raise CliError("--eval-data needs --bundle with label names (its sequence length and labels)")
+    from coordinator.evaluation import GlobalEvaluator
+    from export.data import DataError
+    from export.local_data import load_examples
+    from export.state import trainable_state
+
+    try:
+        examples = load_examples(args.eval_data, tokenizer, task.seq_len, task.labels)
+    except DataError as e:
+        raise CliError(str(e)) from e
+    print(f"evaluating every new global on {len(examples)} examples of {args.eval_data}")
+    return GlobalEvaluator(model, task.spec, agg, trainable_state(model), examples)
+
+
 def run(args: argparse.Namespace) -> int:
     from coordinator import aggregators
     from coordinator.metrics import MetricsLog
     from coordinator.service import RoundService, ServiceConfig, ServiceError
-    from coordinator.service_mqtt import serve
+    from coordinator.service_mqtt import LinkFailed, serve
     from coordinator.store import RoundStore, StoreError
     from edge_client.keys import KeyFileError, read_keyring
     from export.state import trainable_state
 
     if args.method not in aggregators.available():
         raise CliError(f"unknown method {args.method!r}; choose from {', '.join(aggregators.available())}")
-    spec = load_spec(args.spec, family=aggregators.get(args.method).family, seed=args.seed)
+    family = aggregators.get(args.method).family
+    task = resolve_task(args, seq_len=None, spec_defaults={"family": family, "seed": args.seed})
+    if task.spec.family != family:
+        source = task.bundle.path if task.bundle else "--spec"
+        raise CliError(f"--method {args.method} trains {family} adapters; {source} has {task.spec.family}")
+    apply_pki(args)
     try:
         config = ServiceConfig(
             run=args.run, method=args.method, rounds=args.rounds, min_clients=args.min_clients,
             deadline_s=args.deadline, clients=tuple(as_list(args.clients)),
             clients_per_round=args.clients_per_round, sample_fraction=args.sample_fraction, seed=args.seed,
             clip_norm=args.clip_norm, clip_mode=args.clip_mode,
+            model=task.model, num_classes=task.num_classes,
+            labels=task.labels, seq_len=task.seq_len, model_seed=task.model_seed,
         )  # fmt: skip
         keys = read_keyring(args.keys) if args.keys else None
-    except (ServiceError, KeyFileError) as e:
+        store = RoundStore(Path(args.state_dir), sync=not args.no_sync, keep_globals=args.keep_globals)
+    except (ServiceError, KeyFileError, StoreError) as e:
         raise CliError(str(e)) from e
-    model, _ = adapted_model(args, spec)
-    agg = aggregators.create(args.method, spec, device=args.device, weighting=args.weighting)
-    state_dir = Path(args.state_dir)
-    metrics = MetricsLog(args.metrics or state_dir / "metrics.jsonl")
+    link = link_config(args, args.client_id)
+    coordinator_key = read_secret_key(args.coordinator_key)
+    if link.tls and coordinator_key is None:
+        log.warning("no --coordinator-key: announcements go out unsigned and devices cannot verify them")
+    print(task.describe())
+    model, tokenizer = task_model(task)
+    agg = aggregators.create(args.method, task.spec, device=args.device, weighting=args.weighting)
+    metrics = MetricsLog(args.metrics or store.root / "metrics.jsonl")
     service = RoundService(
-        config, spec, agg, trainable_state(model), RoundStore(state_dir, sync=not args.no_sync), metrics,
-        device_keys=keys, coordinator_key=read_secret_key(args.coordinator_key),
+        config, task.spec, agg, trainable_state(model), store, metrics, device_keys=keys,
+        coordinator_key=coordinator_key, evaluate=evaluator(args, task, tokenizer, model, agg),
     )  # fmt: skip
     stop = threading.Event()
 
@@ -106,12 +178,14 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        serve(service, link_config(args, args.client_id), stop)
-    except StoreError as e:
+        serve(service, link, stop)
+    except (StoreError, LinkFailed) as e:
         raise CliError(str(e)) from e
     finally:
         metrics.close()
-    for record in service.history:
-        print(f"round {record['round']}: {record['participants']} updates, rejected {record['rejected']}")
-    print("done" if service.finished else f"stopped in round {service.round} (state in {state_dir})")
+    if not service.finished:
+        print(f"stopped in round {service.round} (state in {store.root}; serve again to resume)")
+        return 0
+    print(f"done: {args.rounds} rounds; the global of every round is in {store.root}")
+    print(f"take the model out with: fleetlora export-adapter --state {store.root} --out my-adapter")
     return 0

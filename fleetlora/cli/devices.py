@@ -319,38 +319,73 @@ def budget_action(args: argparse.Namespace) -> int:
 
 @action(
     "enroll",
-    "create a device's broker credentials (password, certificate), its ACL entry and its update key",
+    "create a device's broker credentials (password, certificate), its ACL entry and its update key; "
+    "the first enrolment also creates the coordinator's credentials and announcement key",
     arg(
         "name", metavar="NAME", help="device name: its MQTT client id, username, certificate CN, topic level"
     ),
     arg("--pki", required=True, metavar="DIR", help="credentials directory (fleetlora broker init-ca DIR)"),
     arg("--keys", metavar="DIR", help="the coordinator's key ring folder: NAME.key (HMAC of its updates)"),
-    arg("--coordinator", action="store_true", help="enrol the coordinator (publishes global, reads updates)"),
+    arg(
+        "--coordinator",
+        action="store_true",
+        help="enrol NAME as a coordinator (publishes global, reads updates); the first device enrolment "
+        "creates one named 'coordinator' by itself",
+    ),
     examples=(
         "fleetlora devices enroll jetson-01 --pki ./pki --keys ./keys\n"
-        "fleetlora devices enroll coordinator --pki ./pki --coordinator"
+        "for d in dev1 dev2 dev3; do fleetlora devices enroll $d --pki pki --keys keys; done\n"
+        "fleetlora devices enroll coord-2 --pki ./pki --coordinator"
     ),
 )
 def enroll_action(args: argparse.Namespace) -> int:
     import secrets
+    import sys
     from pathlib import Path
 
-    from coordinator.broker_credentials import BrokerError, add_device, check_name
+    from coordinator.broker_credentials import (
+        COORDINATOR,
+        BrokerError,
+        CredentialPaths,
+        add_device,
+        check_name,
+    )
+    from coordinator.broker_credentials import ensure_coordinator as make_coordinator
     from edge_client.keys import KEY_SUFFIX, write_key
 
     try:
         check_name(args.name)
+        if args.name == COORDINATOR and not args.coordinator:
+            raise BrokerError(
+                f"{COORDINATOR!r} is the coordinator's name (the first enrolment creates it): give the "
+                "device another name, or enrol a coordinator with --coordinator"
+            )
         key_file = Path(args.keys) / f"{args.name}{KEY_SUFFIX}" if args.keys else None
         if key_file is not None and key_file.exists():
             raise BrokerError(f"{key_file} already exists: device {args.name!r} is enrolled")
         creds = add_device(args.pki, args.name, role="coordinator" if args.coordinator else "device")
     except BrokerError as e:
         raise CliError(str(e)) from None
+    coordinator = announce = None
+    try:
+        coordinator, announce = make_coordinator(args.pki)
+    except BrokerError as e:
+        print(f"warning: {e}", file=sys.stderr)
     # Paths only: the password and the keys never reach the terminal or a log.
     print(f"enrolled {creds.username}: password in {creds.password_file}, certificate {creds.cert}")
     if key_file is not None:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         write_key(key_file, secrets.token_bytes(32))
-        print(f"update key in {key_file} (to the device with: fleetlora flash --hmac-key-file {key_file})")
-    print("a running broker picks the new password and ACL up on SIGHUP (or a restart)")
+        print(f"update key in {key_file} (to the device with: fleetlora flash --keys {key_file.parent})")
+    if coordinator is not None:
+        print(f"enrolled the coordinator too: password in {coordinator.password_file}")
+    if announce is not None:
+        print(f"the coordinator's announcement key in {announce} (devices verify announcements with it)")
+    paths = CredentialPaths(Path(args.pki))
+    print(
+        f"a running broker picks the new password and ACL up on SIGHUP (or a restart); "
+        f"next: fleetlora flash --pki {paths.root} --client-id {args.name} ..."
+        if not args.coordinator
+        else "a running broker picks the new password and ACL up on SIGHUP (or a restart)"
+    )
     return 0

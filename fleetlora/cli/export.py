@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from fleetlora.cli import CliError, as_list, positive_int
+from fleetlora.cli._deploy import label_names
 
 NAME = "export"
 HELP = "export a model + adapter as an ExecuTorch bundle (train.pte, adapter.ptd, infer.pte, manifest)"
@@ -12,8 +14,10 @@ EXAMPLES = """\
 fleetlora export --model minilm --family lora --rank 8 --num-classes 8 --seq-len 64 --out bundles/minilm-lora
 fleetlora export --model minilm --family ravan --heads 4 --num-classes 8 --xnnpack --out bundles/minilm-ravan
 fleetlora export --model tiny-bert --rank 4 --num-classes 4 --seq-len 16 --batch-max 32 --out /tmp/tiny
-fleetlora export --model minilm --num-classes 6 --labels ABBR,DESC,ENTY,HUM,LOC,NUM --out bundles/trec
-fleetlora export --model minilm --num-classes 8 --base-delta --out bundles/minilm-flora  # FLoRA, FedEx"""
+fleetlora export --model minilm --labels ABBR,DESC,ENTY,HUM,LOC,NUM --out bundles/trec
+fleetlora export --model minilm --labels data/labels.txt --seq-len 64 --out bundles/r8   # one name a line
+fleetlora export --model minilm --num-classes 8 --base-delta --out bundles/minilm-flora  # FLoRA, FedEx
+fleetlora export --model minilm --labels data/labels.txt --layers top --out bundles/top  # the top block"""
 ORDER = 40
 
 
@@ -24,9 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--heads", type=positive_int, default=4, help="Ravan heads")
     p.add_argument("--targets", default="query,value", help="target modules, comma-separated")
+    p.add_argument(
+        "--layers", default="",
+        help="only adapt these transformer blocks: indices (5 or 4,5), or 'top' for the last one "
+        "(as the simulator does); default: all",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="adapter seed (Ravan bases, LoRA A)")
-    p.add_argument("--num-classes", type=positive_int, required=True, help="classes of the head")
-    p.add_argument("--labels", default="", help="class names, comma-separated (optional)")
+    p.add_argument(
+        "--num-classes", type=positive_int, help="classes of the head (default: how many --labels)"
+    )
+    p.add_argument(
+        "--labels", default="",
+        help="class names: comma-separated, or a file with one a line; devices training on their own "
+        "files (fleetlora client --data) need them",
+    )  # fmt: skip
     p.add_argument("--seq-len", type=positive_int, default=64, help="static sequence length")
     p.add_argument(
         "--batch-min", type=positive_int, default=2, help="smallest batch the program accepts (>= 2)"
@@ -41,8 +56,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write")
 
 
+def adapted_layers(model: str, text: str) -> tuple[int, ...]:
+    """``--layers``: block indices, or ``top`` (the model's last block, looked up in the model)."""
+    if text.strip() != "top":
+        return tuple(int(x) for x in as_list(text))
+    from export.models import build_model
+
+    base: Any
+    base, _ = build_model(model, 2)
+    return (int(base.num_layers) - 1,)
+
+
 def run(args: argparse.Namespace) -> int:
-    labels = tuple(as_list(args.labels)) if args.labels else ()
+    labels = label_names(args.labels) if args.labels else ()
+    if not labels and not args.num_classes:
+        raise CliError("give --labels (the class names) or --num-classes")
+    args.num_classes = args.num_classes or len(labels)
     if labels and len(labels) != args.num_classes:
         raise CliError(f"--labels names {len(labels)} classes but --num-classes is {args.num_classes}")
     if not 2 <= args.batch_min <= args.batch_max:
@@ -52,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from export.build import build_bundle
     from export.models import MODELS
-    from export.spec import AdapterSpec, SpecError
+    from export.spec import AdapterSpec
 
     if args.model not in MODELS:
         raise CliError(f"unknown --model {args.model!r}; choose from {', '.join(MODELS)}")
@@ -60,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
         spec = AdapterSpec(
             family=args.family,
             target_modules=tuple(as_list(args.targets)),
+            layers=adapted_layers(args.model, args.layers),
             rank=args.rank,
             alpha=args.alpha,
             heads=args.heads,
             seed=args.seed,
         )
-    except SpecError as e:
+    except ValueError as e:  # a SpecError, or --layers that are not integers
         raise CliError(str(e)) from e
     print(f"exporting {args.model} + {args.family} -> {args.out}")
     bundle, report = build_bundle(
