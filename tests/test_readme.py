@@ -1,0 +1,49 @@
+"""Every ``fleetlora`` command the README shows is one the CLI accepts, flags and all, as written.
+
+The deployment walkthrough (between its markers) is run as written by tests/test_walkthrough.py; the
+commands that run long jobs are run elsewhere in reduced form (tests/test_sim.py, test_tune.py,
+test_bench_claims.py); here every other line is parsed by the real parser, so a renamed flag or
+subcommand in the code or a typo in the README fails the suite.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fleetlora.cli import build_parser
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """``fleetlora ...`` lines of the README's bash blocks, comments and continuations resolved."""
+    text = re.sub(r"<!-- walkthrough.*?<!-- /walkthrough -->", "", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        for part in re.split(r"&&|;", line.split("  #")[0]):
+            words = shlex.split(part, comments=True)
+            if words and words[0].endswith("fleetlora"):
+                commands.append(shlex.join(words[1:]))
+    return commands
+
+
+def test_the_readme_shows_the_main_commands() -> None:
+    names = {c.split()[0] for c in readme_commands()}
+    assert {"sim", "tune", "bench", "devices", "broker"} <= names
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_parses(command: str) -> None:
+    parser, subparsers = build_parser()
+    args = parser.parse_args(shlex.split(command))
+    assert args.command in subparsers
+    if args.command == "bench":  # the benchmark's own flags: its parser must accept them too
+        from fleetlora.cli.bench import BENCHMARKS
+
+        assert args.name in BENCHMARKS
