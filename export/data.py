@@ -316,7 +316,7 @@ def token_lengths(texts: list[str], tokenizer: Any, cap: int, cache_dir: Path | 
     ids = tokenizer(texts, max_length=cap, truncation=True, return_attention_mask=False)["input_ids"]
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
     directory.mkdir(parents=True, exist_ok=True)
-    _save_atomically({"lengths": lengths}, path, {"cap": str(cap)})
+    save_atomically({"lengths": lengths}, path, {"cap": str(cap)})
     return lengths.numpy()
 
 
