@@ -92,7 +92,9 @@ def best_params(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def tuned_toml(base: SimConfig, chosen: dict[str, dict[str, Any]], scores: dict[str, float]) -> str:
     """A run config for ``fleetlora sim --config``: the methods and each one's chosen settings."""
-    settings = {**base.flag_values(), "method": ",".join(chosen)}
+    # Tuning never needs the centralized rows; the runs that use the settings do: not carried over.
+    skip = ("out", "seeds", "seed", "method_params", "centralized")
+    settings = {**base.flag_values(skip), "method": ",".join(chosen)}
     lines = [
         "# Written by `fleetlora tune`: each method's settings chosen on validation accuracy; the",
         "# experiment's other settings as tuned. Run with: fleetlora sim --config tuned.toml --seeds 0,1,2",

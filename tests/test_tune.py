@@ -41,7 +41,7 @@ def test_tune_searches_on_validation_resumes_and_writes_a_config_sim_runs(tmp_pa
     assert main(argv) == 0  # resumed: every trial was done, nothing runs again
     assert len((out / "trials.jsonl").read_text().splitlines()) == len(rows)
     tuned = tomllib.loads((out / "tuned.toml").read_text())
-    assert tuned["method"] == "fedit,fedrpca" and tuned["model"] == "tiny-bert"
+    assert tuned["method"] == "fedit,fedrpca" and tuned["model"] == "tiny-bert" and "centralized" not in tuned
     assert tuned["method_params"] == best_params(list(read_trials(out / "trials.jsonl").values()))
     run = tmp_path / "run"
     assert main(["sim", "--config", str(out / "tuned.toml"), "--out", str(run)]) == 0
