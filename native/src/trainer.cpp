@@ -3,7 +3,10 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -15,9 +18,26 @@ namespace executorch::extension::threadpool {
 class ThreadPool {
  public:
   bool _unsafe_reset_threadpool(uint32_t num_threads);
+  size_t get_thread_count() const;
 };
 ThreadPool* get_threadpool();
 }  // namespace executorch::extension::threadpool
+
+namespace {
+std::atomic<uint32_t> g_threads{0};  // 0: as the runtime decides
+}
+
+// The runtime sizes its thread pool with this, the first time a kernel or XNNPACK asks for the pool.
+// Defined here it takes the place of the runtime's own (a call through the PLT), so a pool of
+// `threads` is made from the start: with 1, no worker thread is ever started (and nothing spins).
+namespace executorch::extension::cpuinfo {
+uint32_t get_num_performant_cores() {
+  if (uint32_t n = g_threads.load()) return n;
+  using Fn = uint32_t (*)();
+  static Fn runtime = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "_ZN10executorch9extension7cpuinfo24get_num_performant_coresEv"));
+  return runtime ? runtime() : 1;
+}
+}  // namespace executorch::extension::cpuinfo
 
 namespace fl {
 
@@ -46,7 +66,10 @@ std::string shape_text(const std::vector<int64_t>& s) {
 }  // namespace
 
 void Trainer::set_threads(unsigned n) {
-  if (n > 0) executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(n);
+  if (n == 0) return;
+  g_threads = n;
+  auto* pool = executorch::extension::threadpool::get_threadpool();  // made with n threads if new
+  if (pool->get_thread_count() != n) pool->_unsafe_reset_threadpool(n);
 }
 
 Trainer::Trainer(const std::string& train_pte, const std::string& adapter_ptd, int64_t seq_len, int64_t batch_min,

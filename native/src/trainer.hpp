@@ -58,7 +58,7 @@ class Trainer {
   // `steps` SGD steps over `batches` (fewer when they run out), with a fresh optimizer.
   TrainResult train(const std::vector<Batch>& batches, int steps, const SgdConfig& sgd);
 
-  // XNNPACK's and the kernels' threads (the runtime's process-wide pool).
+  // XNNPACK's and the kernels' threads (the runtime's process-wide pool; 1: none, 0: the default).
   static void set_threads(unsigned n);
 
  private:
