@@ -8,6 +8,15 @@ A flashed folder holds::
                        the credential paths (relative to the folder)
     run-client.sh      starts the client with one command: python -m fleetlora client --config client.toml
 
+With the native runtime (``native/``, no Python on the device) the folder also holds::
+
+    bin/               fleetlora-client and the libraries it loads from beside itself (rpath $ORIGIN)
+    plan.json          the device's budget table (edge_client/plan_table.py)
+    data.safetensors   the device's tokenized local examples
+    state/             progress, pending update and kept tensors (client.toml's state_file)
+
+and ``run-client.sh`` runs ``bin/fleetlora-client run --config client.toml``.
+
 The folder is staged locally first; ``local:`` copies it, ``ssh:`` and ``adb:`` run ``scp``/``adb``
 command lines (printed and not run with ``dry_run``).
 """
@@ -18,7 +27,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +36,8 @@ from export.bundle import Bundle
 CLIENT_TOML = "client.toml"
 RUN_SCRIPT = "run-client.sh"
 BUNDLE_DIR = "bundle"
+BIN_DIR = "bin"
+NATIVE_STATE_FILE = "state/progress.json"
 CREDENTIALS_DIR = "credentials"
 # Broker credentials (password, TLS CA, client certificate and its key), then the HMAC keys: the one
 # that signs this device's updates and the one that verifies the coordinator's announcements.
@@ -47,6 +58,7 @@ CLIENT_FLAGS = {
     "key_file": "key_file",
     "hmac_key_file": "key",
     "coordinator_key_file": "coordinator_key",
+    "state_file": "state_file",
 }
 
 RUN_CLIENT_SH = """#!/bin/sh
@@ -54,6 +66,13 @@ RUN_CLIENT_SH = """#!/bin/sh
 set -e
 cd "$(dirname "$0")"
 exec "${PYTHON:-python3}" -m fleetlora client --config client.toml "$@"
+"""
+
+RUN_NATIVE_SH = """#!/bin/sh
+# Start the native fleetlora client of this flashed folder (no Python needed; native/README.md).
+set -e
+cd "$(dirname "$0")"
+exec ./bin/fleetlora-client run --config client.toml "$@"
 """
 
 
@@ -99,6 +118,7 @@ class ClientConfig:
     device: str
     backend: str = "executorch"
     credentials: dict[str, str] = field(default_factory=dict)
+    state_file: str = ""  # relative to the folder; the native client's is NATIVE_STATE_FILE
 
     def to_toml(self) -> str:
         """The ``client.toml`` text, keyed by client flags; credential paths point into ``credentials/``."""
@@ -112,11 +132,22 @@ class ClientConfig:
         }
         for key, local in sorted(self.credentials.items()):
             values[key] = f"{CREDENTIALS_DIR}/{Path(local).name}"
+        if self.state_file:
+            values["state_file"] = self.state_file
         # JSON string escaping is valid TOML basic-string escaping.
         return "".join(f"{CLIENT_FLAGS[k]} = {json.dumps(v)}\n" for k, v in values.items())
 
 
-def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:
+@dataclass(frozen=True)
+class NativeFiles:
+    """What the native runtime adds to a flashed folder: ``runtime`` (the binary and its libraries,
+    copied to ``bin/``) and ``files`` (name -> bytes: ``plan.json``, ``data.safetensors``)."""
+
+    runtime: Sequence[Path]
+    files: Mapping[str, bytes]
+
+
+def stage(bundle: Bundle, config: ClientConfig, folder: Path, native: NativeFiles | None = None) -> Path:
     """Lay out the flashed folder's contents under ``folder`` (see the module docstring)."""
     unknown = sorted(set(config.credentials) - set(CREDENTIAL_KEYS))
     if unknown:
@@ -134,8 +165,14 @@ def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:
             shutil.copy2(local, creds / Path(local).name)
     (folder / CLIENT_TOML).write_text(config.to_toml())
     script = folder / RUN_SCRIPT
-    script.write_text(RUN_CLIENT_SH)
+    script.write_text(RUN_CLIENT_SH if native is None else RUN_NATIVE_SH)
     script.chmod(0o755)
+    if native is not None:
+        (folder / BIN_DIR).mkdir(exist_ok=True)
+        for path in native.runtime:
+            shutil.copy2(path, folder / BIN_DIR / path.name)
+        for name, data in native.files.items():
+            (folder / name).write_bytes(data)
     return folder
 
 
@@ -164,6 +201,7 @@ def flash(
     *,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
+    native: NativeFiles | None = None,
 ) -> list[list[str]]:
     """Flash ``bundle`` and a client for ``config`` to ``target``; returns the command lines run.
 
@@ -172,7 +210,7 @@ def flash(
     command lines are only logged.
     """
     with tempfile.TemporaryDirectory(prefix="fleetlora-flash-") as tmp:
-        staged = stage(bundle, config, Path(tmp))
+        staged = stage(bundle, config, Path(tmp), native)
         if target.kind == "local":
             dest = Path(target.path)
             log(f"{'would copy' if dry_run else 'copying'} {bundle.path} + client to {dest}")

@@ -62,6 +62,7 @@ def make_service(
 ) -> RoundService:
     spec = spec_for(method)
     device_keys = overrides.pop("device_keys", None)
+    coordinator_key = overrides.pop("coordinator_key", None)
     config = ServiceConfig(
         run="t", method=method, rounds=rounds, min_clients=overrides.pop("min_clients", len(clients)),
         deadline_s=overrides.pop("deadline_s", 60.0), clients=clients, **overrides,
@@ -69,7 +70,7 @@ def make_service(
     agg = aggregators.create(method, spec, device="cpu")
     return RoundService(
         config, spec, agg, trainable_state(adapted(spec)), RoundStore(state_dir, sync=False),
-        MetricsLog(state_dir / "metrics.jsonl"), device_keys=device_keys,
+        MetricsLog(state_dir / "metrics.jsonl"), device_keys=device_keys, coordinator_key=coordinator_key,
     )  # fmt: skip
 
 
@@ -111,6 +112,8 @@ def device(
     *,
     state_file: Path | None = None,
     link_overrides: dict[str, Any] | None = None,
+    key: bytes | None = None,
+    coordinator_key: bytes | None = None,
 ) -> DeviceThread:
     spec = spec_for(method)
     model = adapted(spec)
@@ -132,16 +135,22 @@ def device(
             cid, port=port, status_topic=status_topic("t", cid), backoff_max_s=1.0, **(link_overrides or {})
         )
     ).start()
-    config = EdgeConfig(run="t", client_id=cid, spec=spec, num_examples=EXAMPLES, state_file=state_file)
+    config = EdgeConfig(
+        run="t", client_id=cid, spec=spec, num_examples=EXAMPLES, key=key, coordinator_key=coordinator_key,
+        state_file=state_file,
+    )  # fmt: skip
     trainer = EagerTrainer(model, OptimizerConfig(name="adamw", lr=2e-3))
     return DeviceThread(EdgeClient(config, link, trainer, trainable_state(model), plan, batches), link)
 
 
-def serve_in_thread(service: RoundService, port: int) -> tuple[threading.Thread, threading.Event]:
+def serve_in_thread(
+    service: RoundService, port: int, **link: Any
+) -> tuple[threading.Thread, threading.Event]:
+    """The coordinator service on its own thread; ``link``: more LinkConfig fields (TLS, password)."""
     stop = threading.Event()
     thread = threading.Thread(
         target=serve,
-        args=(service, LinkConfig("coordinator", port=port, backoff_max_s=1.0), stop),
+        args=(service, LinkConfig("coordinator", port=port, backoff_max_s=1.0, **link), stop),
         daemon=True,
     )
     thread.start()

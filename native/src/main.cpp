@@ -31,6 +31,8 @@ const char* kUsage = R"(usage: fleetlora-client COMMAND [flags]
       train the bundle's program on the given batches; losses and adapter to FILE (parity tests)
   bench --bundle DIR --batches FILE [--warmup N --threads N]
       median step time and peak resident memory of the runtime training the bundle's program
+  plan --plan plan.json --bundle DIR --client ID --round N --time-left S [--local-steps N --batch-size N]
+      the round's plan (steps, batch, Ravan heads) as this client computes it, as JSON
   version
 
 examples:
@@ -59,6 +61,7 @@ int main(int argc, char** argv) {
     if (command == "sign-update") return fl::sign_update(rest);
     if (command == "train-check") return fl::train_check(rest);
     if (command == "bench") return fl::bench(rest);
+    if (command == "plan") return fl::plan(rest);
     if (command == "version") {
       std::cout << "fleetlora-client (envelope schema 2)" << std::endl;
       return 0;

@@ -9,6 +9,7 @@
 #include "bundle.hpp"
 #include "crypto.hpp"
 #include "envelope.hpp"
+#include "plan.hpp"
 #include "trainer.hpp"
 #include "util.hpp"
 
@@ -197,6 +198,19 @@ int train_check(const std::vector<std::string>& args) {
   out["losses"] = Tensor::floats({static_cast<int64_t>(r.losses.size())}, r.losses);
   write_atomically(need(f, "out"), encode_safetensors(out));
   std::cout << "trained " << r.steps << " steps in " << r.seconds << " s" << std::endl;
+  return 0;
+}
+
+int plan(const std::vector<std::string>& args) {
+  auto f = parse_flags(args, {"plan", "bundle", "client", "round", "time-left", "local-steps", "batch-size"});
+  Bundle b = load_bundle(need(f, "bundle"));
+  int steps = f.count("local-steps") ? std::stoi(f["local-steps"]) : 0;
+  int batch = f.count("batch-size") ? std::stoi(f["batch-size"]) : static_cast<int>(b.batch_max);
+  Planner planner(need(f, "plan"), b, need(f, "client"), steps, batch);
+  RoundPlan p = planner.plan(std::stoll(need(f, "round")), std::stod(need(f, "time-left")), 0.0);
+  json out = {{"local_steps", p.local_steps}, {"batch_size", p.batch_size}};
+  out["heads"] = p.heads ? json(*p.heads) : json(nullptr);
+  std::cout << out.dump() << std::endl;
   return 0;
 }
 

@@ -10,5 +10,6 @@ int check_vectors(const std::string& folder);                     // edge_client
 int sign_update(const std::vector<std::string>& args);            // an update for the Python decoder
 int train_check(const std::vector<std::string>& args);            // parity with ExecuTorchTrainer
 int bench(const std::vector<std::string>& args);                  // step time and memory
+int plan(const std::vector<std::string>& args);                   // one round's plan, as JSON
 
 }  // namespace fl
