@@ -59,6 +59,8 @@ CLIENT_FLAGS = {
     "hmac_key_file": "key",
     "coordinator_key_file": "coordinator_key",
     "state_file": "state_file",
+    "batch_size": "batch_size",
+    "local_steps": "local_steps",
 }
 
 RUN_CLIENT_SH = """#!/bin/sh
@@ -119,10 +121,12 @@ class ClientConfig:
     backend: str = "executorch"
     credentials: dict[str, str] = field(default_factory=dict)
     state_file: str = ""  # relative to the folder; the native client's is NATIVE_STATE_FILE
+    batch_size: int = 0  # 0: the client's default
+    local_steps: int = 0  # 0: from the device's budget
 
     def to_toml(self) -> str:
         """The ``client.toml`` text, keyed by client flags; credential paths point into ``credentials/``."""
-        values: dict[str, str] = {
+        values: dict[str, str | int] = {
             "broker": self.broker,
             "run_id": self.run_id,
             "client_id": self.client_id,
@@ -134,6 +138,9 @@ class ClientConfig:
             values[key] = f"{CREDENTIALS_DIR}/{Path(local).name}"
         if self.state_file:
             values["state_file"] = self.state_file
+        for key in ("batch_size", "local_steps"):
+            if getattr(self, key):
+                values[key] = getattr(self, key)
         # JSON string escaping is valid TOML basic-string escaping.
         return "".join(f"{CLIENT_FLAGS[k]} = {json.dumps(v)}\n" for k, v in values.items())
 

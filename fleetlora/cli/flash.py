@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             credentials=creds,
             state_file=NATIVE_STATE_FILE if native else "",
+            batch_size=args.batch_size if native else 0,
+            local_steps=args.local_steps if native else 0,
         )
         files = _native_files(args, bundle, native, config.client_id) if native else None
         flash(bundle, config, target, dry_run=args.dry_run, native=files)  # type: ignore[arg-type]

@@ -362,7 +362,7 @@ Progress run_device(EdgeClient& client, Inbox& inbox, const std::atomic<bool>& s
       continue;
     }
     std::string outcome = client.handle_global(*payload);
-    log_info(outcome + " (round " + std::to_string(client.progress().last_round) + ")");
+    log_info(client.id() + ": " + outcome + " (round " + std::to_string(client.progress().last_round) + ")");
     client.settle(0.5);
     if (client.finished() && client.settle()) break;
   }

@@ -38,6 +38,7 @@ class EdgeClient {
   bool settle(double timeout_s = 0.0);
   const Progress& progress() const { return progress_; }
   bool finished() const { return finished_; }
+  const std::string& id() const { return config_.id; }
 
  private:
   std::string train_and_publish(const GlobalHeader& header, const TensorMap& payload);

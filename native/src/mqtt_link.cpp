@@ -245,7 +245,11 @@ void MqttLink::on_connect(int rc, int flags, long announced) {
   if (!(flags & 1)) resubscribe_ = true;
   say_online_ = true;
   connected_ = true;
-  if (connects_ == 1) log_info(config_.client_id + ": connected to " + config_.host + ":" + std::to_string(config_.port));
+  if (connects_ == 1)
+    log_info(config_.client_id + ": connected to " + config_.host + ":" + std::to_string(config_.port) +
+             (config_.tls ? " (TLS)" : ""));
+  else
+    log_info(config_.client_id + ": reconnected" + ((flags & 1) ? "" : " (the broker had no session for us: subscribing again)"));
 }
 
 void MqttLink::on_disconnect(int rc) {
