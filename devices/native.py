@@ -202,3 +202,23 @@ def runtime_files(folder: Path) -> list[Path]:
     if not files[0].is_file():
         raise NativeError(f"{files[0]} is missing: build it first (fleetlora flash builds it)")
     return files
+
+
+def main(argv: list[str]) -> int:
+    """``python -m devices.native [ARCH]`` (scripts/setup.sh): build, or say why it cannot."""
+    arch = argv[0] if argv else host_arch()
+    st = status(arch)
+    if st.missing:
+        print(f"fleetlora setup: not building the native client: {st.reason()}", file=sys.stderr)
+        return 0
+    try:
+        folder = build(arch, log=lambda line: print(f"fleetlora setup: {line}", file=sys.stderr))
+    except NativeError as e:
+        print(f"fleetlora setup: the native client did not build: {e}", file=sys.stderr)
+        return 1
+    print(f"fleetlora setup: native client ready: {folder / BINARY}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
