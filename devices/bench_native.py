@@ -54,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per example (default 64)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per trainer (median reported)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per trainer and pass")
+    p.add_argument(
+        "--passes", type=int, default=3,
+        help="passes of eager / native / python in turn (medians over them: load drifts hit all alike)",
+    )  # fmt: skip
     return p
 
 
@@ -102,23 +106,26 @@ def main(argv: list[str]) -> int:
         # The same batch once per timed step (the native bench times one step per batch in the file).
         repeated = {k: v.unsqueeze(0).repeat(args.steps, *([1] * v.dim())) for k, v in batch.items()}
         safetensors.torch.save_file(repeated, batches)
-        eager_ms = _median_step_ms([eager], batch, args.warmup, args.steps)  # before and after the others
-        nat = _run(
-            [str(exe), "bench", "--bundle", str(bundle.path), "--batches", str(batches), "--warmup",
-             str(args.warmup), "--threads", "1"],
-            "native",
-        )  # fmt: skip
-        py = _run(
-            [sys.executable, "-c", PROBE, str(bundle.path), str(batches), str(args.warmup), str(args.steps)],
-            "python",
-            cwd=native.ROOT,  # this checkout's edge_client
-        )
-        eager_ms += _median_step_ms([eager], batch, args.warmup, args.steps)
+        eager_ms, nats, pys = [], [], []
+        for _ in range(args.passes):
+            eager_ms += _median_step_ms([eager], batch, args.warmup, args.steps)
+            nats.append(_run(
+                [str(exe), "bench", "--bundle", str(bundle.path), "--batches", str(batches), "--warmup",
+                 str(args.warmup), "--threads", "1"],
+                "native",
+            ))  # fmt: skip
+            probe = [sys.executable, "-c", PROBE, str(bundle.path), str(batches)]
+            pys.append(_run(
+                [*probe, str(args.warmup), str(args.steps)],
+                "python",
+                cwd=native.ROOT,  # this checkout's edge_client
+            ))  # fmt: skip
     eager_step = statistics.median(eager_ms)
+    nat, py = ({k: statistics.median(r[k] for r in runs) for k in runs[0]} for runs in (nats, pys))
     for name, r in (("native client (C++)", nat), ("python client (ExecuTorchTrainer)", py)):
         print(
-            f"  {name:<34s} {r['step_ms']:8.1f} ms/step  peak RSS {r['rss_mb']:6.0f} MB  "
-            f"program loaded in {r['load_s']:.2f} s"
+            f"  {name:<34s} {r['step_ms']:8.1f} ms/step ({r['step_ms'] / eager_step:.2f} x eager)  "
+            f"peak RSS {r['rss_mb']:6.0f} MB  program loaded in {r['load_s']:.2f} s"
         )
     print(f"  {'eager torch':<34s} {eager_step:8.1f} ms/step")
     print(

@@ -75,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
         return int(main(list(args.args)))
     except SystemExit as e:  # argparse's --help of the benchmark's own parser: add its example
         if e.code == 0 and {"-h", "--help"} & set(args.args):
-            print(f"\nexample:\n  {example(args.name)}")
+            print(f"\nexample:\n  {example(args.name, native_argv is not None)}")
         raise
 
 
-def example(name: str) -> str:
-    """The line of :data:`EXAMPLES` that runs benchmark ``name``."""
-    return next(line for line in EXAMPLES.splitlines() if line.startswith(f"fleetlora bench {name} "))
+def example(name: str, native: bool = False) -> str:
+    """The line of :data:`EXAMPLES` that runs benchmark ``name`` (``native``: its --runtime native form)."""
+    lines = [line for line in EXAMPLES.splitlines() if line.startswith(f"fleetlora bench {name} ")]
+    return next(line for line in lines if native == ("--runtime native" in line))
