@@ -222,3 +222,43 @@ def test_hostile_announcements_are_refused_in_words_and_nothing_is_trained_or_se
         link.close()
     assert "dev0 (native): last round 2, outcome final" in out and not updates
     assert os.path.getsize(folder / "client.log") > 0
+
+
+@pytest.mark.parametrize("method", ["fedsa_lora", "flora"])
+def test_a_native_client_keeps_its_b_or_follows_the_base_delta(
+    method: str, start_mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """FedSA-LoRA: the global carries A only and the device keeps its trained B between rounds (in
+    <state file>.kept.safetensors). FLoRA: the global carries the coordinator's change of the base,
+    which the program takes as inputs (a bundle exported with base-delta inputs)."""
+    import safetensors
+
+    binary()
+    bundle = tiny_bundle(base_delta=method == "flora")
+    broker = start_mosquitto()
+    folder = flash_native(bundle, tmp_path / "dev0", "dev0", f"mqtt://127.0.0.1:{broker.port}", "0/3")
+    service = make_service(method, tmp_path / "state", ("dev0",), rounds=2, deadline_s=120.0)
+    thread, stop = serve_in_thread(service, broker.port)
+    proc = start_client(folder, tmp_path)
+    try:
+        out = finish(proc)
+        thread.join(60)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert "dev0 (native): last round 3, outcome final" in out
+    history = rounds_of(tmp_path / "state")
+    assert [(r["round"], r["clients"], r["rejected"]) for r in history] == [
+        (1, ["dev0"], {}),
+        (2, ["dev0"], {}),
+    ]
+    kept = folder / "state" / "progress.json.kept.safetensors"
+    if method == "fedsa_lora":
+        with safetensors.safe_open(kept, "pt") as f:
+            assert f.metadata() == {"run": RUN}
+            names = set(f.keys())
+        assert names and names == {k for k in bundle.info.trainable if k.endswith(".lora_B.default.weight")}
+    else:
+        assert not kept.exists()
+        assert " ERROR " not in (folder / "client.log").read_text()
