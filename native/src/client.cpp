@@ -254,7 +254,11 @@ std::string EdgeClient::train_and_publish(const GlobalHeader& h, const TensorMap
       if (ends_with(k, suffix)) kept[k] = kept_.count(k) ? kept_.at(k) : t;
   for (const auto& [k, t] : kept) state[k] = t;
   auto deltas = dense_deltas(payload);
-  if (!deltas.empty()) trainer_.set_base_delta(deltas);  // refuses a program without base-delta inputs
+  if (!deltas.empty()) {
+    trainer_.set_base_delta(deltas);  // refuses a program without base-delta inputs
+    log_info(config_.id + ": round " + std::to_string(h.round) + ": the coordinator's base delta on " +
+             std::to_string(deltas.size()) + " layers");
+  }
   TrainResult metrics;
   try {
     trainer_.set_trainable(start_state(bundle_.family, state, template_));
