@@ -256,7 +256,8 @@ def test_a_bad_client_toml_is_refused_with_the_key_named(edit: dict, message: st
     binary()
     folder = flash_native(bundle, tmp_path / "dev", "dev0", "mqtt://127.0.0.1:9", "0/3")
     toml = folder / "client.toml"
-    toml.write_text(toml.read_text() + "".join(f"{k} = {v}\n" for k, v in edit.items()))
+    kept = [line for line in toml.read_text().splitlines(keepends=True) if line.split(" =")[0] not in edit]
+    toml.write_text("".join(kept) + "".join(f"{k} = {v}\n" for k, v in edit.items()))
     done = subprocess.run([str(folder / "run-client.sh")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and message in done.stderr, done.stderr
 

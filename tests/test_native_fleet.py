@@ -263,3 +263,38 @@ def test_a_native_client_keeps_its_b_or_follows_the_base_delta(
         log = (folder / "client.log").read_text()
         assert not kept.exists() and " ERROR " not in log
         assert "round 2: the coordinator's base delta on" in log, log[-2000:]
+
+
+def test_a_native_client_connects_with_its_client_certificate(
+    bundle: Bundle, start_mosquitto: Callable[..., Mosquitto], broker_dir: Path, tmp_path: Path
+) -> None:
+    """Mutual TLS: the broker takes the certificate's name as the username (its ACL applies to it)."""
+    from coordinator.broker_credentials import add_device
+
+    pki = broker_dir / "pki"
+    make_test_ca(pki)
+    dev, coordinator = add_device(pki, "dev0"), add_device(pki, "coordinator", role="coordinator")
+    broker = start_mosquitto(BrokerConfig(port=None, tls_port=0, credentials=pki, require_certificate=True))
+    creds = ["--ca-file", str(dev.ca_cert), "--cert-file", str(dev.cert), "--key-file", str(dev.key)]
+    folder = flash_native(
+        bundle, tmp_path / "dev0", "dev0", f"mqtts://127.0.0.1:{broker.port}", "0/3", *creds
+    )
+    service = make_service("fedit", tmp_path / "state", ("dev0",), rounds=2, deadline_s=120.0)
+    tls = {"tls": True, "ca_cert": coordinator.ca_cert}
+    thread, stop = serve_in_thread(
+        service, broker.port, client_cert=coordinator.cert, client_key=coordinator.key, **tls
+    )
+    proc = start_client(folder, tmp_path)
+    try:
+        out = finish(proc)
+        thread.join(60)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert "dev0 (native): last round 3, outcome final" in out
+    assert [(r["round"], r["clients"]) for r in rounds_of(tmp_path / "state")] == [
+        (1, ["dev0"]),
+        (2, ["dev0"]),
+    ]
+    assert "connected to 127.0.0.1" in (folder / "client.log").read_text()
