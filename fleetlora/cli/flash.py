@@ -135,6 +135,8 @@ def _native_runtime(args: argparse.Namespace, target: object) -> str:
             )
         return ""
     arch = args.arch or native.host_arch()
+    if not args.arch and getattr(target, "kind", "") == "ssh":
+        print(f"note: no --arch given: flashing the {arch} build (--arch aarch64: a Raspberry Pi, a Jetson)")
     try:
         st = native.status(arch)
     except native.NativeError as e:
