@@ -24,6 +24,9 @@ extern const char* const kRavanH;
 extern const char* const kRavanS;
 extern const char* const kRavanHeads;
 extern const char* const kBaseVersion;  // "base_delta.version"
+extern const char* const kBaseDelta;    // ".base_delta" (dense), "_A" / "_B" (factored)
+extern const char* const kBaseDeltaA;
+extern const char* const kBaseDeltaB;
 
 using Template = std::map<std::string, std::vector<int64_t>>;  // name -> full-rank shape
 using Key = std::optional<std::vector<uint8_t>>;
