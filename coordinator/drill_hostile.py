@@ -15,7 +15,6 @@ round then closes on the honest updates alone, equal to a run without any of it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import secrets
@@ -48,7 +47,7 @@ from coordinator.service import RoundService
 from coordinator.service_mqtt import serve
 from edge_client.mqtt_link import LinkConfig, MqttLink
 from edge_client.topics import up_topic
-from edge_client.wire import MAGIC, decode_global, encode_update, pack
+from edge_client.wire import MAGIC, decode_global, encode_update, pack, unpack
 from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
 from export.state import LORA_A, State
@@ -102,14 +101,8 @@ class HostileReport:
         )
 
 
-def _split(envelope: bytes) -> tuple[dict[str, object], bytes]:
-    (n,) = struct.unpack_from(">I", envelope, 4)
-    header = json.loads(envelope[8 : 8 + n])
-    return {k: v for k, v in header.items() if k not in ("auth", "mac")}, envelope[8 + n :]
-
-
 def _resigned(envelope: bytes, key: bytes | None, blob: bytes | None = None, **changes: object) -> bytes:
-    header, old_blob = _split(envelope)
+    header, old_blob = unpack(envelope)
     return pack({**header, **changes}, old_blob if blob is None else blob, key)
 
 

@@ -11,6 +11,15 @@ A flashed folder holds::
     run-client.sh      starts the client with one command: python -m fleetlora client --config client.toml,
                        with the interpreter it was flashed for (or ``$PYTHON``), or says what to install
 
+With the native runtime (``native/``, no Python on the device) the folder also holds::
+
+    bin/               fleetlora-client and the libraries it loads from beside itself (rpath $ORIGIN)
+    plan.json          the device's budget table (edge_client/plan_table.py)
+    data.safetensors   the device's tokenized local examples
+    state/             progress, pending update and kept tensors (client.toml's state_file)
+
+and ``run-client.sh`` runs ``bin/fleetlora-client run --config client.toml``.
+
 The folder is staged locally first; ``local:`` copies it, ``ssh:`` and ``adb:`` run ``scp``/``adb``
 command lines (printed and not run with ``dry_run``).
 """
@@ -21,7 +30,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +39,8 @@ from export.bundle import Bundle
 CLIENT_TOML = "client.toml"
 RUN_SCRIPT = "run-client.sh"
 BUNDLE_DIR = "bundle"
+BIN_DIR = "bin"
+NATIVE_STATE_FILE = "state/progress.json"
 CREDENTIALS_DIR = "credentials"
 DATA_DIR = "data"
 PROFILE_TOML = "profile.toml"
@@ -54,6 +65,9 @@ CLIENT_FLAGS = {
     "coordinator_key_file": "coordinator_key",
     "data": "data",
     "dataset": "dataset",
+    "state_file": "state_file",
+    "batch_size": "batch_size",
+    "local_steps": "local_steps",
 }
 
 # The interpreter flashed in (PYTHON overrides it; python3 when it is not on this machine) must import
@@ -69,6 +83,13 @@ if ! "$PY" -c "import fleetlora" >/dev/null 2>&1; then
   exit 127
 fi
 exec "$PY" -m fleetlora client --config client.toml "$@"
+"""
+
+RUN_NATIVE_SH = """#!/bin/sh
+# Start the native fleetlora client of this flashed folder (no Python needed; native/README.md).
+set -e
+cd "$(dirname "$0")"
+exec ./bin/fleetlora-client run --config client.toml "$@"
 """
 
 
@@ -117,11 +138,14 @@ class ClientConfig:
     data: str = ""  # the device's own examples (a file or a folder), copied into data/
     dataset: str = ""  # or a built-in demo data set
     python: str = "python3"  # the interpreter run-client.sh starts (PYTHON overrides it on the device)
+    state_file: str = ""  # relative to the folder; the native client's is NATIVE_STATE_FILE
+    batch_size: int = 0  # 0: the client's default
+    local_steps: int = 0  # 0: from the device's budget
 
     def to_toml(self) -> str:
         """The ``client.toml`` text, keyed by client flags; local paths point into the folder."""
         device = PROFILE_TOML if self.device.endswith(".toml") else self.device
-        values: dict[str, str] = {
+        values: dict[str, str | int] = {
             "broker": self.broker,
             "run_id": self.run_id,
             "client_id": self.client_id,
@@ -135,11 +159,25 @@ class ClientConfig:
             values["dataset"] = self.dataset
         for key, local in sorted(self.credentials.items()):
             values[key] = f"{CREDENTIALS_DIR}/{Path(local).name}"
+        if self.state_file:
+            values["state_file"] = self.state_file
+        for key in ("batch_size", "local_steps"):
+            if getattr(self, key):
+                values[key] = getattr(self, key)
         # JSON string escaping is valid TOML basic-string escaping.
         return "".join(f"{CLIENT_FLAGS[k]} = {json.dumps(v)}\n" for k, v in values.items())
 
 
-def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:
+@dataclass(frozen=True)
+class NativeFiles:
+    """What the native runtime adds to a flashed folder: ``runtime`` (the binary and its libraries,
+    copied to ``bin/``) and ``files`` (name -> bytes: ``plan.json``, ``data.safetensors``)."""
+
+    runtime: Sequence[Path]
+    files: Mapping[str, bytes]
+
+
+def stage(bundle: Bundle, config: ClientConfig, folder: Path, native: NativeFiles | None = None) -> Path:
     """Lay out the flashed folder's contents under ``folder`` (see the module docstring)."""
     unknown = sorted(set(config.credentials) - set(CREDENTIAL_KEYS))
     if unknown:
@@ -168,9 +206,18 @@ def stage(bundle: Bundle, config: ClientConfig, folder: Path) -> Path:
         shutil.copy2(config.device, folder / PROFILE_TOML)
     (folder / CLIENT_TOML).write_text(config.to_toml())
     script = folder / RUN_SCRIPT
-    quoted = "".join("\\" + c if c in '"$`\\' else c for c in config.python)  # inside "..." in sh
-    script.write_text(RUN_CLIENT_SH.replace("__PYTHON__", quoted))
+    if native is None:
+        quoted = "".join("\\" + c if c in '"$`\\' else c for c in config.python)  # inside "..." in sh
+        script.write_text(RUN_CLIENT_SH.replace("__PYTHON__", quoted))
+    else:
+        script.write_text(RUN_NATIVE_SH)
     script.chmod(0o755)
+    if native is not None:
+        (folder / BIN_DIR).mkdir(exist_ok=True)
+        for path in native.runtime:
+            shutil.copy2(path, folder / BIN_DIR / path.name)
+        for name, content in native.files.items():
+            (folder / name).write_bytes(content)
     return folder
 
 
@@ -199,6 +246,7 @@ def flash(
     *,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
+    native: NativeFiles | None = None,
 ) -> list[list[str]]:
     """Flash ``bundle`` and a client for ``config`` to ``target``; returns the command lines run.
 
@@ -207,7 +255,7 @@ def flash(
     command lines are only logged.
     """
     with tempfile.TemporaryDirectory(prefix="fleetlora-flash-") as tmp:
-        staged = stage(bundle, config, Path(tmp))
+        staged = stage(bundle, config, Path(tmp), native)
         if target.kind == "local":
             dest = Path(target.path)
             log(f"{'would copy' if dry_run else 'copying'} {bundle.path} + client to {dest}")

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per backend (median reported)")
     p.add_argument("--threads", type=int, default=1, help="threads for eager torch and XNNPACK (default 1)")
     p.add_argument("--cache", default="", help="folder to keep exported programs in and reuse on reruns")
+    p.add_argument(
+        "--runtime", choices=("python",), default="python",
+        help="python: the Python ExecuTorch runtime (this benchmark); "
+        "`fleetlora bench client --runtime native --help` benchmarks the native client",
+    )  # fmt: skip
     return p
 
 

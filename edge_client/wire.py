@@ -1,16 +1,16 @@
-"""The update envelope: one MQTT payload = magic + length-prefixed JSON header + safetensors bytes.
+"""The update envelope: one MQTT payload = magic + length-prefixed JSON header + safetensors + MAC.
 
-Layout::
+Layout (``edge_client/ENVELOPE.md`` is the language-neutral specification, with test vectors)::
 
-    b"FLW\\x01" | header length (uint32, big-endian) | header (UTF-8 JSON) | safetensors blob
+    b"FLW\\x01" | header length N (uint32 BE) | header (N bytes, UTF-8 JSON) | safetensors | MAC (32 bytes)
 
 Two kinds: ``update`` (client -> coordinator, on ``up/{client}``) and ``global`` (coordinator ->
-clients, retained on ``global``: the global adapter plus the round announcement). The header's
-``mac`` is an HMAC-SHA256 with the sender's key when keys are configured (``auth: "hmac-sha256"``),
-else a SHA-256 checksum (``auth: "sha256"``), over the canonical JSON of the header without ``mac``
-(length-prefixed) and the tensor bytes. Canonical JSON is what Python's
-``json.dumps(h, sort_keys=True, separators=(",", ":"))`` writes (ASCII, shortest float repr); the
-receiver re-serializes the parsed header, so a sender in another language must write the same bytes.
+clients, retained on ``global``: the global adapter plus the round announcement). The MAC is an
+HMAC-SHA256 with the sender's key when keys are configured (header ``auth: "hmac-sha256"``), else a
+SHA-256 checksum (``auth: "sha256"``), over every byte of the payload before it: the header bytes
+exactly as sent and the blob. The receiver never re-serializes anything, so a sender in any language
+may write the header JSON as its own library does (schema 2; schema 1 MACed Python's re-serialization
+of the header and is refused with ``schema``).
 
 Decoding checks everything before any tensor is used, cheapest and most fundamental first: size,
 framing, header schema, spec hash, topic agreement, round, MAC, then the tensors (safetensors header
@@ -57,6 +57,7 @@ from export.state import State, without_kept
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAC_BYTES",
     "MAGIC",
     "DecodedGlobal",
     "DecodedUpdate",
@@ -70,6 +71,7 @@ __all__ = [
     "encode_update",
     "is_sampled",
     "pack",
+    "unpack",
 ]
 
 MAGIC = b"FLW\x01"
@@ -161,18 +163,20 @@ def is_sampled(header: GlobalHeader, client: str) -> bool:
 
 # -- framing and MAC -------------------------------------------------------------------------------
 
-
-def _canonical(d: Mapping[str, Any]) -> bytes:
-    return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+MAC_BYTES = 32  # an HMAC-SHA256 or SHA-256 digest, raw, at the very end of the payload
 
 
-def _mac(header: Mapping[str, Any], blob: bytes | memoryview, key: bytes | None) -> str:
-    """HMAC-SHA256 (with ``key``) or SHA-256 over the length-prefixed canonical header and the blob."""
-    body = _canonical({k: v for k, v in header.items() if k != "mac"})
+def _header_bytes(header: Mapping[str, Any]) -> bytes:
+    # Any JSON writer will do (the MAC covers these bytes as sent); this one is compact and ASCII.
+    return json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _mac(parts: Sequence[bytes | memoryview], key: bytes | None) -> bytes:
+    """HMAC-SHA256 (with ``key``) or SHA-256 of ``parts``: every payload byte before the MAC, in order."""
     mac = hashlib.sha256() if key is None else hmac.new(key, digestmod=hashlib.sha256)
-    for part in (struct.pack(">I", len(body)), body, blob):
+    for part in parts:
         mac.update(part)
-    return mac.hexdigest()
+    return mac.digest()
 
 
 def _check_key(key: bytes | None) -> None:
@@ -181,18 +185,35 @@ def _check_key(key: bytes | None) -> None:
 
 
 def pack(header: Mapping[str, Any], blob: bytes, key: bytes | None) -> bytes:
-    """Frame a header (without ``auth``/``mac``) and a safetensors blob, computing the MAC.
+    """Frame a header (without ``auth``) and a safetensors blob, and append the MAC.
 
     The low-level half of :func:`encode_update` / :func:`encode_global`; it does not validate.
     """
     _check_key(key)
-    full = {**header, "auth": SHA256 if key is None else HMAC_SHA256}
-    full["mac"] = _mac(full, blob, key)
-    body = _canonical(full)
-    return _PREFIX.pack(MAGIC, len(body)) + body + blob
+    text = _header_bytes({**header, "auth": SHA256 if key is None else HMAC_SHA256})
+    prefix = _PREFIX.pack(MAGIC, len(text))
+    return b"".join((prefix, text, blob, _mac((prefix, text, blob), key)))  # the blob is copied once
 
 
-def _unframe(payload: bytes | memoryview, max_bytes: int) -> tuple[object, memoryview]:
+def unpack(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """``(header without auth, blob)`` of a well-framed payload, MAC unchecked: :func:`pack`'s inverse.
+
+    For tools that forge or re-sign envelopes (tests, the hostile drill), never for receiving.
+    """
+    _, n = _PREFIX.unpack_from(payload)
+    header = json.loads(payload[_PREFIX.size : _PREFIX.size + n])
+    return {k: v for k, v in header.items() if k != "auth"}, payload[_PREFIX.size + n : -MAC_BYTES]
+
+
+@dataclass(frozen=True)
+class _Framed:
+    header: object  # the parsed JSON, schema unchecked
+    body: memoryview  # every byte the MAC covers
+    blob: memoryview
+    mac: bytes
+
+
+def _unframe(payload: bytes | memoryview, max_bytes: int) -> _Framed:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise EnvelopeError(Reason.BAD_MAGIC, f"payload is {type(payload).__name__}, not bytes")
     # Immutable from here on: bytes, or a read-only view whose exporter nobody else holds (the MQTT
@@ -219,16 +240,24 @@ def _unframe(payload: bytes | memoryview, max_bytes: int) -> tuple[object, memor
         header = strict_json(payload[_PREFIX.size : end])
     except ValueError as e:
         raise EnvelopeError(Reason.BAD_HEADER, f"header is not valid JSON: {str(e)[:200]}") from e
-    return header, memoryview(payload)[end:]  # the blob without a copy: updates are megabytes
+    view = memoryview(payload)
+    if len(payload) < end + MAC_BYTES:
+        # Reported after the schema check: an old (schema 1) envelope has no MAC trailer at all.
+        return _Framed(header, view[:0], view[:0], b"")
+    mac_at = len(payload) - MAC_BYTES
+    # The blob without a copy: updates are megabytes.
+    return _Framed(header, view[:mac_at], view[end:mac_at], bytes(view[mac_at:]))
 
 
-def _verify_mac(d: Mapping[str, Any], blob: memoryview, key: bytes | None) -> None:
-    if key is not None and d["auth"] != HMAC_SHA256:
+def _verify_mac(framed: _Framed, auth: str, key: bytes | None) -> None:
+    if not framed.mac:
+        raise EnvelopeError(Reason.TRUNCATED, f"no room for the {MAC_BYTES}-byte MAC after the header")
+    if key is not None and auth != HMAC_SHA256:
         raise EnvelopeError(Reason.BAD_MAC, "unsigned envelope refused: this receiver requires an HMAC")
-    if key is None and d["auth"] != SHA256:
+    if key is None and auth != SHA256:
         raise EnvelopeError(Reason.BAD_MAC, "signed envelope but no key is configured to verify it")
-    if not hmac.compare_digest(_mac(d, blob, key), d["mac"]):
-        raise EnvelopeError(Reason.BAD_MAC, f"{d['auth']} does not verify")
+    if not hmac.compare_digest(_mac((framed.body,), key), framed.mac):
+        raise EnvelopeError(Reason.BAD_MAC, f"{auth} does not verify")
 
 
 def _tensors(
@@ -299,7 +328,7 @@ def encode_update(
     }  # fmt: skip
     header.update({k: v for k, v in measured.items() if v is not None})
     _check_evaluation(header)
-    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, UPDATE_FIELDS, "update", UPDATE_OPTIONAL)
+    check_schema({**header, "auth": SHA256}, UPDATE_FIELDS, "update", UPDATE_OPTIONAL)
     return pack(header, encode_tensors(state), key)
 
 
@@ -345,8 +374,8 @@ def decode_update(
         When given, the header's method must equal it.
     """
     _check_key(key)
-    raw, blob = _unframe(payload, max_bytes)
-    d = check_schema(raw, UPDATE_FIELDS, "update", UPDATE_OPTIONAL)
+    framed = _unframe(payload, max_bytes)
+    d = check_schema(framed.header, UPDATE_FIELDS, "update", UPDATE_OPTIONAL)
     _check_evaluation(d)
     _check_spec(d, spec, method)
     if d["run"] != expected_run or d["client"] != expected_client:
@@ -358,11 +387,11 @@ def decode_update(
     accepted = (rounds,) if isinstance(rounds, int) else rounds
     if d["round"] not in accepted:
         raise EnvelopeError(Reason.WRONG_ROUND, f"round {d['round']} is not open")
-    _verify_mac(d, blob, key)
+    _verify_mac(framed, d["auth"], key)
     heads = None if d["heads"] is None else tuple(d["heads"])
     # Views of the payload, not copies: the coordinator only reads updates (it aggregates into new
     # tensors), and a copy of every megabyte it receives cost it as much CPU as the SHA-256.
-    state = _tensors(blob, template, d["rank"], heads, copy=False)
+    state = _tensors(framed.blob, template, d["rank"], heads, copy=False)
     header = UpdateHeader(
         run=d["run"], round=d["round"], client=d["client"], method=d["method"], spec=d["spec"],
         num_examples=d["num_examples"], local_steps=d["local_steps"], compute_s=float(d["compute_s"]),
@@ -417,7 +446,7 @@ def encode_global(
         "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at, "keep_local": list(keep_local),
     }  # fmt: skip
     header.update({k: v for k, v in (("model", model), ("num_classes", num_classes)) if v is not None})
-    check_schema({**header, "auth": SHA256, "mac": "0" * 64}, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
+    check_schema({**header, "auth": SHA256}, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
     stray = [k for k in state if k.endswith(tuple(keep_local))]
     if stray:
         raise EnvelopeError(Reason.UNKNOWN_KEY, f"{stray[0]} is kept by the clients, not sent")
@@ -445,8 +474,8 @@ def decode_global(
     ``key``: the coordinator's key when globals are signed.
     """
     _check_key(key)
-    raw, blob = _unframe(payload, max_bytes)
-    d = check_schema(raw, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
+    framed = _unframe(payload, max_bytes)
+    d = check_schema(framed.header, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
     if (d["clients"] is None) == (d["sample_fraction"] is None):
         raise EnvelopeError(Reason.SCHEMA, "exactly one of clients and sample_fraction must be set")
     try:
@@ -467,14 +496,14 @@ def decode_global(
         )
     if d["round"] < min_round:
         raise EnvelopeError(Reason.WRONG_ROUND, f"round {d['round']} is older than {min_round}")
-    _verify_mac(d, blob, key)
+    _verify_mac(framed, d["auth"], key)
     kept = tuple(d["keep_local"])
     if kept:
         if not any(name.endswith(kept) for name in template):
             raise EnvelopeError(Reason.SCHEMA, f"keep_local names {list(kept)}, which this adapter lacks")
         template = without_kept(template, kept)
     # Copies: a trainer may train them in place. FLoRA and FedEx-LoRA send their change of the base.
-    state = _tensors(blob, template, d["rank"], None, copy=True, base_delta=True)
+    state = _tensors(framed.blob, template, d["rank"], None, copy=True, base_delta=True)
     header = GlobalHeader(
         run=d["run"], round=d["round"], method=d["method"], spec=d["spec"], spec_json=d["spec_json"],
         deadline=float(d["deadline"]), sample_fraction=d["sample_fraction"], rank=d["rank"],

@@ -16,13 +16,14 @@ from edge_client.topics import ID_RE
 from edge_client.wire_errors import EnvelopeError, Reason
 from export.state import LORA_A, LORA_B
 
-SCHEMA_VERSION = 1
+# 2: the MAC is a 32-byte trailer over the payload as sent (edge_client/ENVELOPE.md). 1 had a "mac"
+# header field over Python's re-serialization of the header, which other languages cannot reproduce.
+SCHEMA_VERSION = 2
 HMAC_SHA256 = "hmac-sha256"
 SHA256 = "sha256"
 
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _METHOD_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}\Z")
 
 Check = Callable[[Any], bool]
@@ -68,7 +69,6 @@ _COMMON: dict[str, Check] = {
     "msg_id": _match(_HEX32),
     "sent_at": _num(0, 1e11),
     "auth": lambda x: x in (HMAC_SHA256, SHA256),
-    "mac": _match(_HEX64),
 }
 UPDATE_FIELDS: dict[str, Check] = {
     **_COMMON,
@@ -122,8 +122,11 @@ def check_schema(
             Reason.SCHEMA, f"expected a {kind!r} envelope, got kind {str(d.get('kind'))[:20]!r}"
         )
     if d.get("v") != SCHEMA_VERSION:
+        older = type(d.get("v")) is int and d["v"] < SCHEMA_VERSION
+        hint = ": the sender is older than this receiver (update it; edge_client/ENVELOPE.md)"
         raise EnvelopeError(
-            Reason.SCHEMA, f"schema version {str(d.get('v'))[:20]!r}, expected {SCHEMA_VERSION}"
+            Reason.SCHEMA,
+            f"schema version {str(d.get('v'))[:20]!r}, expected {SCHEMA_VERSION}" + (hint if older else ""),
         )
     extra = optional or {}
     missing = sorted(set(fields) - set(d))

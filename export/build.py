@@ -175,6 +175,7 @@ def cached_bundle(
     batch_range: tuple[int, int] = (2, 64),
     model_seed: int = 0,
     base_delta: bool = False,
+    xnnpack: bool = False,
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Bundle:
@@ -191,6 +192,7 @@ def cached_bundle(
         "model": model_name, "spec": spec.to_dict(), "num_classes": num_classes, "seq_len": seq_len,
         "batch_range": list(batch_range), "model_seed": model_seed, "executorch": version("executorch"),
         **({"base_delta": True} if base_delta else {}),  # (absent otherwise: existing caches stay valid)
+        **({"xnnpack": True} if xnnpack else {}),
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     root = (cache_dir or default_cache_dir()) / "bundles"
@@ -207,7 +209,7 @@ def cached_bundle(
     try:
         build_bundle(
             model_name, spec, num_classes=num_classes, seq_len=seq_len, out=private,
-            batch_range=batch_range, model_seed=model_seed, base_delta=base_delta, log=log,
+            batch_range=batch_range, model_seed=model_seed, base_delta=base_delta, xnnpack=xnnpack, log=log,
         )  # fmt: skip
         try:
             os.rename(private, folder)

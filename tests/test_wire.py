@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import torch
 
 from edge_client.replay import ReplayGuard
 from edge_client.wire import (
+    MAC_BYTES,
     MAGIC,
     DecodedUpdate,
     EnvelopeError,
@@ -23,6 +26,7 @@ from edge_client.wire import (
     encode_update,
     is_sampled,
     pack,
+    unpack,
 )
 from edge_client.wire_tensors import encode_tensors, ravan_slice, template_of
 from export.spec import AdapterSpec
@@ -83,13 +87,12 @@ def header_of(payload: bytes) -> dict:
 
 
 def blob_of(payload: bytes) -> bytes:
-    (n,) = struct.unpack(">I", payload[4:8])
-    return payload[8 + n :]
+    return unpack(payload)[1]
 
 
 def repack(payload: bytes, key: bytes | None = None, blob: bytes | None = None, **changes: Any) -> bytes:
-    """The payload with header fields changed (``None`` deletes, unless in ``keep_none``) and a valid MAC."""
-    h = {k: v for k, v in header_of(payload).items() if k not in ("auth", "mac")}
+    """The payload with header fields changed (``_DELETE`` deletes one) and a valid MAC."""
+    h = unpack(payload)[0]
     for k, v in changes.items():
         if v is _DELETE:
             h.pop(k, None)
@@ -230,8 +233,8 @@ SIGNED = enc(random_state(LORA_T), key=KEY)
 
 
 def raw_header(text: bytes, payload: bytes = GOOD) -> bytes:
-    """``payload`` with its header bytes replaced verbatim (no new MAC)."""
-    return MAGIC + struct.pack(">I", len(text)) + text + blob_of(payload)
+    """``payload`` with its header bytes replaced verbatim, the old MAC kept."""
+    return MAGIC + struct.pack(">I", len(text)) + text + blob_of(payload) + payload[-MAC_BYTES:]
 
 
 def edited_header(payload: bytes = GOOD, **changes: Any) -> bytes:
@@ -284,6 +287,20 @@ EIGHT_HEADS_T = {
     "l0.v.ravan_s": (8,),
 }
 NAN, INF = float("nan"), float("inf")
+
+
+def header_of_bytes(payload: bytes) -> bytes:
+    (n,) = struct.unpack(">I", payload[4:8])
+    return payload[8 : 8 + n]
+
+
+def schema_1_envelope() -> bytes:
+    """An update as schema 1 framed it: a ``mac`` header field, no trailer."""
+    h = {**header_of(GOOD), "v": 1, "mac": "0" * 64}
+    text = json.dumps(h, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + struct.pack(">I", len(text)) + text + blob_of(GOOD)
+
+
 # JSON has no infinity, but Python's parser reads an overflowing literal as one.
 INF_COMPUTE_HEADER = json.dumps({**header_of(GOOD), "compute_s": 0.5}).replace(": 0.5", ": 1e999").encode()
 
@@ -293,6 +310,7 @@ REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.TOO_LARGE, "header length over limit", lambda: dec(MAGIC + struct.pack(">I", 10**7) + b"{}")),
     (Reason.TRUNCATED, "shorter than framing", lambda: dec(GOOD[:6])),
     (Reason.TRUNCATED, "header cut", lambda: dec(GOOD[:40])),
+    (Reason.TRUNCATED, "no room for the MAC", lambda: dec(GOOD[: 8 + len(header_of_bytes(GOOD)) + 10])),
     (Reason.BAD_MAGIC, "other magic", lambda: dec(b"XXXX" + GOOD[4:])),
     (Reason.BAD_MAGIC, "not bytes", lambda: dec("text")),  # type: ignore[arg-type]
     (Reason.BAD_HEADER, "not JSON", lambda: dec(raw_header(b"{nope"))),
@@ -311,9 +329,10 @@ REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.SCHEMA, "1e999 parses to inf", lambda: dec(raw_header(INF_COMPUTE_HEADER))),
     (Reason.SCHEMA, "bad client id", lambda: dec(repack(GOOD, client="a/b"))),
     (Reason.SCHEMA, "duplicate heads", lambda: dec(repack(GOOD, heads=[1, 1]))),
-    (Reason.SCHEMA, "newer version", lambda: dec(repack(GOOD, v=2))),
+    (Reason.SCHEMA, "newer version", lambda: dec(repack(GOOD, v=3))),
+    (Reason.SCHEMA, "schema 1 (MAC over a re-serialization)", lambda: dec(schema_1_envelope())),
+    (Reason.SCHEMA, "a mac header field", lambda: dec(repack(GOOD, mac="0" * 64))),
     (Reason.SCHEMA, "global kind", lambda: dec(repack(GOOD, kind="global"))),
-    (Reason.SCHEMA, "uppercase mac", lambda: dec(edited_header(mac="A" * 64))),
     (Reason.SPEC_MISMATCH, "other spec", lambda: dec(GOOD, spec=LORA_SPEC.with_(rank=8))),
     (Reason.SPEC_MISMATCH, "other method", lambda: dec(GOOD, method="flora")),
     (Reason.SCHEMA, "eval loss without accuracy", lambda: dec(repack(GOOD, eval_loss=0.5))),
@@ -326,11 +345,15 @@ REJECTIONS: list[tuple[Reason, str, Callable[[], object]]] = [
     (Reason.TOPIC_MISMATCH, "other client", lambda: dec(GOOD, expected_client="dev-8")),
     (Reason.TOPIC_MISMATCH, "other run", lambda: dec(GOOD, expected_run="run2")),
     (Reason.WRONG_ROUND, "stale round", lambda: dec(GOOD, rounds={4, 5})),
-    (Reason.BAD_MAC, "tensor byte flipped", lambda: dec(GOOD[:-1] + bytes([GOOD[-1] ^ 1]))),
+    (Reason.BAD_MAC, "tensor byte flipped",
+     lambda: dec(GOOD[: -MAC_BYTES - 1] + bytes([GOOD[-MAC_BYTES - 1] ^ 1]) + GOOD[-MAC_BYTES:])),
     (Reason.BAD_MAC, "header edited, old checksum", lambda: dec(edited_header(num_examples=121))),
     (Reason.BAD_MAC, "header edited, old hmac",
      lambda: dec(edited_header(SIGNED, num_examples=121), key=KEY)),
-    (Reason.BAD_MAC, "forged hmac", lambda: dec(edited_header(SIGNED, mac="0" * 64), key=KEY)),
+    (Reason.BAD_MAC, "forged hmac", lambda: dec(SIGNED[:-MAC_BYTES] + b"\0" * MAC_BYTES, key=KEY)),
+    (Reason.BAD_MAC, "MAC byte flipped", lambda: dec(GOOD[:-1] + bytes([GOOD[-1] ^ 1]))),
+    (Reason.BAD_MAC, "header re-serialized, old checksum",
+     lambda: dec(raw_header(json.dumps(header_of(GOOD), indent=1).encode()))),
     (Reason.BAD_MAC, "wrong key", lambda: dec(SIGNED, key=b"x" * 32)),
     (Reason.BAD_MAC, "unsigned when key required", lambda: dec(GOOD, key=KEY)),
     (Reason.BAD_MAC, "signed but no key", lambda: dec(SIGNED, key=None)),
@@ -402,6 +425,20 @@ def test_every_envelope_reason_has_a_test() -> None:
         Reason.OUTSIZED,  # the coordinator's norm limit: tests/test_service.py, tests/test_reliability.py
     }
     assert {r for r, _, _ in REJECTIONS} | elsewhere == set(Reason)
+
+
+def test_a_schema_1_sender_is_told_it_is_older() -> None:
+    err = reject(Reason.SCHEMA, lambda: dec(schema_1_envelope()))
+    assert "schema version '1', expected 2" in str(err) and "older than this receiver" in str(err)
+
+
+def test_the_mac_covers_the_header_bytes_as_sent_whatever_the_json_writer() -> None:
+    """Another language's JSON writer (other key order, spacing, 17-digit floats) verifies as is."""
+    h = {**unpack(SIGNED)[0], "auth": "hmac-sha256"}
+    text = json.dumps(h, indent=2).replace('"compute_s": 2.5', '"compute_s": 2.50000000000000000').encode()
+    body = MAGIC + struct.pack(">I", len(text)) + text + blob_of(SIGNED)
+    got = dec(body + hmac.new(KEY, body, hashlib.sha256).digest(), key=KEY)
+    assert got.header.compute_s == 2.5 and got.header.signed
 
 
 def test_checks_run_in_order_size_before_anything() -> None:

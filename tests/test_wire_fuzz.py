@@ -8,7 +8,6 @@ refused. Any other exception fails the test: nothing but :class:`EnvelopeError` 
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
@@ -26,6 +25,7 @@ from edge_client.wire import (
     encode_global,
     encode_update,
     pack,
+    unpack,
 )
 from edge_client.wire_tensors import ravan_slice
 from export.spec import AdapterSpec
@@ -89,9 +89,7 @@ def same_state(got: dict, want: dict) -> bool:
 
 
 def header_and_blob(payload: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack(">I", payload[4:8])
-    header = json.loads(payload[8 : 8 + n])
-    return {k: v for k, v in header.items() if k not in ("auth", "mac")}, payload[8 + n :]
+    return unpack(payload)
 
 
 def assert_original(i: int, got: DecodedUpdate | None) -> None:

@@ -20,6 +20,7 @@ fleetlora bench all --quick                   # every benchmark side by side -> 
 fleetlora bench claims --quick                # the seed papers' claims over seeds -> BENCHMARKS.md section
 fleetlora bench aggregate --quick             # FedRPCA and FLoRA-NA against their textbook forms
 fleetlora bench client --steps 10             # ExecuTorch runtime vs eager step time on MiniLM
+fleetlora bench client --runtime native       # the C++ client vs eager torch, and its memory vs Python's
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
 fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
 fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
@@ -51,19 +52,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# ``bench client --runtime native``: the native client (devices/, which edge_client may not import).
+NATIVE_CLIENT = "devices.bench_native:main"
+
+
+def _native(argv: list[str]) -> list[str] | None:
+    """``argv`` without ``--runtime native`` when it asks for the native client, else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--runtime=native" or (arg == "--runtime" and argv[i + 1 : i + 2] == ["native"]):
+            return argv[:i] + argv[i + (1 if "=" in arg else 2) :]
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.name not in BENCHMARKS:
         raise CliError(f"unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
-    module_name, _, func = BENCHMARKS[args.name].partition(":")
+    target = BENCHMARKS[args.name]
+    native_argv = _native(list(args.args)) if args.name == "client" else None
+    if native_argv is not None:
+        target, args.args = NATIVE_CLIENT, native_argv
+    module_name, _, func = target.partition(":")
     main = getattr(importlib.import_module(module_name), func or "main")
     try:
         return int(main(list(args.args)))
     except SystemExit as e:  # argparse's --help of the benchmark's own parser: add its example
         if e.code == 0 and {"-h", "--help"} & set(args.args):
-            print(f"\nexample:\n  {example(args.name)}")
+            print(f"\nexample:\n  {example(args.name, native_argv is not None)}")
         raise
 
 
-def example(name: str) -> str:
-    """The line of :data:`EXAMPLES` that runs benchmark ``name``."""
-    return next(line for line in EXAMPLES.splitlines() if line.startswith(f"fleetlora bench {name} "))
+def example(name: str, native: bool = False) -> str:
+    """The line of :data:`EXAMPLES` that runs benchmark ``name`` (``native``: its --runtime native form)."""
+    lines = [line for line in EXAMPLES.splitlines() if line.startswith(f"fleetlora bench {name} ")]
+    return next(line for line in lines if native == ("--runtime native" in line))

@@ -82,7 +82,7 @@ class DevicePlanner:
     """Each round's plan from the device profile (or fixed steps) and the time left to the deadline."""
 
     def __init__(self, args: argparse.Namespace, spec: Any, model: Any, indices: Any, train: Any) -> None:
-        from edge_client.budget import ModelCost
+        from edge_client.plan_table import model_cost
 
         self.args, self.spec, self.indices, self.train = args, spec, indices, train
         self.profile = None
@@ -94,35 +94,27 @@ class DevicePlanner:
                 self.profile = load_profile(args.profile)
             except ProfileError as e:
                 raise CliError(str(e)) from e
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps LoRA
-        enc = base.encoder.config
-        layers = len(spec.layers) or enc.num_hidden_layers
-        self.cost = ModelCost.estimate(
-            n_params=sum(p.numel() for p in model.parameters()), seq_len=args.max_len,
-            hidden=enc.hidden_size, layers=enc.num_hidden_layers,
-            adapted_scalars_per_rank=layers * len(spec.target_modules) * 2 * enc.hidden_size,
-            ravan_rank=spec.rank, ravan_heads=spec.heads,
-        )  # fmt: skip
+        self.cost = model_cost(model, spec, args.max_len)
         self.batch_size = args.batch_size
 
     def plan(self, header: Any) -> Any:
-        from edge_client.budget import BudgetPolicy, compute_budget
+        # The rules: edge_client.plan_table (a native client reads them as the table flash writes).
+        from edge_client.budget import compute_budget
         from edge_client.local_round import LocalPlan
+        from edge_client.plan_table import device_policy, draw_heads
 
         steps, heads_n = self.args.local_steps or 5, self.spec.heads
         if self.profile is not None:
-            policy = BudgetPolicy(
-                max_steps=max(self.args.local_steps, 8), max_batch=self.args.batch_size,
-                max_rank=self.spec.rank, rank_choices=(self.spec.rank,), max_heads=self.spec.heads,
-                target_round_s=max(1.0, header.deadline - time.time()), family=self.spec.family,
+            policy = device_policy(
+                self.spec, local_steps=self.args.local_steps, max_batch=self.args.batch_size,
+                target_round_s=header.deadline - time.time(),
             )  # fmt: skip
             budget = compute_budget(self.profile, self.cost, policy)
             steps, heads_n, self.batch_size = budget.local_steps, budget.heads, budget.batch_size
             steps = self.args.local_steps or steps
         heads = None
         if self.spec.family == "ravan" and heads_n < self.spec.heads:
-            draw = random.Random(f"{self.args.id}:{header.round}")
-            heads = tuple(sorted(draw.sample(range(self.spec.heads), heads_n)))
+            heads = draw_heads(self.args.id, header.round, self.spec.heads, heads_n)
         return LocalPlan(steps, heads=heads)
 
     def batches(self, header: Any, plan: Any) -> Any:

@@ -1,0 +1,50 @@
+"""The budget rules written out as a table (what a native client reads) agree with compute_budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from devices.profiles import list_profiles, load_profile
+from edge_client.budget import BudgetError, compute_budget
+from edge_client.plan_table import RESOLUTION_S, device_policy, draw_heads, lookup, model_cost, plan_rows
+from export.adapters import attach
+from export.models import build_model
+from export.spec import AdapterSpec
+
+
+def test_the_table_is_the_budget_for_every_time_left_but_within_its_resolution() -> None:
+    spec = AdapterSpec(family="ravan", rank=8, heads=4)
+    model, _ = build_model("tiny-bert", 6)
+    cost = model_cost(attach(model, spec), spec, 64)
+    # A heavier model than tiny-BERT, so that most devices' budgets change over the first minutes.
+    cost = dataclasses.replace(cost, train_flops_per_example=cost.train_flops_per_example * 2000)
+    draw = random.Random(0)
+    checked = 0
+    for name in list_profiles():
+        profile = load_profile(name)
+        try:
+            rows = plan_rows(profile, cost, spec, local_steps=0, max_batch=16)
+        except BudgetError:
+            continue
+        assert [r.min_round_s for r in rows] == sorted({r.min_round_s for r in rows})
+        for _ in range(300):
+            t = draw.uniform(0.0, 2 * rows[-1].min_round_s + 10)
+            if any(abs(max(t, 1.0) - r.min_round_s) <= RESOLUTION_S for r in rows):
+                continue  # within the resolution of a change
+            policy = device_policy(spec, local_steps=0, max_batch=16, target_round_s=t)
+            b, r = compute_budget(profile, cost, policy), lookup(rows, t)
+            assert (b.local_steps, b.batch_size, b.rank, b.heads) == (
+                r.local_steps,
+                r.batch_size,
+                r.rank,
+                r.heads,
+            )
+            checked += 1
+    assert checked > 1000
+
+
+def test_the_head_draw_is_stable_distinct_and_sorted() -> None:
+    heads = draw_heads("dev0", 3, 8, 3)
+    assert heads == draw_heads("dev0", 3, 8, 3) == tuple(sorted(set(heads))) and len(heads) == 3
+    assert {draw_heads("dev0", r, 8, 3) for r in range(20)} != {heads}  # it changes with the round
