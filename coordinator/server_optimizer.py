@@ -14,7 +14,7 @@ rounds, which local optimizers cannot (they restart from the global every round)
 Only tensors that every round carries with the same shape move this way; everything else (a base
 delta, a version counter, tensors whose shape changes) is taken from the aggregate unchanged.
 Methods that change the frozen base (FLoRA, FedEx-LoRA) re-initialise their adapter every round, so
-a server step on it means nothing: they are refused unless the optimizer is the identity.
+a server step on it means nothing: for them the server optimizer is the identity (:meth:`for_method`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,9 @@ class ServerOptimizer:
     def is_identity(self) -> bool:
         return self.lr == 1.0 and self.momentum == 0.0
 
-    def check_method(self, method: str, changes_base: bool) -> None:
-        if changes_base and not self.is_identity:
-            raise ValueError(
-                f"{method} re-initialises its adapter every round (it changes the frozen base): "
-                f"a server learning rate or momentum does not apply; use server lr 1 and momentum 0"
-            )
+    def for_method(self, changes_base: bool) -> ServerOptimizer:
+        """This optimizer, or the identity for a method that changes the frozen base every round."""
+        return ServerOptimizer() if changes_base else self
 
     def step(self, global_state: State, aggregate: State) -> State:
         """The next global state from the current one and the aggregator's output."""

@@ -251,8 +251,7 @@ def run_method(
     agg = aggregator or aggregators.create(
         method, spec, device="auto", weighting=config.weighting, **config.aggregator_params(method)
     )
-    server = ServerOptimizer(config.server_lr, config.server_momentum)
-    server.check_method(method, agg.changes_base)
+    server = ServerOptimizer(config.server_lr, config.server_momentum).for_method(agg.changes_base)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
     transport = make_transport(world, family, train, spec, base_delta=agg.changes_base, config=config)
     model = world.model(family, spec)

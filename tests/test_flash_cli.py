@@ -45,7 +45,8 @@ def pki(tmp_path: Path) -> Path:
 
 
 def flash(bundle: Path, tmp_path: Path, *extra: str) -> int:
-    args = ["flash", "--device", "pixel_8", "--run", "demo", "--bundle", str(bundle)]
+    """Flash the Python client (these tests are about its folder; tests/test_native.py has the native one)."""
+    args = ["flash", "--device", "pixel_8", "--run", "demo", "--runtime", "python", "--bundle", str(bundle)]
     return cli_main([*args, "--target", f"local:{tmp_path / 'dev'}", *extra])
 
 

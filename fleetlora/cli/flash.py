@@ -81,7 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--arch", default="", help="the device's CPU, x86_64 or aarch64 (default: this machine's)")
     n.add_argument("--shard", default="0/1", help="native: this device's share of the data set, K/N")
     n.add_argument("--max-examples", type=int, default=0, help="native: keep at most this many examples")
-    n.add_argument("--batch-size", type=positive_int, default=16, help="native: largest local batch")
+    n.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="native: largest local batch (0: 16, or the bundle's largest)",
+    )
     n.add_argument("--local-steps", type=int, default=0, help="native: fixed local steps (0: the budget's)")
     for key in ("password-file", "ca-file", "cert-file", "key-file"):
         p.add_argument(f"--{key}", default="", help=f"{key.replace('-', ' ')} to copy to the device")
@@ -197,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle = _bundle(args)
         native = _native_runtime(args, target)
+        if native and not args.batch_size:
+            args.batch_size = min(16, bundle.info.batch_max)  # type: ignore[attr-defined]
         config = ClientConfig(
             broker=url, run_id=args.run_id, client_id=cid, device=args.device, backend=args.backend,
             credentials=creds, data=args.data, dataset=args.dataset, python=python,
