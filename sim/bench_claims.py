@@ -67,11 +67,7 @@ def base_config(dataset: str, tuned: dict[str, Path]) -> SimConfig:
     path = tuned.get(dataset)
     if path is None:
         return SimConfig(dataset=dataset)
-    from fleetlora.cli import parse
-    from fleetlora.cli.sim import config_from_args
-
-    args = parse(["sim", "--config", str(path)])
-    return config_from_args(args)  # type: ignore[return-value]
+    return SimConfig.from_flag_values(tomllib.loads(path.read_text()))
 
 
 def with_grid(config: SimConfig, grid: Grid, seed: int, out: Path, **fields: Any) -> SimConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,23 @@ class SimConfig:
             key = renamed.get(name, name).replace("_", "-")
             out[key] = ",".join(map(str, value)) if isinstance(value, tuple | list) else value
         return out
+
+    @classmethod
+    def from_flag_values(cls, values: dict[str, Any]) -> SimConfig:
+        """The inverse of :meth:`flag_values`: a run config's TOML keys (flags) to a config."""
+        renamed = {"method": "methods", "deadline": "deadline_s"}
+        tuples = {"methods", "layers", "target_modules", "seeds"}
+        names = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = renamed.get(key.replace("-", "_"), key.replace("-", "_"))
+            if name not in names:
+                raise ConfigError(f"unknown setting {key!r}")
+            if name in tuples and isinstance(value, str):
+                parts = [v.strip() for v in value.split(",") if v.strip()]
+                value = tuple(int(v) for v in parts) if name in ("layers", "seeds") else tuple(parts)
+            kwargs[name] = value
+        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

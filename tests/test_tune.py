@@ -62,3 +62,14 @@ def test_bad_learning_rates_are_refused(capsys) -> None:
     assert "--lrs must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tune", "--rounds", "0"])
+
+
+def test_a_run_configs_flags_round_trip_without_the_cli() -> None:
+    """``bench claims`` reads a tuned TOML with SimConfig alone (only the CLI package parses flags)."""
+    from sim.config import ConfigError, SimConfig
+
+    config = SimConfig(methods=("fedit", "ravan"), layers=(4, 5), deadline_s=3.0, max_len=16, seeds=(0, 2))
+    config = SimConfig(**{**config.to_dict(), "method_params": {"ravan": {"lr": 0.1}}})
+    assert SimConfig.from_flag_values(config.flag_values(skip=())) == config
+    with pytest.raises(ConfigError, match="unknown setting 'nosuch'"):
+        SimConfig.from_flag_values({"nosuch": 1})
