@@ -121,7 +121,6 @@ def main(argv: list[str]) -> int:
     from export.adapters import attach
     from export.models import build_model
     from export.spec import AdapterSpec
-    from fleetlora.cli import as_list
 
     classes = 8
     batch = _batch(args.batch, args.seq_len, classes)
@@ -133,8 +132,8 @@ def main(argv: list[str]) -> int:
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )
     ratios: dict[tuple[str, bool], float] = {}
-    for family in as_list(args.families):
-        spec = AdapterSpec(family=family, rank=args.rank)  # type: ignore[arg-type]
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:  # flag: "lora,ravan"
+        spec = AdapterSpec(family=family, rank=args.rank)
         model, _ = build_model(args.model, classes)
         model = attach(model, spec)
         eager = EagerTrainer(model, opt)
