@@ -37,13 +37,13 @@ from coordinator.metrics import MetricsLog
 from coordinator.service import RoundService, ServiceConfig
 from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.mqtt_pool import MqttPool
-from edge_client.mqtt_types import Payload
-from edge_client.topics import up_subscription, up_topic
-from edge_client.wire import encode_update
 from export.spec import AdapterSpec
 from export.state import State
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.mqtt_pool import MqttPool
+from protocol.mqtt_types import Payload
+from protocol.topics import up_subscription, up_topic
+from protocol.wire import encode_update
 
 RUN = "bench"
 TIMEOUT_S = 600.0

@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.broker import Mosquitto
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.mqtt_pool import MqttPool
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.mqtt_pool import MqttPool
 
 THREADED_MAX = 300
 TIMEOUT_S = 120.0

@@ -79,7 +79,7 @@ class CredentialPaths:
 
     @property
     def announce_key(self) -> Path:
-        """The coordinator's announcement key (hex HMAC key; see edge_client.keys)."""
+        """The coordinator's announcement key (hex HMAC key; see protocol.keys)."""
         return self.clients / f"{COORDINATOR}.announce.key"
 
     def password_of(self, name: str) -> Path:
@@ -353,7 +353,7 @@ def ensure_coordinator(directory: Path | str) -> tuple[DeviceCredentials | None,
     Returns ``(credentials, announcement key)`` of what was created now (``None`` for what existed).
     Raises BrokerError when the name ``coordinator`` is taken by a device.
     """
-    from edge_client.keys import write_key
+    from protocol.keys import write_key
 
     paths = CredentialPaths(Path(directory))
     roles = paths.roster_roles()

@@ -32,7 +32,7 @@ from coordinator.drill_fleet import DrillFleet, client_names, dense_template, ma
 from coordinator.metrics import read_metrics
 from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
-from edge_client.mqtt_link import LinkConfig
+from protocol.mqtt_link import LinkConfig
 
 PRELOAD = ["torch", "coordinator.drill_fleet", "coordinator.service_mqtt"]
 

@@ -1,7 +1,7 @@
 """Scripted fleets for the reliability drills (RELIABILITY.md): the real edge client without a model.
 
 Each drill device is a real :class:`~edge_client.client.EdgeClient` on a real
-:class:`~edge_client.mqtt_link.MqttLink` (all of them on one :class:`~edge_client.mqtt_pool.MqttPool`),
+:class:`~protocol.mqtt_link.MqttLink` (all of them on one :class:`~protocol.mqtt_pool.MqttPool`),
 trained by :class:`NudgeTrainer`, which adds a delta drawn from a seed of (client, round) to the
 global adapter it received. The trained state is therefore a pure function of the announcement, so an
 uninterrupted in-process run (:func:`reference_run`) must reproduce a faulty run's final global adapter
@@ -30,14 +30,14 @@ from coordinator.service import RoundService, ServiceConfig
 from coordinator.store import RoundStore
 from edge_client.client import EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.mqtt_pool import MqttPool
-from edge_client.topics import status_topic, up_topic
 from edge_client.trainer import Batch, StepBudget, TrainMetrics
-from edge_client.wire import GlobalHeader, decode_global, encode_update
-from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B, State
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.mqtt_pool import MqttPool
+from protocol.topics import status_topic, up_topic
+from protocol.wire import GlobalHeader, decode_global, encode_update
+from protocol.wire_tensors import template_of
 
 log = logging.getLogger(__name__)
 

@@ -45,12 +45,12 @@ from coordinator.drill_fleet import (
 )
 from coordinator.service import RoundService
 from coordinator.service_mqtt import serve
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.topics import up_topic
-from edge_client.wire import MAGIC, decode_global, encode_update, pack, unpack
-from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
 from export.state import LORA_A, State
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.topics import up_topic
+from protocol.wire import MAGIC, decode_global, encode_update, pack, unpack
+from protocol.wire_tensors import template_of
 
 # kind of bad envelope -> the reason the coordinator must count it under
 KINDS: dict[str, str] = {

@@ -1,7 +1,7 @@
 """Load drill: thousands of devices publish one update each in the same second to one coordinator.
 
 A publisher child process connects ``clients`` MQTT links (one epoll thread,
-:class:`~edge_client.mqtt_pool.MqttPool`), pre-encodes one update per device, and on cue publishes all
+:class:`~protocol.mqtt_pool.MqttPool`), pre-encodes one update per device, and on cue publishes all
 of them at once (QoS 1). The coordinator service runs in this process; a sampling thread records its
 resident memory. Reported: how many updates the coordinator persisted (``lost`` = the rest), how long
 the burst took to issue and to ingest, and the memory before and at its peak.
@@ -29,11 +29,11 @@ from pathlib import Path
 from coordinator.broker import BrokerConfig, Mosquitto
 from coordinator.drill_fleet import RUN, client_names, dense_template, examples_of, make_service, trained
 from coordinator.service_mqtt import serve
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.mqtt_pool import MqttPool
-from edge_client.topics import up_topic
-from edge_client.wire import encode_update
 from export.spec import AdapterSpec
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.mqtt_pool import MqttPool
+from protocol.topics import up_topic
+from protocol.wire import encode_update
 
 MIB = 1024 * 1024
 

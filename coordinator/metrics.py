@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from coordinator.store import RoundState
-from edge_client.wire import UpdateHeader
+from protocol.wire import UpdateHeader
 
 
 def _clean(value: Any) -> Any:

@@ -55,9 +55,11 @@ from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
 from coordinator.store import RoundState, RoundStore, StoreError, describe_task
-from edge_client.mqtt_types import Payload
-from edge_client.topics import parse_up_topic
-from edge_client.wire import (
+from export.spec import AdapterSpec
+from export.state import State, num_bytes, without_kept
+from protocol.mqtt_types import Payload
+from protocol.topics import parse_up_topic
+from protocol.wire import (
     DEFAULT_MAX_BYTES,
     DecodedUpdate,
     EnvelopeError,
@@ -68,9 +70,7 @@ from edge_client.wire import (
     is_sampled,
     spec_differences,
 )
-from edge_client.wire_tensors import template_of
-from export.spec import AdapterSpec
-from export.state import State, num_bytes, without_kept
+from protocol.wire_tensors import template_of
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from dataclasses import replace
 
 from coordinator.service import RoundService
 from coordinator.store import RoundStore
-from edge_client.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink, MqttLinkError
-from edge_client.mqtt_types import Payload
-from edge_client.topics import global_topic, parse_status_topic, status_subscription, up_subscription
-from edge_client.wire_errors import EnvelopeError
+from protocol.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink, MqttLinkError
+from protocol.mqtt_types import Payload
+from protocol.topics import global_topic, parse_status_topic, status_subscription, up_subscription
+from protocol.wire_errors import EnvelopeError
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from typing import Any
 
 from safetensors.torch import load_file, save
 
-from edge_client.mqtt_types import Payload
-from edge_client.topics import validate_id
 from export.state import State
+from protocol.mqtt_types import Payload
+from protocol.topics import validate_id
 
 FORMAT = 1
 STATE_FILE = "state.json"

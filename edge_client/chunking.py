@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge_client.wire_errors import EnvelopeError, Reason
+from protocol.wire_errors import EnvelopeError, Reason
 
 CHUNK_MAGIC = b"FLC\x01"
 _HEADER = struct.Struct(">4s8sIIIIII")

@@ -2,7 +2,7 @@
 
 :class:`EdgeClient` holds one device's logic and its progress; it does no threading of its own. A real
 device runs it with :func:`run_device` (one worker thread beside the MQTT loop); the simulator drives
-hundreds of them from one worker over one shared :class:`~edge_client.mqtt_pool.MqttPool`.
+hundreds of them from one worker over one shared :class:`~protocol.mqtt_pool.MqttPool`.
 
 Restarts: the progress (last round handled, the update not yet acknowledged) is a small JSON file
 written atomically, and the encoded update is saved beside it *before* it is published. A client that
@@ -48,10 +48,12 @@ import safetensors.torch
 import torch
 
 from edge_client.local_round import LocalPlan, run_local_round, trained_kept
-from edge_client.mqtt_link import Delivery, MqttLink, MqttLinkError, PayloadTooLarge
-from edge_client.topics import STATUS_ONLINE, global_topic, up_topic
 from edge_client.trainer import Batch, Trainer, TrainMetrics
-from edge_client.wire import (
+from export.spec import AdapterSpec
+from export.state import State
+from protocol.mqtt_link import Delivery, MqttLink, MqttLinkError, PayloadTooLarge
+from protocol.topics import STATUS_ONLINE, global_topic, up_topic
+from protocol.wire import (
     DEFAULT_MAX_BYTES,
     EnvelopeError,
     GlobalHeader,
@@ -60,9 +62,7 @@ from edge_client.wire import (
     encode_update,
     is_sampled,
 )
-from edge_client.wire_tensors import template_of
-from export.spec import AdapterSpec
-from export.state import State
+from protocol.wire_tensors import template_of
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge_client.wire import UpdateHeader
-from edge_client.wire_errors import EnvelopeError, Reason
+from protocol.wire import UpdateHeader
+from protocol.wire_errors import EnvelopeError, Reason
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The ``mqtt`` transport: the real edge client code for every virtual client, over a real broker.
 
 Each virtual client is an :class:`~edge_client.client.EdgeClient` with its own MQTT connection, its
-own client id, last will and progress; all connections share one :class:`~edge_client.mqtt_pool.MqttPool`
+own client id, last will and progress; all connections share one :class:`~protocol.mqtt_pool.MqttPool`
 (one event-loop thread, not a thread per client). Training runs on the caller's thread, one client
 at a time on the one shared model, exactly as in ``inproc``: a round's announcement goes out retained
 on the global topic, every virtual client decodes it, the sampled ones train and publish their
@@ -28,14 +28,14 @@ import numpy as np
 from coordinator.broker import ChildBroker, local_broker
 from edge_client.client import REJECTED, EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.mqtt_pool import MqttPool
-from edge_client.topics import global_topic, parse_up_topic, status_topic, up_subscription
 from edge_client.trainer import Batch, Trainer, TrainMetrics
-from edge_client.wire import GlobalHeader, decode_update, encode_global
-from edge_client.wire_tensors import template_of
 from export.spec import AdapterSpec
 from export.state import State, kept_suffixes, without_kept
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.mqtt_pool import MqttPool
+from protocol.topics import global_topic, parse_up_topic, status_topic, up_subscription
+from protocol.wire import GlobalHeader, decode_update, encode_global
+from protocol.wire_tensors import template_of
 from sim.features import Inputs
 from sim.transports import ClientJob, ClientResult
 

@@ -18,15 +18,15 @@ from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
 from edge_client.client import EdgeClient, EdgeConfig, Progress, run_device
 from edge_client.local_round import LocalPlan
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.topics import status_topic
 from edge_client.trainer import Batch, EagerTrainer, OptimizerConfig
-from edge_client.wire import GlobalHeader
 from export.adapters import attach
 from export.data import load_text_dataset, tokenize_cached
 from export.models import build_model
 from export.spec import AdapterSpec
 from export.state import State, trainable_state
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.topics import status_topic
+from protocol.wire import GlobalHeader
 
 MODEL, DATASET, MAX_LEN, EXAMPLES, STEPS, BATCH = "tiny-bert", "trec6", 16, 32, 3, 8
 NUM_CLASSES = 6

@@ -13,12 +13,12 @@ from deploy_helpers import NUM_CLASSES, adapted, make_service, spec_for
 from coordinator.adapter_export import ExportError, export_adapter
 from coordinator.service import RoundService
 from coordinator.store import RoundStore
-from edge_client.topics import up_topic
-from edge_client.wire import encode_update
 from export.adapter_folder import load_adapter_folder, predict
 from export.models import build_model
 from export.state import load_trainable_state
 from fleetlora.cli import main as cli_main
+from protocol.topics import up_topic
+from protocol.wire import encode_update
 
 LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 TASK = {"model": "tiny-bert", "num_classes": NUM_CLASSES, "labels": LABELS, "seq_len": 16}

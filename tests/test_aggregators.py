@@ -166,7 +166,7 @@ def method(request) -> str:
 
 def test_updates_are_never_written_into(method):
     """The coordinator aggregates read-only views of the payloads it received
-    (:func:`edge_client.wire_tensors.load_checked`): a method writing into an update would corrupt them."""
+    (:func:`protocol.wire_tensors.load_checked`): a method writing into an update would corrupt them."""
     family = get(method).family
     glob, updates = make_round(family, 4, method=method)
     originals = []

@@ -19,8 +19,8 @@ import coordinator.broker as broker_mod
 from coordinator.broker import BrokerConfig, BrokerError, Mosquitto, free_port, local_broker, render_config
 from coordinator.broker_credentials import add_device, load_device, make_test_ca, render_acl
 from coordinator.broker_embedded import EmbeddedBroker, amqtt_available
-from edge_client.mqtt_link import LinkConfig, MqttLink
 from fleetlora.cli import main as cli_main
+from protocol.mqtt_link import LinkConfig, MqttLink
 
 needs_credential_tools = pytest.mark.skipif(
     shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None,

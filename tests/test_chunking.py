@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_client.chunking import HEADER_BYTES, Reassembler, check_size, is_chunk, packets_for, split
-from edge_client.wire_errors import EnvelopeError, Reason
+from protocol.wire_errors import EnvelopeError, Reason
 
 
 class Clock:

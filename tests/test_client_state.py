@@ -14,10 +14,10 @@ from torch import nn
 
 from edge_client.client import EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
-from edge_client.mqtt_link import LinkConfig, MqttLink
 from edge_client.trainer import EagerTrainer
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B
+from protocol.mqtt_link import LinkConfig, MqttLink
 
 TEMPLATE = {"l.q" + LORA_A: torch.zeros(2, 3), "l.q" + LORA_B: torch.zeros(4, 2)}
 KEPT = {"l.q" + LORA_B: torch.full((4, 2), 0.5)}

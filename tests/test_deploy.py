@@ -35,10 +35,10 @@ from coordinator.metrics import read_metrics
 from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
 from edge_client.client import EdgeClient
-from edge_client.mqtt_link import LinkConfig, MqttLink, PublishRefused
-from edge_client.topics import up_topic
-from edge_client.wire import encode_update
 from export.state import LORA_B, State
+from protocol.mqtt_link import LinkConfig, MqttLink, PublishRefused
+from protocol.topics import up_topic
+from protocol.wire import encode_update
 
 pytestmark = pytest.mark.mqtt
 
@@ -277,7 +277,7 @@ def test_a_restarted_client_neither_retrains_nor_skips(mosquitto: Mosquitto, tmp
 def test_sim_mqtt_transport_fails_at_once_when_a_client_refuses_the_announcement(monkeypatch) -> None:
     """A virtual client that cannot decode its announcement is a bug: say why now, not after 300 s."""
     import edge_client.client
-    from edge_client.wire_errors import EnvelopeError, Reason
+    from protocol.wire_errors import EnvelopeError, Reason
     from sim.config import SimConfig
     from sim.engine import build_world, run_method
 

@@ -25,8 +25,8 @@ from deploy_helpers import (
 from coordinator.broker import Mosquitto
 from coordinator.metrics import read_metrics
 from devices.flash import RUN_SCRIPT, ClientConfig, Target, flash
-from edge_client.keys import write_key
 from export.bundle import Bundle
+from protocol.keys import write_key
 
 pytest.importorskip("executorch.extension.training", reason="executorch is not installed")
 

@@ -16,8 +16,8 @@ import pytest
 
 from coordinator.broker import BrokerConfig, Mosquitto, free_port
 from coordinator.broker_credentials import add_device, make_test_ca
-from edge_client.mqtt_link import LinkConfig, MqttLink
 from fleetlora.cli import main as cli_main
+from protocol.mqtt_link import LinkConfig, MqttLink
 
 pytestmark = pytest.mark.mqtt
 WAIT = 30.0

@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.broker import BrokerConfig, Mosquitto, free_port
 from coordinator.broker_credentials import DeviceCredentials, add_device, make_test_ca
-from edge_client.mqtt_link import (
+from protocol.mqtt_link import (
     InboundMessage,
     LinkClosed,
     LinkConfig,
@@ -26,8 +26,8 @@ from edge_client.mqtt_link import (
     max_payload_size,
     publish_packet_size,
 )
-from edge_client.mqtt_pool import MqttPool
-from edge_client.mqtt_types import Backoff
+from protocol.mqtt_pool import MqttPool
+from protocol.mqtt_types import Backoff
 
 WAIT = 10.0  # generous upper bounds for a loaded CI machine; never a speed assertion
 

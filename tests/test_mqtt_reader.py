@@ -15,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from coordinator.broker import Mosquitto
-from edge_client.mqtt_reader import BufferedClient, decode_publish
+from protocol.mqtt_reader import BufferedClient, decode_publish
 
 WAIT = 20.0
 # Remaining-length varint boundaries (1/2/3 bytes), empty, and a packet of several socket reads.

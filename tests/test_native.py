@@ -24,10 +24,10 @@ from devices import native
 from edge_client.executorch_trainer import ExecuTorchTrainer
 from edge_client.plan_table import PlanRow
 from edge_client.trainer import OptimizerConfig
-from edge_client.wire import decode_update
-from edge_client.wire_vectors import FOLDER, INDEX
 from export.spec import AdapterSpec
 from export.state import BASE_VERSION
+from protocol.wire import decode_update
+from protocol.wire_vectors import FOLDER, INDEX
 
 pytestmark = [needs_native, pytest.mark.executorch]
 pytest.importorskip("executorch.extension.training", reason="executorch is not installed")

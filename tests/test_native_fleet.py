@@ -24,12 +24,12 @@ from native_helpers import RUN, binary, flash_native, needs_native, pythonless_p
 from coordinator.broker import BrokerConfig, Mosquitto
 from coordinator.broker_credentials import load_device, make_test_ca
 from coordinator.metrics import read_metrics
-from edge_client.keys import read_key, write_key
-from edge_client.mqtt_link import LinkConfig, MqttLink
-from edge_client.topics import global_topic, up_subscription
-from edge_client.wire import encode_global
 from export.bundle import Bundle
 from fleetlora.cli import main as cli_main
+from protocol.keys import read_key, write_key
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.topics import global_topic, up_subscription
+from protocol.wire import encode_global
 
 pytestmark = [needs_native, pytest.mark.executorch, pytest.mark.mqtt]
 pytest.importorskip("executorch.extension.training", reason="executorch is not installed")

@@ -26,10 +26,10 @@ from coordinator.drill_load import run_load_drill
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService
 from coordinator.service_mqtt import serve
-from edge_client.keys import read_keyring
-from edge_client.mqtt_link import LinkConfig, MqttLink, PublishRefused
-from edge_client.topics import global_topic, up_topic
 from fleetlora.cli import main as cli_main
+from protocol.keys import read_keyring
+from protocol.mqtt_link import LinkConfig, MqttLink, PublishRefused
+from protocol.topics import global_topic, up_topic
 
 pytestmark = pytest.mark.mqtt
 

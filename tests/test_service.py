@@ -12,10 +12,10 @@ from tolerances import unit_roundoff
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
 from coordinator.store import RoundStore, StoreError, _read_segment
-from edge_client.topics import up_topic
-from edge_client.wire import decode_global, encode_update
-from edge_client.wire_tensors import template_of
 from export.state import LORA_B, State
+from protocol.topics import up_topic
+from protocol.wire import decode_global, encode_update
+from protocol.wire_tensors import template_of
 
 METHOD = "fedit"
 

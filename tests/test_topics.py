@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_client.topics import (
+from protocol.topics import (
     global_topic,
     parse_status_topic,
     parse_up_topic,
@@ -14,7 +14,7 @@ from edge_client.topics import (
     up_topic,
     validate_id,
 )
-from edge_client.wire_errors import EnvelopeError, Reason
+from protocol.wire_errors import EnvelopeError, Reason
 
 
 def test_topic_builders() -> None:

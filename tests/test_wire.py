@@ -14,7 +14,8 @@ import safetensors.torch
 import torch
 
 from edge_client.replay import ReplayGuard
-from edge_client.wire import (
+from export.spec import AdapterSpec
+from protocol.wire import (
     MAC_BYTES,
     MAGIC,
     DecodedUpdate,
@@ -28,8 +29,7 @@ from edge_client.wire import (
     pack,
     unpack,
 )
-from edge_client.wire_tensors import encode_tensors, ravan_slice, template_of
-from export.spec import AdapterSpec
+from protocol.wire_tensors import encode_tensors, ravan_slice, template_of
 
 A, B = ".lora_A.default.weight", ".lora_B.default.weight"
 KEY = b"k" * 32

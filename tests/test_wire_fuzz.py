@@ -16,7 +16,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from edge_client.wire import (
+from export.spec import AdapterSpec
+from protocol.wire import (
     MAGIC,
     DecodedUpdate,
     EnvelopeError,
@@ -27,8 +28,7 @@ from edge_client.wire import (
     pack,
     unpack,
 )
-from edge_client.wire_tensors import ravan_slice
-from export.spec import AdapterSpec
+from protocol.wire_tensors import ravan_slice
 
 A, B = ".lora_A.default.weight", ".lora_B.default.weight"
 KEY = b"fuzz-key-0123456789abcdef"

@@ -1,7 +1,7 @@
-"""The envelope's test vectors (edge_client/envelope_vectors) against the Python implementation.
+"""The envelope's test vectors (protocol/envelope_vectors) against the Python implementation.
 
 The same files are checked by the native client (tests/test_native.py); here the committed files must
-be exactly what ``edge_client.wire_vectors`` writes, and each case must reach its verdict.
+be exactly what ``protocol.wire_vectors`` writes, and each case must reach its verdict.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from edge_client.wire import EnvelopeError, decode_global, decode_update, is_sampled
-from edge_client.wire_vectors import FOLDER, INDEX, build, index_text
 from export.spec import AdapterSpec
+from protocol.wire import EnvelopeError, decode_global, decode_update, is_sampled
+from protocol.wire_vectors import FOLDER, INDEX, build, index_text
 
 INDEX_DATA: dict[str, Any] = json.loads((FOLDER / INDEX).read_text())
 CASES = INDEX_DATA["cases"]
@@ -23,7 +23,7 @@ CASES = INDEX_DATA["cases"]
 def test_the_committed_vectors_are_what_the_generator_writes() -> None:
     files, index = build()
     committed = {p.name for p in FOLDER.iterdir() if p.name != INDEX}
-    assert committed == set(files), "regenerate: python -m edge_client.wire_vectors"
+    assert committed == set(files), "regenerate: python -m protocol.wire_vectors"
     for name, payload in files.items():
         assert (FOLDER / name).read_bytes() == payload, f"{name} changed: the envelope format moved"
     assert (FOLDER / INDEX).read_text() == index_text(index)

@@ -16,9 +16,9 @@ from fleetlora.cli import CliError, as_list, positive_int
 if TYPE_CHECKING:
     from torch import nn
 
-    from edge_client.mqtt_link import LinkConfig
     from export.bundle import Bundle
     from export.spec import AdapterSpec
+    from protocol.mqtt_link import LinkConfig
 
 # `fleetlora broker run --dir DIR` records where it listens in DIR/broker.json, so a command given
 # the CA of DIR (DIR/ca.crt) connects to the broker's real address without being told.
@@ -119,7 +119,7 @@ def parse_broker(url: str) -> tuple[str, int, bool]:
 
 def link_config(args: argparse.Namespace, client_id: str, **extra: Any) -> LinkConfig:
     """The MQTT link of this process from the broker flags (secrets read from files)."""
-    from edge_client.mqtt_link import LinkConfig, MqttLinkError
+    from protocol.mqtt_link import LinkConfig, MqttLinkError
 
     host, port, tls = parse_broker(broker_url(args.broker, args.ca))
     password = None
@@ -251,7 +251,7 @@ def read_secret_key(spec: str | None) -> bytes | None:
     """An HMAC key from ``--*-key`` (a file, or env:NAME), or None."""
     if not spec:
         return None
-    from edge_client.keys import KeyFileError, read_key
+    from protocol.keys import KeyFileError, read_key
 
     try:
         return read_key(spec)

@@ -216,8 +216,8 @@ def device_data(
 
 def run(args: argparse.Namespace) -> int:
     from edge_client.client import EdgeClient, EdgeConfig, run_device
-    from edge_client.mqtt_link import MqttLink
-    from edge_client.topics import status_topic
+    from protocol.mqtt_link import MqttLink
+    from protocol.topics import status_topic
 
     task, dataset = resolve_client_task(args)
     args.max_len = task.seq_len

@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.service import RoundService, ServiceConfig, ServiceError
     from coordinator.service_mqtt import LinkFailed, serve
     from coordinator.store import RoundStore, StoreError
-    from edge_client.keys import KeyFileError, read_keyring
     from export.state import trainable_state
+    from protocol.keys import KeyFileError, read_keyring
 
     if args.method not in aggregators.available():
         raise CliError(f"unknown method {args.method!r}; choose from {', '.join(aggregators.available())}")

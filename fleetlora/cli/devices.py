@@ -351,7 +351,7 @@ def enroll_action(args: argparse.Namespace) -> int:
         check_name,
     )
     from coordinator.broker_credentials import ensure_coordinator as make_coordinator
-    from edge_client.keys import KEY_SUFFIX, write_key
+    from protocol.keys import KEY_SUFFIX, write_key
 
     try:
         check_name(args.name)

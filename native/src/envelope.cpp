@@ -135,7 +135,7 @@ std::vector<Field> global_fields() {
   return fields;
 }
 
-// Optional fields (edge_client/wire_schema.py's UPDATE_OPTIONAL and GLOBAL_OPTIONAL): a header may carry
+// Optional fields (protocol/wire_schema.py's UPDATE_OPTIONAL and GLOBAL_OPTIONAL): a header may carry
 // any of them, and nothing else beyond its fields.
 const std::vector<Field>& update_optional() {
   static const std::vector<Field> fields = {
@@ -166,7 +166,7 @@ void check_schema(const json& d, const std::vector<Field>& fields, const std::st
     bool older = d.contains("v") && is_int(d["v"]) && d["v"].get<int64_t>() < kSchemaVersion;
     std::string got = d.contains("v") ? d["v"].dump().substr(0, 20) : "None";
     throw Refused("schema", "schema version " + got + ", expected " + std::to_string(kSchemaVersion) +
-                                (older ? ": the sender is older than this receiver (update it; edge_client/ENVELOPE.md)" : ""));
+                                (older ? ": the sender is older than this receiver (update it; protocol/ENVELOPE.md)" : ""));
   }
   std::set<std::string> known;
   std::string missing, unknown, bad;

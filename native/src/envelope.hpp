@@ -1,4 +1,4 @@
-// The fleetlora envelope, schema 2 (edge_client/ENVELOPE.md): encode a device's update, decode and
+// The fleetlora envelope, schema 2 (protocol/ENVELOPE.md): encode a device's update, decode and
 // check the coordinator's global, and the sampling rule.
 #pragma once
 

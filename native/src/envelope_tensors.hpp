@@ -1,4 +1,4 @@
-// The tensor half of an envelope (edge_client/wire_tensors.py): a blob's tensors checked against the
+// The tensor half of an envelope (protocol/wire_tensors.py): a blob's tensors checked against the
 // template (dtypes, names, shapes for the header's rank and heads, a global's base delta), then their
 // values (finite floats, head indices equal to the header's).
 #pragma once

@@ -23,7 +23,7 @@ const char* kUsage = R"(usage: fleetlora-client COMMAND [flags]
   run --config client.toml [--local-steps N --batch-size N --lr X --connect-jitter S --state-file P --threads N]
       train each sampled round of the flashed folder's run and publish the update (what run-client.sh does)
   check-vectors DIR
-      decode the envelope test vectors (edge_client/envelope_vectors) and compare with their verdicts
+      decode the envelope test vectors (protocol/envelope_vectors) and compare with their verdicts
   sign-update --vectors DIR --out FILE
       write a signed update of the vectors' adapter (the Python decoder checks it)
   train-check --bundle DIR --batches FILE --out FILE [--start FILE --lr X --momentum X --weight-decay X
@@ -37,7 +37,7 @@ const char* kUsage = R"(usage: fleetlora-client COMMAND [flags]
 
 examples:
   ./fleetlora-client run --config client.toml
-  ./fleetlora-client check-vectors edge_client/envelope_vectors
+  ./fleetlora-client check-vectors protocol/envelope_vectors
 )";
 }  // namespace
 

@@ -1,4 +1,4 @@
-// One MQTT 5 connection (libmosquitto) that keeps itself connected, as edge_client/mqtt_link.py:
+// One MQTT 5 connection (libmosquitto) that keeps itself connected, as protocol/mqtt_link.py:
 // a session that outlives a disconnect (session expiry, never a clean start), subscriptions renewed
 // when the broker has no session for us, a retained "offline" last will and "online" after each
 // connect, exponential back-off with jitter, and a publish refused locally (nothing sent) when it

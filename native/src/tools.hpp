@@ -6,7 +6,7 @@
 
 namespace fl {
 
-int check_vectors(const std::string& folder);                     // edge_client/envelope_vectors
+int check_vectors(const std::string& folder);                     // protocol/envelope_vectors
 int sign_update(const std::vector<std::string>& args);            // an update for the Python decoder
 int train_check(const std::vector<std::string>& args);            // parity with ExecuTorchTrainer
 int bench(const std::vector<std::string>& args);                  // step time and memory

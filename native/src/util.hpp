@@ -13,7 +13,7 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// A refused payload: `reason` is one of the envelope's reasons (edge_client/ENVELOPE.md), what() is
+// A refused payload: `reason` is one of the envelope's reasons (protocol/ENVELOPE.md), what() is
 // "<reason>: <message>" as the Python decoder words it.
 struct Refused : Error {
   std::string reason;

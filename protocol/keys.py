@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_client.topics import validate_id
+from protocol.topics import validate_id
 
 MIN_KEY_BYTES = 16
 KEY_SUFFIX = ".key"

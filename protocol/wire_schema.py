@@ -12,11 +12,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from edge_client.topics import ID_RE
-from edge_client.wire_errors import EnvelopeError, Reason
 from export.state import LORA_A, LORA_B
+from protocol.topics import ID_RE
+from protocol.wire_errors import EnvelopeError, Reason
 
-# 2: the MAC is a 32-byte trailer over the payload as sent (edge_client/ENVELOPE.md). 1 had a "mac"
+# 2: the MAC is a 32-byte trailer over the payload as sent (protocol/ENVELOPE.md). 1 had a "mac"
 # header field over Python's re-serialization of the header, which other languages cannot reproduce.
 SCHEMA_VERSION = 2
 HMAC_SHA256 = "hmac-sha256"
@@ -123,7 +123,7 @@ def check_schema(
         )
     if d.get("v") != SCHEMA_VERSION:
         older = type(d.get("v")) is int and d["v"] < SCHEMA_VERSION
-        hint = ": the sender is older than this receiver (update it; edge_client/ENVELOPE.md)"
+        hint = ": the sender is older than this receiver (update it; protocol/ENVELOPE.md)"
         raise EnvelopeError(
             Reason.SCHEMA,
             f"schema version {str(d.get('v'))[:20]!r}, expected {SCHEMA_VERSION}" + (hint if older else ""),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from edge_client.wire_errors import EnvelopeError, Reason
+from protocol.wire_errors import EnvelopeError, Reason
 
 PREFIX = "fleetlora"
 GLOBAL = "global"

@@ -1,6 +1,6 @@
 """The vocabulary of the MQTT link: its configuration, errors, delivery handles, back-off and sizes.
 
-Stdlib only (this runs on devices); see :mod:`edge_client.mqtt_link` for the link itself.
+Stdlib only (this runs on devices); see :mod:`protocol.mqtt_link` for the link itself.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 MIB = 1024 * 1024
 MessageCallback = Callable[[str, bytes], None]
 # A received payload handed on without a copy: bytes, or a read-only view of the packet buffer it
-# arrived in (edge_client.mqtt_reader), which nothing else holds.
+# arrived in (protocol.mqtt_reader), which nothing else holds.
 Payload = bytes | memoryview
 
 

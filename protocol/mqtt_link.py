@@ -23,7 +23,7 @@ Payloads are opaque bytes here; the envelope format lives elsewhere. What the li
   failure, then again every ``WARN_EVERY_S``); after ``max_auth_failures`` refusals of our credentials
   in a row the link stops trying and :attr:`MqttLink.failure` says why.
 
-Every paho call happens on the loop thread of an :class:`~edge_client.mqtt_pool.MqttPool` (a private
+Every paho call happens on the loop thread of an :class:`~protocol.mqtt_pool.MqttPool` (a private
 one unless a shared pool is given); the public methods are thread-safe. Message callbacks run on the
 loop thread: keep them short.
 """
@@ -45,9 +45,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_client.mqtt_pool import MqttPool
-from edge_client.mqtt_reader import BufferedClient
-from edge_client.mqtt_types import (
+from protocol.mqtt_pool import MqttPool
+from protocol.mqtt_reader import BufferedClient
+from protocol.mqtt_types import (
     Backoff,
     Delivery,
     InboundCallback,

@@ -7,7 +7,7 @@ the sockets that are ready, ``loop_misc`` on a tick for keep-alives, and runs ti
 connects, reconnect back-off). Other threads never call paho: they hand work to the loop with
 :meth:`MqttPool.call_soon`, which wakes it through a socket pair.
 
-A single :class:`~edge_client.mqtt_link.MqttLink` gets a private pool of one; the simulator shares
+A single :class:`~protocol.mqtt_link.MqttLink` gets a private pool of one; the simulator shares
 one pool among hundreds of links. Stdlib and paho only (this runs on devices).
 """
 

@@ -1,9 +1,9 @@
-"""Test vectors of the envelope (``edge_client/ENVELOPE.md``): encoded payloads, their keys and verdicts.
+"""Test vectors of the envelope (``protocol/ENVELOPE.md``): encoded payloads, their keys and verdicts.
 
 Every implementation of the envelope checks itself against the same files: the Python decoder in
 ``tests/test_wire_vectors.py``, the native client with ``fleetlora-client check-vectors``. The files are
 made here, deterministically (fixed message ids, times and tensor values), and committed under
-``edge_client/envelope_vectors/``; the test also checks that this module still writes exactly them, so
+``protocol/envelope_vectors/``; the test also checks that this module still writes exactly them, so
 a change of the format shows up as a diff of the vectors, never silently.
 
 ``vectors.json`` holds the keys (hex), the adapter spec and its digest, the template (name -> shape),
@@ -11,7 +11,7 @@ and one case per payload: the file, the key the receiver holds (``device``, ``co
 what the receiver expects (run, client, rounds), and the verdict: ``ok`` with the decoded header fields
 and tensors, or the refusal reason.
 
-Regenerate (after a deliberate format change): ``python -m edge_client.wire_vectors``.
+Regenerate (after a deliberate format change): ``python -m protocol.wire_vectors``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from edge_client.wire import (
+from export.spec import AdapterSpec
+from export.state import LORA_A, LORA_B
+from protocol.wire import (
     MAC_BYTES,
     MAGIC,
     GlobalHeader,
@@ -36,9 +38,7 @@ from edge_client.wire import (
     is_sampled,
     unpack,
 )
-from edge_client.wire_schema import SCHEMA_VERSION
-from export.spec import AdapterSpec
-from export.state import LORA_A, LORA_B
+from protocol.wire_schema import SCHEMA_VERSION
 
 FOLDER = Path(__file__).with_name("envelope_vectors")
 INDEX = "vectors.json"
@@ -190,7 +190,7 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
     ]  # fmt: skip
     index = {
         "schema": SCHEMA_VERSION,
-        "about": "edge_client/ENVELOPE.md: every implementation must reach each case's verdict",
+        "about": "protocol/ENVELOPE.md: every implementation must reach each case's verdict",
         "keys": {"device": DEVICE_KEY.hex(), "coordinator": COORDINATOR_KEY.hex()},
         "spec": SPEC.digest(),
         "spec_json": SPEC.to_dict(),

@@ -21,9 +21,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from edge_client.wire_base_delta import base_delta_names, check_base_delta
-from edge_client.wire_errors import EnvelopeError, Reason
 from export.state import BASE_VERSION, LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S, State
+from protocol.wire_base_delta import base_delta_names, check_base_delta
+from protocol.wire_errors import EnvelopeError, Reason
 
 Template = dict[str, tuple[int, ...]]
 
@@ -199,7 +199,7 @@ def check_against_template(
     ``K`` = the number of heads in the header (all ``h`` when it has none) and, when heads are given,
     ``*.ravan_heads`` (K,); ``*.ravan_s`` is optional with shape (K,). Dense tensors: exact shape.
     ``base_delta``: the coordinator's change of the base may come along (a global; see
-    :mod:`edge_client.wire_base_delta`).
+    :mod:`protocol.wire_base_delta`).
     """
     groups = group_template(template)
     delta_names = base_delta_names(set(entries))

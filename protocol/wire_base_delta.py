@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from edge_client.wire_errors import EnvelopeError, Reason
 from export.state import (
     BASE_DELTA,
     BASE_DELTA_A,
@@ -23,6 +22,7 @@ from export.state import (
     LORA_B,
     is_base_delta_key,
 )
+from protocol.wire_errors import EnvelopeError, Reason
 
 
 class _Declared(Protocol):  # wire_tensors.Entry: a tensor as the safetensors header declares it

@@ -1,6 +1,6 @@
 """The update envelope: one MQTT payload = magic + length-prefixed JSON header + safetensors + MAC.
 
-Layout (``edge_client/ENVELOPE.md`` is the language-neutral specification, with test vectors)::
+Layout (``protocol/ENVELOPE.md`` is the language-neutral specification, with test vectors)::
 
     b"FLW\\x01" | header length N (uint32 BE) | header (N bytes, UTF-8 JSON) | safetensors | MAC (32 bytes)
 
@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
-from edge_client.wire_errors import EnvelopeError, Reason
-from edge_client.wire_schema import (
+from export.spec import AdapterSpec, SpecError
+from export.state import State, without_kept
+from protocol.wire_errors import EnvelopeError, Reason
+from protocol.wire_schema import (
     GLOBAL_FIELDS,
     GLOBAL_OPTIONAL,
     HMAC_SHA256,
@@ -43,7 +45,7 @@ from edge_client.wire_schema import (
     UPDATE_OPTIONAL,
     check_schema,
 )
-from edge_client.wire_tensors import (
+from protocol.wire_tensors import (
     Template,
     check_against_template,
     check_dtypes,
@@ -52,8 +54,6 @@ from edge_client.wire_tensors import (
     parse_tensor_header,
     strict_json,
 )
-from export.spec import AdapterSpec, SpecError
-from export.state import State, without_kept
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -217,7 +217,7 @@ def _unframe(payload: bytes | memoryview, max_bytes: int) -> _Framed:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise EnvelopeError(Reason.BAD_MAGIC, f"payload is {type(payload).__name__}, not bytes")
     # Immutable from here on: bytes, or a read-only view whose exporter nobody else holds (the MQTT
-    # reader's packet buffers, edge_client.mqtt_reader); anything else is copied once.
+    # reader's packet buffers, protocol.mqtt_reader); anything else is copied once.
     if not (isinstance(payload, bytes) or (isinstance(payload, memoryview) and payload.readonly)):
         payload = bytes(payload)
     if len(payload) > max_bytes:
@@ -358,14 +358,14 @@ def decode_update(
     Parameters
     ----------
     expected_run, expected_client : str
-        From the topic the payload arrived on (:func:`edge_client.topics.parse_up_topic`).
+        From the topic the payload arrived on (:func:`protocol.topics.parse_up_topic`).
     rounds : int or container of int
         The round(s) the coordinator accepts now.
     spec : AdapterSpec
         The run's adapter; the header's spec hash must be its digest.
     template : dict of str to shape
         The full-rank shapes of the global adapter's trainable tensors
-        (:func:`edge_client.wire_tensors.template_of`).
+        (:func:`protocol.wire_tensors.template_of`).
     key : bytes or None
         The client's device key: the header must carry a valid HMAC. ``None``: a valid SHA-256.
     max_bytes : int
