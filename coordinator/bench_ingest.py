@@ -31,8 +31,8 @@ import paho.mqtt.client as mqtt
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator import aggregators
-from coordinator.broker import BrokerConfig, Mosquitto
 from coordinator.metrics import MetricsLog
 from coordinator.service import RoundService, ServiceConfig
 from coordinator.service_mqtt import serve

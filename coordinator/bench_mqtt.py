@@ -19,7 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coordinator.broker import Mosquitto
+from broker.mosquitto import Mosquitto
 from protocol.mqtt_link import LinkConfig, MqttLink
 from protocol.mqtt_pool import MqttPool
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.broker import Mosquitto
+from broker.mosquitto import Mosquitto
 from coordinator.drill_fleet import DrillFleet, client_names, dense_template, make_service, reference_run
 from coordinator.metrics import read_metrics
 from coordinator.service_mqtt import serve

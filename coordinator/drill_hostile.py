@@ -31,7 +31,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from coordinator.broker import BrokerConfig, Mosquitto
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator.drill_fleet import (
     LAYER,
     METHOD,

@@ -8,7 +8,7 @@ the burst took to issue and to ingest, and the memory before and at its peak.
 
 The broker queue matters (NOTES): mosquitto's default ``max_queued_messages`` of 1000 per client drops
 what does not fit in the coordinator's queue while it persists. ``--broker-queue 1000`` shows that; the
-shipped config raises the count and caps the bytes instead (:class:`~coordinator.broker.BrokerConfig`).
+shipped config raises the count and caps the bytes instead (:class:`~broker.mosquitto.BrokerConfig`).
 
 ``fleetlora bench load`` prints ``load: clients=... lost=... peak_rss_growth_mb=...``.
 """
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.broker import BrokerConfig, Mosquitto
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator.drill_fleet import RUN, client_names, dense_template, examples_of, make_service, trained
 from coordinator.service_mqtt import serve
 from export.spec import AdapterSpec

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from coordinator.broker import ChildBroker, local_broker
+from broker.mosquitto import ChildBroker, local_broker
 from edge_client.client import REJECTED, EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
 from edge_client.trainer import Batch, Trainer, TrainMetrics

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import BrokerConfig, Mosquitto, mosquitto_available
+from broker.mosquitto import BrokerConfig, Mosquitto, mosquitto_available
 
 MOSQUITTO_MISSING = "mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients)"
 

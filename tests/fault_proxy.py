@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 
-from coordinator.broker import LOOPBACK
+from broker.mosquitto import LOOPBACK
 
 CHUNK = 4096
 

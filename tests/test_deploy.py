@@ -28,9 +28,9 @@ from deploy_helpers import (
     spec_for,
 )
 
+from broker.credentials import add_device, make_test_ca
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator import aggregators
-from coordinator.broker import BrokerConfig, Mosquitto
-from coordinator.broker_credentials import add_device, make_test_ca
 from coordinator.metrics import read_metrics
 from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore

@@ -21,7 +21,7 @@ from deploy_helpers import (
     train_split,
 )
 
-from coordinator.broker import Mosquitto
+from broker.mosquitto import Mosquitto
 from coordinator.evaluation import GlobalEvaluator
 from coordinator.metrics import read_metrics
 from edge_client.trainer import evaluate_metrics

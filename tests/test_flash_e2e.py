@@ -22,7 +22,7 @@ from deploy_helpers import (
     spec_for,
 )
 
-from coordinator.broker import Mosquitto
+from broker.mosquitto import Mosquitto
 from coordinator.metrics import read_metrics
 from devices.flash import RUN_SCRIPT, ClientConfig, Target, flash
 from export.bundle import Bundle

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import BrokerConfig, Mosquitto, free_port
-from coordinator.broker_credentials import add_device, make_test_ca
+from broker.credentials import add_device, make_test_ca
+from broker.mosquitto import BrokerConfig, Mosquitto, free_port
 from fleetlora.cli import main as cli_main
 from protocol.mqtt_link import LinkConfig, MqttLink
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import BrokerConfig, Mosquitto, free_port
-from coordinator.broker_credentials import DeviceCredentials, add_device, make_test_ca
+from broker.credentials import DeviceCredentials, add_device, make_test_ca
+from broker.mosquitto import BrokerConfig, Mosquitto, free_port
 from protocol.mqtt_link import (
     InboundMessage,
     LinkClosed,

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from coordinator.broker import Mosquitto
+from broker.mosquitto import Mosquitto
 from protocol.mqtt_reader import BufferedClient, decode_publish
 
 WAIT = 20.0

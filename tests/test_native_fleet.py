@@ -21,8 +21,8 @@ import torch
 from deploy_helpers import device, make_service, serve_in_thread, spec_for
 from native_helpers import RUN, binary, flash_native, needs_native, pythonless_path, tiny_bundle
 
-from coordinator.broker import BrokerConfig, Mosquitto
-from coordinator.broker_credentials import load_device, make_test_ca
+from broker.credentials import load_device, make_test_ca
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator.metrics import read_metrics
 from export.bundle import Bundle
 from fleetlora.cli import main as cli_main
@@ -269,7 +269,7 @@ def test_a_native_client_connects_with_its_client_certificate(
     bundle: Bundle, start_mosquitto: Callable[..., Mosquitto], broker_dir: Path, tmp_path: Path
 ) -> None:
     """Mutual TLS: the broker takes the certificate's name as the username (its ACL applies to it)."""
-    from coordinator.broker_credentials import add_device
+    from broker.credentials import add_device
 
     pki = broker_dir / "pki"
     make_test_ca(pki)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from fault_proxy import FaultProxy
 
-from coordinator.broker import BrokerConfig, Mosquitto
-from coordinator.broker_credentials import load_device, make_test_ca
+from broker.credentials import load_device, make_test_ca
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator.drill_crash import run_crash_drill
 from coordinator.drill_fleet import RUN, DrillFleet, client_names, dense_template, make_service, reference_run
 from coordinator.drill_hostile import KINDS, run_hostile_drill

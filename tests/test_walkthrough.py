@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import free_port, mosquitto_available
+from broker.mosquitto import free_port, mosquitto_available
 from coordinator.metrics import read_metrics
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.executorch]

@@ -36,7 +36,7 @@ def _port(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from coordinator.broker_embedded import LIMITS
+    from broker.embedded import LIMITS
 
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     run = actions.add_parser(
@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.broker_credentials import BrokerError
+    from broker.credentials import BrokerError
 
     try:
         if args.action == "init-ca":
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _init_ca(args: argparse.Namespace) -> int:
-    from coordinator.broker_credentials import make_test_ca
+    from broker.credentials import make_test_ca
 
     hosts = tuple(as_list(args.hosts))
     if not hosts:
@@ -120,8 +120,8 @@ def _init_ca(args: argparse.Namespace) -> int:
 
 
 def _run_broker(args: argparse.Namespace) -> int:
-    from coordinator.broker import BrokerConfig, ChildBroker, Mosquitto
-    from coordinator.broker_embedded import EmbeddedBroker
+    from broker.embedded import EmbeddedBroker
+    from broker.mosquitto import BrokerConfig, ChildBroker, Mosquitto
 
     if args.tls and not args.dir:
         raise CliError("--tls needs --dir, a credentials directory made by `fleetlora broker init-ca DIR`")

@@ -91,7 +91,7 @@ def apply_pki(args: argparse.Namespace) -> None:
     """``--pki DIR``: the CA, the coordinator's password and announcement key in DIR, unless given."""
     if not args.pki:
         return
-    from coordinator.broker_credentials import CredentialPaths
+    from broker.credentials import CredentialPaths
 
     paths = CredentialPaths(Path(args.pki))
     wanted = {

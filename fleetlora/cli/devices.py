@@ -343,14 +343,14 @@ def enroll_action(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from coordinator.broker_credentials import (
+    from broker.credentials import (
         COORDINATOR,
         BrokerError,
         CredentialPaths,
         add_device,
         check_name,
     )
-    from coordinator.broker_credentials import ensure_coordinator as make_coordinator
+    from broker.credentials import ensure_coordinator as make_coordinator
     from protocol.keys import KEY_SUFFIX, write_key
 
     try:

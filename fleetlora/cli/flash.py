@@ -136,7 +136,7 @@ def _bundle(args: argparse.Namespace) -> object:
 
 def credentials(args: argparse.Namespace) -> dict[str, str]:
     """The credential files to copy: those given one by one, the rest from ``--pki`` and ``--keys``."""
-    from coordinator.broker_credentials import CredentialPaths
+    from broker.credentials import CredentialPaths
     from devices.flash import CREDENTIAL_KEYS
 
     given = {key: getattr(args, key) for key in CREDENTIAL_KEYS if getattr(args, key)}

@@ -5,7 +5,7 @@ broker packet-size announcement), no TLS, passwords or ACL here (anonymous, loop
 subscriptions, about 40 MB/s. Good for the simulator and local development, not for a real fleet.
 Install with ``pip install 'fleetlora[broker]'`` (amqtt==0.12.1).
 
-Run directly: ``python -m coordinator.broker_embedded --port 1883``.
+Run directly: ``python -m broker.embedded --port 1883``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
-from coordinator.broker import LOOPBACK, ChildBroker, free_port
-from coordinator.broker_credentials import BrokerError
+from broker.credentials import BrokerError
+from broker.mosquitto import LOOPBACK, ChildBroker, free_port
 
 LIMITS = (
     "MQTT 3.1.1 only, anonymous, no TLS/ACL, no shared subscriptions, ~40 MB/s; "
@@ -48,7 +48,7 @@ class EmbeddedBroker(ChildBroker):
         return [
             sys.executable,
             "-m",
-            "coordinator.broker_embedded",
+            "broker.embedded",
             "--port",
             str(self.port),
             "--log",
@@ -82,7 +82,7 @@ async def _serve(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m coordinator.broker_embedded", description=f"amqtt broker on {LOOPBACK}: {LIMITS}"
+        prog="python -m broker.embedded", description=f"amqtt broker on {LOOPBACK}: {LIMITS}"
     )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log", help="log file (default: stderr)")

@@ -2,7 +2,7 @@
 
 ``Mosquitto`` runs the system's mosquitto binary on loopback with a config rendered from the packaged
 template (plain and/or TLS listener, passwords, ACL, raised queue limits, a packet size cap).
-``coordinator.broker_embedded.EmbeddedBroker`` is the zero-setup fallback with the same interface.
+``broker.embedded.EmbeddedBroker`` is the zero-setup fallback with the same interface.
 Both are child processes stopped by PID, so a test or the simulator can kill and restart them.
 """
 
@@ -23,7 +23,7 @@ from string import Template
 from types import TracebackType
 from typing import IO, Self
 
-from coordinator.broker_credentials import (
+from broker.credentials import (
     BrokerError,
     CredentialPaths,
     check_reachable_by_broker,
@@ -61,7 +61,7 @@ class BrokerConfig:
     """What to render into mosquitto.conf.
 
     ``port``/``tls_port``: 0 picks a free port, None disables that listener. ``credentials``: a directory
-    made by :func:`~coordinator.broker_credentials.make_test_ca`; with it anonymous clients are refused,
+    made by :func:`~broker.credentials.make_test_ca`; with it anonymous clients are refused,
     passwords and the ACL apply, and the TLS listener uses its server certificate.
     ``require_certificate``: mutual TLS, the certificate CN becomes the username (ACL ``%u``).
     """
@@ -106,7 +106,7 @@ def render_config(config: BrokerConfig, workdir: Path, port: int | None, tls_por
             block += "require_certificate true\nuse_identity_as_username true\n"
         listeners.append(block)
     auth = f"password_file {creds.password_file}\nacl_file {creds.acl_file}" if creds else ""
-    template = resources.files("coordinator").joinpath("mosquitto.conf.template").read_text()
+    template = resources.files("broker").joinpath("mosquitto.conf.template").read_text()
     return Template(template).substitute(
         allow_anonymous="false" if creds else "true",
         auth_files=auth,
@@ -326,7 +326,7 @@ def local_broker(workdir: Path | str, *, embedded: bool | None = None, port: int
     if embedded is None:
         embedded = not mosquitto_available()
     if embedded:
-        from coordinator.broker_embedded import EmbeddedBroker
+        from broker.embedded import EmbeddedBroker
 
         return EmbeddedBroker(workdir, port=port)
     return Mosquitto(workdir, BrokerConfig(port=port))

@@ -275,7 +275,7 @@ def render_acl(roster: dict[str, str], topic_root: str = TOPIC_ROOT) -> str:
     the global topic; only coordinators may write ``global`` and read every ``up`` and ``status``.
     """
     lines = [
-        "# fleetlora ACL, generated from users.json (coordinator/broker_credentials.py); edits are lost.",
+        "# fleetlora ACL, generated from users.json (broker/credentials.py); edits are lost.",
         f"pattern write {topic_root}/+/up/%u",
         f"pattern write {topic_root}/+/status/%u",
         f"pattern read {topic_root}/+/global",
@@ -304,7 +304,7 @@ def add_device(directory: Path | str, name: str, *, role: str = "device") -> Dev
     """Create credentials for client ``name``: password (mosquitto password file), certificate, ACL entry.
 
     ``role="coordinator"`` gives the client the coordinator's rights. A running mosquitto picks up the
-    new password and ACL after :meth:`coordinator.broker.Mosquitto.reload` (SIGHUP).
+    new password and ACL after :meth:`broker.mosquitto.Mosquitto.reload` (SIGHUP).
     """
     paths = CredentialPaths(Path(directory))
     check_name(name)
