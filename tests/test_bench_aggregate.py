@@ -9,8 +9,8 @@ import math
 
 import pytest
 
+from bench.aggregate import LLAMA7B, MINILM, Shape, plan, run_config
 from coordinator.aggregators import available, get
-from coordinator.bench_aggregate import LLAMA7B, MINILM, Shape, plan, run_config
 
 pytestmark = pytest.mark.numerical  # compares floats across code paths: rerun under other CPU capabilities
 

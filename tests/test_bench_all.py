@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetlora.cli.bench import BENCHMARKS
-from sim.bench_all import (
+from bench.all import (
     FULL,
     KEPT_MARKER,
     QUICK,
@@ -21,6 +20,7 @@ from sim.bench_all import (
     read_speed,
     report,
 )
+from fleetlora.cli.bench import BENCHMARKS
 
 
 def test_the_full_grid_is_every_method_on_both_datasets_three_splits_three_seeds(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sim.bench_all import KEPT_MARKER
-from sim.bench_claims import END, QUICK, START, cell_configs, claim_rows, rounds_to_reach, write_section
+from bench.all import KEPT_MARKER
+from bench.claims import END, QUICK, START, cell_configs, claim_rows, rounds_to_reach, write_section
 
 
 def test_the_quick_grid_is_r8_two_splits_three_seeds_plus_the_right_skewed_run(tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ import pytest
 import torch
 from fault_proxy import FaultProxy
 
+from bench.drill_crash import run_crash_drill
+from bench.drill_fleet import RUN, DrillFleet, client_names, dense_template, make_service, reference_run
+from bench.drill_hostile import KINDS, run_hostile_drill
+from bench.drill_load import run_load_drill
 from broker.credentials import load_device, make_test_ca
 from broker.mosquitto import BrokerConfig, Mosquitto
-from coordinator.drill_crash import run_crash_drill
-from coordinator.drill_fleet import RUN, DrillFleet, client_names, dense_template, make_service, reference_run
-from coordinator.drill_hostile import KINDS, run_hostile_drill
-from coordinator.drill_load import run_load_drill
 from coordinator.metrics import read_metrics
 from coordinator.service import RoundService
 from coordinator.service_mqtt import serve

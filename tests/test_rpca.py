@@ -9,7 +9,7 @@ import pytest
 import torch
 from tolerances import gamma
 
-from coordinator.bench_aggregate import numpy_pcp
+from bench.aggregate import numpy_pcp
 from coordinator.rpca import default_lambda, pcp, singular_value_threshold
 
 pytestmark = pytest.mark.numerical  # compares floats across code paths: rerun under other CPU capabilities

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.scale import PeakRss, fleet_bytes, rss_bytes, scale_config
 from export.spec import AdapterSpec
 from export.state import num_bytes
 from sim import engine
-from sim.bench_scale import PeakRss, fleet_bytes, rss_bytes, scale_config
 from sim.synthetic import synthetic_world
 from sim.transports import ClientJob, ClientResult, Transport
 

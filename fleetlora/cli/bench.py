@@ -1,6 +1,6 @@
 """``fleetlora bench NAME [args]``: benchmarks that print ratios measured side by side in one run.
 
-A benchmark is ``def main(argv: list[str]) -> int`` in its own package's module, registered here by
+A benchmark is ``def main(argv: list[str]) -> int`` in a module of ``bench/``, registered here by
 name as ``"module"`` or ``"module:function"`` and imported only when run. Its last line is
 ``name: key=value ...``, which ``fleetlora bench all`` collects into BENCHMARKS.md.
 """
@@ -31,17 +31,17 @@ fleetlora bench hostile --envelopes 10000       # bad envelopes of every kind: c
 
 # name -> "module" or "module:function" with main(argv) -> int (imported only when run)
 BENCHMARKS = {
-    "aggregate": "coordinator.bench_aggregate:main",
-    "client": "edge_client.bench_client:main",
-    "all": "sim.bench_all",
-    "claims": "sim.bench_claims",
-    "mqtt": "coordinator.bench_mqtt",
-    "ingest": "coordinator.bench_ingest",
-    "sim": "sim.bench_sim",
-    "scale": "sim.bench_scale",
-    "crash": "coordinator.drill_crash",
-    "hostile": "coordinator.drill_hostile",
-    "load": "coordinator.drill_load",
+    "aggregate": "bench.aggregate:main",
+    "client": "bench.client:main",
+    "all": "bench.all",
+    "claims": "bench.claims",
+    "mqtt": "bench.mqtt",
+    "ingest": "bench.ingest",
+    "sim": "bench.sim",
+    "scale": "bench.scale",
+    "crash": "bench.drill_crash",
+    "hostile": "bench.drill_hostile",
+    "load": "bench.drill_load",
 }
 
 
@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# ``bench client --runtime native``: the native client (devices/, which edge_client may not import).
-NATIVE_CLIENT = "devices.bench_native:main"
+# ``bench client --runtime native``: the C++ client, run through devices/native.py.
+NATIVE_CLIENT = "bench.native:main"
 
 
 def _native(argv: list[str]) -> list[str] | None:

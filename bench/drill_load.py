@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.drill_fleet import RUN, client_names, dense_template, examples_of, make_service, trained
 from broker.mosquitto import BrokerConfig, Mosquitto
-from coordinator.drill_fleet import RUN, client_names, dense_template, examples_of, make_service, trained
 from coordinator.service_mqtt import serve
 from export.spec import AdapterSpec
 from protocol.mqtt_link import LinkConfig, MqttLink
@@ -122,7 +122,7 @@ def run_load_drill(
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")])),
     }
-    command = [sys.executable, "-m", "coordinator.drill_load", "--publisher", str(port)]
+    command = [sys.executable, "-m", "bench.drill_load", "--publisher", str(port)]
     publisher = subprocess.Popen(
         [*command, str(clients), str(payload_bytes)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,

@@ -81,8 +81,8 @@ def main(argv: list[str]) -> int:
     import safetensors.torch
     import torch
 
+    from bench.client import _batch, _median_step_ms
     from devices import native
-    from edge_client.bench_client import _batch, _median_step_ms
     from edge_client.trainer import EagerTrainer, OptimizerConfig
     from export.adapters import attach
     from export.build import cached_bundle

@@ -31,8 +31,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from broker.mosquitto import BrokerConfig, Mosquitto
-from coordinator.drill_fleet import (
+from bench.drill_fleet import (
     LAYER,
     METHOD,
     RUN,
@@ -43,6 +42,7 @@ from coordinator.drill_fleet import (
     reference_run,
     trained,
 )
+from broker.mosquitto import BrokerConfig, Mosquitto
 from coordinator.service import RoundService
 from coordinator.service_mqtt import serve
 from export.spec import AdapterSpec

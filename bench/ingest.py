@@ -101,7 +101,7 @@ class _Publisher:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")])),
         }
-        command = [sys.executable, "-m", "coordinator.bench_ingest", "--publisher"]
+        command = [sys.executable, "-m", "bench.ingest", "--publisher"]
         self.proc = subprocess.Popen(
             [*command, str(port), str(n), str(payload_bytes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,

@@ -1,11 +1,11 @@
 """Crash drill: the coordinator is SIGKILLed at random moments of a multi-round run and restarted.
 
-A scripted fleet (:mod:`coordinator.drill_fleet`) answers every round. The coordinator runs in a child
+A scripted fleet (:mod:`bench.drill_fleet`) answers every round. The coordinator runs in a child
 process forked from a server that has already imported torch (multiprocessing ``forkserver``), so a
 restart costs a fork, not an interpreter start-up; each life is killed with SIGKILL after a random
 delay, then started again on the same state directory, until ``kills`` kills; the last life runs the
 run to its end. The final global adapter must equal, bit for bit, that of an uninterrupted in-process
-run in which every client answered every round once (:func:`~coordinator.drill_fleet.reference_run`):
+run in which every client answered every round once (:func:`~bench.drill_fleet.reference_run`):
 any lost, double-counted or corrupted update would change it.
 
 ``fleetlora bench crash`` runs it on a private mosquitto and prints ``crash: kills=... equal=...``.
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
+from bench.drill_fleet import DrillFleet, client_names, dense_template, make_service, reference_run
 from broker.mosquitto import Mosquitto
-from coordinator.drill_fleet import DrillFleet, client_names, dense_template, make_service, reference_run
 from coordinator.metrics import read_metrics
 from coordinator.service_mqtt import serve
 from coordinator.store import RoundStore
 from protocol.mqtt_link import LinkConfig
 
-PRELOAD = ["torch", "coordinator.drill_fleet", "coordinator.service_mqtt"]
+PRELOAD = ["torch", "bench.drill_fleet", "coordinator.service_mqtt"]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sim.bench_all import finished_records
+from bench.all import finished_records
 from sim.config import SimConfig
 from sim.report import CENTRALIZED, markdown_table
 from sim.stats import mean_std, paired
@@ -274,7 +274,7 @@ def section(
 
 def write_section(path: Path, text: str) -> None:
     """Replace the claims section of ``path`` (or add it before the hand-written tail, or at the end)."""
-    from sim.bench_all import KEPT_MARKER
+    from bench.all import KEPT_MARKER
 
     old = path.read_text() if path.is_file() else ""
     if START in old and END in old:
