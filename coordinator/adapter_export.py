@@ -19,9 +19,8 @@ from pathlib import Path
 from coordinator import aggregators
 from coordinator.aggregators import ClientInfo
 from coordinator.store import STATE_FILE, RoundState, RoundStore, StoreError
-from edge_client.local_round import start_state
 from export.adapter_folder import INFER_PTE, AdapterInfo, write_adapter_folder
-from export.adapters import attach
+from export.adapters import attach, start_state
 from export.base_delta import split_base_delta
 from export.models import build_model
 from export.spec import AdapterSpec

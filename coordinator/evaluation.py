@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from coordinator.aggregators import Aggregator, ClientInfo
-from edge_client.local_round import start_state
-from edge_client.trainer import evaluate_metrics
+from export.adapters import start_state
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import TokenizedSplit
+from export.evaluation import evaluate_metrics
 from export.spec import AdapterSpec
 from export.state import State, load_trainable_state
 

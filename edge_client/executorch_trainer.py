@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from edge_client.trainer import Batch, EvalMetrics, EvalTally, OptimizerConfig, StepBudget, TrainMetrics
+from edge_client.trainer import Batch, OptimizerConfig, StepBudget, TrainMetrics
 from export.base_delta import base_delta_layers, dense_base_delta
 from export.bundle import ADAPTER_PTD, TRAIN_PTE, Bundle, load_bundle
+from export.evaluation import EvalMetrics, EvalTally
 from export.state import RAVAN_H, RAVAN_S, State, StateError
 
 

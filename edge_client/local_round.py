@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from edge_client.trainer import Batch, Trainer, TrainMetrics
-from export.adapters import lora_pad, lora_rank_slice, ravan_download, ravan_upload
+from export.adapters import lora_rank_slice, ravan_upload, start_state
 from export.base_delta import split_base_delta
 from export.spec import AdapterSpec
 from export.state import BASE_VERSION, State
@@ -29,16 +29,6 @@ class LocalPlan:
     local_steps: int
     rank: int | None = None
     heads: tuple[int, ...] | None = None
-
-
-def start_state(spec: AdapterSpec, payload: State, template: State) -> State:
-    """The trainer's state at the start of a round, from the downloaded payload (base delta left out)."""
-    adapter, _ = split_base_delta(payload)
-    state = ravan_download(adapter) if spec.family == "ravan" else lora_pad(adapter, template)
-    missing = set(template) - set(state)
-    if missing:  # e.g. a payload that omits tensors this client keeps locally (FedSA-LoRA's B)
-        raise KeyError(f"payload lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:2]}")
-    return state
 
 
 def base_delta_context(trainer: object, payload: State) -> AbstractContextManager[None]:

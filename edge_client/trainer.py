@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from export.base_delta import applied_base_delta
+from export.evaluation import Batch, EvalMetrics, evaluate_metrics, model_inputs
 from export.ravan import set_trainable_heads
 from export.state import State, load_trainable_state, trainable_state
-
-Batch = dict[str, torch.Tensor]
 
 
 class StepBudget(Protocol):
@@ -29,32 +28,6 @@ class StepBudget(Protocol):
 
     @property
     def local_steps(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class EvalMetrics:
-    """Accuracy and mean loss over ``examples`` held-out examples."""
-
-    accuracy: float
-    loss: float
-    examples: int
-
-
-class EvalTally:
-    """Sums of correct predictions and losses, batch by batch (every backend evaluates with it)."""
-
-    def __init__(self) -> None:
-        self.correct, self.total, self.loss_sum = 0, 0, 0.0
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        self.correct += int((logits.argmax(-1) == labels).sum())
-        self.total += int(labels.shape[0])
-
-    def result(self) -> EvalMetrics:
-        if self.total == 0:
-            raise ValueError("cannot evaluate on zero examples")
-        return EvalMetrics(self.correct / self.total, self.loss_sum / self.total, self.total)
 
 
 @dataclass
@@ -96,17 +69,6 @@ class OptimizerConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.name!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-
-
-def model_inputs(batch: Batch) -> dict[str, torch.Tensor | int]:
-    """The model's keyword arguments from a batch (raw tokens, or cached hidden states + start layer)."""
-    if "hidden" in batch:
-        return {
-            "hidden": batch["hidden"],
-            "attention_mask": batch["attention_mask"],
-            "start_layer": int(batch["start_layer"]),
-        }
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 class EagerTrainer:
@@ -171,18 +133,3 @@ class EagerTrainer:
             metrics.losses.append(float(loss.detach()))
         metrics.seconds = time.perf_counter() - start
         return metrics
-
-
-@torch.no_grad()
-def evaluate_metrics(model: nn.Module, batches: Iterable[Batch]) -> EvalMetrics:
-    """Accuracy, mean loss and count of ``model`` over ``batches``."""
-    tally = EvalTally()
-    for batch in batches:
-        tally.add(model(**model_inputs(batch)), batch["labels"])
-    return tally.result()
-
-
-def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
-    """(accuracy, mean loss) of ``model`` over ``batches``."""
-    metrics = evaluate_metrics(model, batches)
-    return metrics.accuracy, metrics.loss

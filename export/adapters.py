@@ -14,6 +14,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from export.base_delta import split_base_delta
 from export.ravan import attach_ravan, merge_ravan, set_trainable_heads
 from export.spec import AdapterSpec
 from export.state import LORA_A, LORA_B, RAVAN_H, RAVAN_HEADS, RAVAN_S, State, layout
@@ -163,6 +164,16 @@ def ravan_download(global_state: State) -> State:
     return out
 
 
+def start_state(spec: AdapterSpec, payload: State, template: State) -> State:
+    """The trainer's state at the start of a round, from the downloaded payload (base delta left out)."""
+    adapter, _ = split_base_delta(payload)
+    state = ravan_download(adapter) if spec.family == "ravan" else lora_pad(adapter, template)
+    missing = set(template) - set(state)
+    if missing:  # e.g. a payload that omits tensors this client keeps locally (FedSA-LoRA's B)
+        raise KeyError(f"payload lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:2]}")
+    return state
+
+
 def train_heads(model: nn.Module, heads: list[int] | None) -> None:
     """Ravan: train only these head indices in every layer (``None``: all)."""
     set_trainable_heads(model, heads)
@@ -177,6 +188,7 @@ __all__ = [
     "ravan_download",
     "ravan_upload",
     "save_peft_adapter",
+    "start_state",
     "target_module_names",
     "train_heads",
 ]

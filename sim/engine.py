@@ -23,11 +23,12 @@ from coordinator import aggregators
 from coordinator.aggregators import ClientInfo, ClientUpdate
 from coordinator.server_optimizer import ServerOptimizer
 from edge_client.backends import make_trainer
-from edge_client.local_round import LocalPlan, start_state
-from edge_client.trainer import OptimizerConfig, Trainer, evaluate
-from export.adapters import attach
+from edge_client.local_round import LocalPlan
+from edge_client.trainer import OptimizerConfig, Trainer
+from export.adapters import attach, start_state
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
+from export.evaluation import evaluate
 from export.models import build_model
 from export.spec import AdapterSpec
 from export.state import State, clone_state, load_trainable_state, num_bytes, trainable_state

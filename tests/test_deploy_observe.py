@@ -24,7 +24,7 @@ from deploy_helpers import (
 from broker.mosquitto import Mosquitto
 from coordinator.evaluation import GlobalEvaluator
 from coordinator.metrics import read_metrics
-from edge_client.trainer import evaluate_metrics
+from export.evaluation import evaluate_metrics
 from export.state import load_trainable_state, trainable_state
 
 pytestmark = pytest.mark.mqtt
