@@ -211,7 +211,7 @@ class MqttLink:
         return self._packet_limit
 
     def max_payload(self, topic: str, qos: int = 1) -> int:
-        """The largest payload :meth:`publish` accepts for ``topic`` now (for chunking above it)."""
+        """The largest payload :meth:`publish` accepts for ``topic`` now (a larger one is refused)."""
         return max_payload_size(topic, self._packet_limit, qos, self._mqtt5)
 
     def wait_connected(self, timeout_s: float | None = None) -> bool:
@@ -268,7 +268,7 @@ class MqttLink:
         if size > self._packet_limit:
             raise PayloadTooLarge(
                 f"publish to {topic}: a {len(data)}-byte payload makes a {size}-byte packet, above the "
-                f"broker's limit of {self._packet_limit} bytes; split it into chunks or raise max_packet_size"
+                f"broker's limit of {self._packet_limit} bytes; raise the broker's max_packet_size"
             )
         item = _Outgoing(topic, data, qos, retain, Delivery(topic, len(data)))
         dropped: list[_Outgoing] = []

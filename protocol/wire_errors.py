@@ -1,4 +1,4 @@
-"""The one error type of the wire: every refused payload, topic or chunk raises :class:`EnvelopeError`.
+"""The one error type of the wire: every refused payload or topic raises :class:`EnvelopeError`.
 
 The coordinator counts rejections by :attr:`EnvelopeError.reason` (a fixed, machine-readable set) and
 logs the human message; nothing else may escape a decoder, so a hostile payload can never crash the
@@ -11,11 +11,11 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """Why a payload, topic or chunk was refused (the value is the string logged and counted)."""
+    """Why a payload or topic was refused (the value is the string logged and counted)."""
 
-    TOO_LARGE = "too_large"  # over the size limit (payload, header, chunked message)
+    TOO_LARGE = "too_large"  # over the size limit (payload, header)
     TRUNCATED = "truncated"  # framing says more bytes than the payload has
-    BAD_MAGIC = "bad_magic"  # not a fleetlora envelope / chunk
+    BAD_MAGIC = "bad_magic"  # not a fleetlora envelope
     BAD_HEADER = "bad_header"  # the JSON header is not valid UTF-8 JSON
     SCHEMA = "schema"  # header fields: missing, unknown, wrong type, out of range, wrong version/kind
     SPEC_MISMATCH = "spec_mismatch"  # adapter spec hash or method differs from the run's
@@ -30,12 +30,9 @@ class Reason(StrEnum):
     SHAPE = "shape"  # a shape that does not fit the template, rank or heads
     HEADS = "heads"  # Ravan head indices: duplicates, out of range, disagreeing with the header
     NON_FINITE = "non_finite"  # NaN or infinity in a float tensor
-    REPLAY = "replay"  # a message id or (client, round) already seen
+    REPLAY = "replay"  # a second, different update from a client for the same round
     BAD_ID = "bad_id"  # a run or client id outside the safe charset
     BAD_TOPIC = "bad_topic"  # a topic that is not one of fleetlora's
-    BAD_CHUNK = "bad_chunk"  # a chunk that is corrupt or inconsistent with its message
-    DUPLICATE = "duplicate"  # a chunk (or chunked message) received twice
-    CAPACITY = "capacity"  # a bounded buffer (reassembler, replay guard) is full
     NOT_SAMPLED = "not_sampled"  # an update from a client the open round did not sample
     OUTSIZED = "outsized"  # an update whose delta norm exceeds the coordinator's clip limit (reject mode)
 

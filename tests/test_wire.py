@@ -1,4 +1,4 @@
-"""The update envelope: round trips, one test per rejection reason, MAC modes, replay guard."""
+"""The update envelope: round trips, one test per rejection reason, MAC modes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from edge_client.replay import ReplayGuard
 from export.spec import AdapterSpec
 from protocol.wire import (
     MAC_BYTES,
@@ -415,12 +414,9 @@ def test_rejection(reason: Reason, case: str, fn: Callable[[], object]) -> None:
 
 def test_every_envelope_reason_has_a_test() -> None:
     elsewhere = {
-        Reason.REPLAY,
-        Reason.CAPACITY,
+        Reason.REPLAY,  # the coordinator's policy: tests/test_service.py
         Reason.BAD_ID,
         Reason.BAD_TOPIC,
-        Reason.BAD_CHUNK,
-        Reason.DUPLICATE,
         Reason.NOT_SAMPLED,  # the coordinator's policy: tests/test_service.py
         Reason.OUTSIZED,  # the coordinator's norm limit: tests/test_service.py, tests/test_reliability.py
     }
@@ -629,40 +625,6 @@ def test_a_global_names_the_tensors_clients_keep_and_carries_the_rest() -> None:
             repack(ravan, keep_local=[B]), expected_run="run1", spec=RAVAN_SPEC, template=RAVAN_T, key=None
         ),
     )
-
-
-# -- replay ----------------------------------------------------------------------------------------
-
-
-def _header(client: str = "dev-7", round: int = 3) -> Any:
-    payload = encode_update(
-        random_state(DENSE), spec=DENSE_SPEC, **{**UPDATE_FIELDS, "client": client, "round": round}
-    )
-    return dec(payload, spec=DENSE_SPEC, template=DENSE, expected_client=client, rounds=round).header
-
-
-def test_replay_guard_refuses_repeated_message_and_client_round() -> None:
-    guard = ReplayGuard()
-    h = _header()
-    guard.admit(h)
-    reject(Reason.REPLAY, lambda: guard.admit(h))
-    reject(Reason.REPLAY, lambda: guard.check(_header()))  # same client and round, fresh message id
-    guard.admit(_header(client="dev-8"))
-    guard.admit(_header(round=4))
-    assert len(guard) == 3
-
-
-def test_replay_guard_memory_is_bounded_and_old_rounds_close() -> None:
-    guard = ReplayGuard(max_rounds=2, max_per_round=2)
-    for r in (1, 2, 3):
-        guard.admit(_header(round=r))
-    assert len(guard) == 2  # round 1 forgotten
-    reject(Reason.WRONG_ROUND, lambda: guard.admit(_header(round=1, client="x")))
-    guard.admit(_header(round=3, client="dev-8"))
-    reject(Reason.CAPACITY, lambda: guard.admit(_header(round=3, client="dev-9")))
-    guard.forget_before(3)
-    reject(Reason.WRONG_ROUND, lambda: guard.check(_header(round=2, client="y")))
-    assert len(guard) == 2
 
 
 def test_safetensors_blob_is_standard() -> None:
