@@ -19,8 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
+from broker.child import LOOPBACK, ChildBroker, free_port
 from broker.credentials import BrokerError
-from broker.mosquitto import LOOPBACK, ChildBroker, free_port
 
 LIMITS = (
     "MQTT 3.1.1 only, anonymous, no TLS/ACL, no shared subscriptions, ~40 MB/s; "

@@ -34,7 +34,7 @@ from tests.test_walkthrough import CHOICES, walkthrough  # noqa: E402  (the same
 
 
 def run_walkthrough(model: str, steps: int, folder: Path) -> float:
-    from broker.mosquitto import free_port
+    from broker.child import free_port
 
     bash, _ = walkthrough()
     script = bash.replace(CHOICES, f"MODEL={model} PORT={free_port()}", 1)

@@ -25,7 +25,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from broker.mosquitto import ChildBroker, local_broker
+from broker.child import ChildBroker
+from broker.mosquitto import local_broker
 from edge_client.client import REJECTED, EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
 from edge_client.trainer import Batch, Trainer, TrainMetrics

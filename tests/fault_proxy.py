@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 
-from broker.mosquitto import LOOPBACK
+from broker.child import LOOPBACK
 
 CHUNK = 4096
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import broker.mosquitto as broker_mod
+from broker.child import free_port
 from broker.credentials import add_device, load_device, make_test_ca, render_acl
 from broker.embedded import EmbeddedBroker, amqtt_available
-from broker.mosquitto import BrokerConfig, BrokerError, Mosquitto, free_port, local_broker, render_config
+from broker.mosquitto import BrokerConfig, BrokerError, Mosquitto, local_broker, render_config
 from fleetlora.cli import main as cli_main
 from protocol.mqtt_link import LinkConfig, MqttLink
 

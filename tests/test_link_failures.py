@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.child import free_port
 from broker.credentials import add_device, make_test_ca
-from broker.mosquitto import BrokerConfig, Mosquitto, free_port
+from broker.mosquitto import BrokerConfig, Mosquitto
 from fleetlora.cli import main as cli_main
 from protocol.mqtt_link import LinkConfig, MqttLink
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.child import free_port
 from broker.credentials import DeviceCredentials, add_device, make_test_ca
-from broker.mosquitto import BrokerConfig, Mosquitto, free_port
+from broker.mosquitto import BrokerConfig, Mosquitto
 from protocol.mqtt_link import (
     InboundMessage,
     LinkClosed,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto import free_port, mosquitto_available
+from broker.child import free_port
+from broker.mosquitto import mosquitto_available
 from coordinator.metrics import read_metrics
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.executorch]

@@ -120,8 +120,9 @@ def _init_ca(args: argparse.Namespace) -> int:
 
 
 def _run_broker(args: argparse.Namespace) -> int:
+    from broker.child import ChildBroker
     from broker.embedded import EmbeddedBroker
-    from broker.mosquitto import BrokerConfig, ChildBroker, Mosquitto
+    from broker.mosquitto import BrokerConfig, Mosquitto
 
     if args.tls and not args.dir:
         raise CliError("--tls needs --dir, a credentials directory made by `fleetlora broker init-ca DIR`")
