@@ -301,7 +301,8 @@ def spent_hours(results: list[tuple[SimConfig, list[dict[str, Any]]]]) -> float:
 def estimate_hours(configs: list[SimConfig], done: int) -> float:
     """Rough cost of the runs left: client steps x the measured seconds per step of the first config."""
     from edge_client.local_round import LocalPlan
-    from sim.engine import build_world, client_trainer
+    from sim.engine import build_world
+    from sim.trainers import client_trainer
 
     if done >= len(configs):
         return 0.0

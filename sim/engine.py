@@ -22,10 +22,8 @@ from torch import nn
 from coordinator import aggregators
 from coordinator.aggregators import ClientInfo, ClientUpdate
 from coordinator.server_optimizer import ServerOptimizer
-from edge_client.backends import make_trainer
 from edge_client.local_round import LocalPlan
-from edge_client.trainer import OptimizerConfig, Trainer
-from export.adapters import attach, start_state
+from export.adapters import start_state
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
 from export.evaluation import evaluate
@@ -35,6 +33,7 @@ from export.state import State, clone_state, load_trainable_state, num_bytes, tr
 from sim.config import SimConfig
 from sim.features import Inputs, prefix_inputs
 from sim.fleet import NoTrainingError, VirtualClient, build_fleet, model_cost
+from sim.trainers import adapted_model, client_trainer
 from sim.transports import ClientJob, InProcTransport, Transport
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -69,35 +68,6 @@ class World:
         spec = spec or self.config.spec(family)
         self.model(family, spec)
         return self.initial[spec.to_json()]
-
-
-def adapted_model(
-    config: SimConfig, num_classes: int, family: str, spec: AdapterSpec | None = None
-) -> nn.Module:
-    """The frozen base with a fresh adapter: bit-identical wherever it is built with the same config."""
-    base, _ = build_model(config.model, num_classes, seed=config.seed)
-    return attach(base, spec or config.spec(family))
-
-
-def client_trainer(
-    config: SimConfig, model: nn.Module, family: str, num_classes: int, base_delta: bool = False
-) -> Trainer:
-    """The trainer every virtual client uses (in this process or in a Ray actor).
-
-    ``eager`` trains ``model``; ``executorch`` trains the training program of a bundle of the same
-    model and adapter (built once, then read from the cache), with base-delta inputs for a method
-    that changes the base (``base_delta``).
-    """
-    optimizer = OptimizerConfig(name=config.optimizer, lr=config.lr, momentum=config.momentum)
-    bundle = None
-    if config.trainer == "executorch":
-        from export.build import cached_bundle
-
-        bundle = cached_bundle(
-            config.model, config.spec(family), num_classes=num_classes, seq_len=config.max_len,
-            batch_range=(2, max(2, config.batch_size)), model_seed=config.seed, base_delta=base_delta,
-        )  # fmt: skip
-    return make_trainer(config.trainer, bundle=bundle, model=model, optimizer=optimizer)
 
 
 def build_world(config: SimConfig) -> World:

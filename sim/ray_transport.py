@@ -31,6 +31,7 @@ from export.spec import AdapterSpec
 from export.state import State
 from sim.config import SimConfig
 from sim.features import Inputs
+from sim.trainers import adapted_model, client_trainer
 from sim.transports import ClientJob, ClientResult, train_client
 
 # Without these, Ray binds the machine's external address and phones home (NOTES.md, "Ray").
@@ -127,8 +128,6 @@ class ClientWorker:
         train: bool,
         base_delta: bool = False,
     ):
-        from sim.engine import adapted_model, client_trainer
-
         config = config_from_json(config_json)
         self.spec = config.spec(family)
         model = adapted_model(config, num_classes, family)
