@@ -141,6 +141,13 @@ class SimConfig:
                     replace(self, **{key: params[key]}, method_params={}, methods=(method,))
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"method_params[{method!r}]: {e}") from None
+            if own := self.aggregator_params(method):
+                from coordinator import aggregators  # the aggregators (and torch) only when options are given
+
+                try:
+                    aggregators.method_options(method, own)
+                except (aggregators.OptionsError, KeyError) as e:
+                    raise ConfigError(f"method_params[{method!r}]: {e}") from None
 
     @property
     def run_seeds(self) -> tuple[int, ...]:

@@ -543,3 +543,27 @@ def test_flora_na_gauges_share_the_product_and_beat_fedit(solver):
     assert_products_close("lora", results["sum_q"], results["none"])
     a_key = next(iter(LORA_LAYERS)) + LORA_A
     assert not torch.allclose(results["sum_q"][a_key], results["balanced"][a_key])
+
+
+def test_method_options_are_one_dataclass_per_method_and_bad_ones_are_named() -> None:
+    from coordinator.aggregators import OptionsError, method_options
+    from coordinator.aggregators.fedrpca import FedRPCAOptions
+
+    agg = aggregator("fedrpca", "lora", beta=4.0, max_iter=50)
+    assert (
+        agg.options
+        == FedRPCAOptions(beta=4.0, max_iter=50)
+        == method_options("fedrpca", {"beta": 4.0, "max_iter": 50})
+    )
+    with pytest.raises(
+        OptionsError, match=r"method 'fedrpca' has no option 'betta' \(its options: lam, beta, tol"
+    ):
+        aggregator("fedrpca", "lora", betta=4.0)
+    with pytest.raises(OptionsError, match=r"method 'fedit' has no option 'beta' \(its options: none\)"):
+        method_options("fedit", {"beta": 1.0})
+    with pytest.raises(
+        OptionsError, match="method 'fedrpca': beta must be a number, a callable or 'adaptive'"
+    ):
+        method_options("fedrpca", {"beta": "big"})
+    with pytest.raises(OptionsError, match="method 'flora_na': "):  # a value of the wrong type, not a crash
+        method_options("flora_na", {"sweeps": "ten"})

@@ -104,6 +104,16 @@ def test_the_coordinator_needs_to_know_what_it_trains(
     args = ("--model", "tiny-bert", "--num-classes", "2", "--eval-data", str(tmp_path / "t.jsonl"))
     assert serve(*args, "--state-dir", str(tmp_path / "s")) == 2
     assert "--eval-data needs --bundle with label names" in err(capsys)
+    assert (
+        serve("--bundle", str(bundle), "--method", "fedrpca", "--method-params", '{"fedrpca": {"bta": 4}}')
+        == 2
+    )
+    assert (
+        "--method-params: method 'fedrpca' has no option 'bta' (its options: lam, beta, tol, max_iter)"
+        in err(capsys)
+    )
+    assert serve("--bundle", str(bundle), "--method-params", '{"fedrpca": {"beta": 4}}') == 2
+    assert "--method-params names 'fedrpca', but --method is 'fedit'" in err(capsys)
 
 
 def test_the_coordinators_credentials_come_from_the_pki_or_it_says_how(

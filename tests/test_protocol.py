@@ -96,6 +96,10 @@ def test_a_method_can_override_training_settings_and_bad_ones_are_named() -> Non
         dataclasses.replace(TINY, method_params={"fedit": {"lr": -1.0}})
     with pytest.raises(ConfigError, match="names 'ravan', which is not run"):
         dataclasses.replace(TINY, method_params={"ravan": {"lr": 0.1}})
+    with pytest.raises(
+        ConfigError, match=r"method_params\['fedrpca'\]: method 'fedrpca' has no option 'betta'"
+    ):
+        dataclasses.replace(TINY, methods=("fedrpca",), method_params={"fedrpca": {"betta": 2.0}})
 
 
 def test_server_optimizer_is_fedavgm_and_the_identity_by_default() -> None:

@@ -1,14 +1,23 @@
 """Aggregation methods, one module each, registered by name.
 
-A new method is one module defining an :class:`Aggregator` subclass plus one line in ``_MODULES``.
+A new method is one module defining an :class:`Aggregator` subclass (with, when it has options, their
+:class:`MethodOptions` dataclass as its ``Options``) plus one line in ``_MODULES``.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
-from coordinator.aggregators.base import AggregationError, Aggregator, ClientInfo, ClientUpdate
+from coordinator.aggregators.base import (
+    AggregationError,
+    Aggregator,
+    ClientInfo,
+    ClientUpdate,
+    MethodOptions,
+    OptionsError,
+)
 from export.spec import AdapterSpec
 
 # method name -> module defining it (imported lazily so one broken optional method never blocks others)
@@ -46,9 +55,27 @@ def get(name: str) -> type[Aggregator]:
     raise KeyError(f"module {_MODULES[name]} defines no Aggregator named {name!r}")
 
 
+def method_options(name: str, params: Mapping[str, Any]) -> MethodOptions:
+    """Method ``name``'s options from a mapping (``--method-params``, a run config's table), checked:
+    :class:`OptionsError` names the method and the key or value it refuses."""
+    return get(name).Options.from_params(name, params)
+
+
 def create(name: str, spec: AdapterSpec, **params: Any) -> Aggregator:
-    """An aggregator instance; ``params`` are the method's documented parameters."""
+    """An aggregator instance; ``params`` are ``device``, ``weighting``, ``chunk_bytes`` and the
+    method's options (the fields of its ``Options``)."""
     return get(name)(spec, **params)
 
 
-__all__ = ["AggregationError", "Aggregator", "ClientInfo", "ClientUpdate", "available", "create", "get"]
+__all__ = [
+    "AggregationError",
+    "Aggregator",
+    "ClientInfo",
+    "ClientUpdate",
+    "MethodOptions",
+    "OptionsError",
+    "available",
+    "create",
+    "get",
+    "method_options",
+]

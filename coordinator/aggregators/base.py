@@ -8,9 +8,9 @@ the accepted updates. All tensors live on ``self.device`` (CUDA when present, el
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 
@@ -25,6 +25,34 @@ DEFAULT_CHUNK_BYTES = 1 << 30
 
 class AggregationError(ValueError):
     """Updates that cannot be aggregated together (missing keys, mismatched shapes, bad indices)."""
+
+
+class OptionsError(ValueError):
+    """A method option the method does not have, or a value it refuses; the message names both."""
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's own options as data (as peft's ``LoraConfig``): a frozen dataclass per method.
+
+    A method with options subclasses this with its fields and checks them in ``__post_init__``; a
+    method without any has this empty one. Every entry point reads the same class:
+    ``aggregators.create(name, spec, **params)``, ``--method-params`` of ``fleetlora sim`` and
+    ``fleetlora coordinator serve``, and a run config's ``[method_params.NAME]`` table.
+    """
+
+    @classmethod
+    def from_params(cls, method: str, params: Mapping[str, Any]) -> Self:
+        """The options from a mapping (JSON, TOML); an unknown key or a refused value is named."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            offered = ", ".join(known) if known else "none"
+            raise OptionsError(f"method {method!r} has no option {unknown[0]!r} (its options: {offered})")
+        try:
+            return cls(**params)
+        except (TypeError, ValueError) as e:  # a value of the wrong type fails a comparison in the checks
+            raise OptionsError(f"method {method!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -72,6 +100,10 @@ class Aggregator(ABC):
         Working-memory bound of one batch: same-shaped layers are stacked and processed together up
         to about this many bytes (a method declares its float64 working copies per stacked scalar),
         so peak memory depends on the clients' uploads, never on ``K x d x k``.
+    **options
+        The method's own options: the fields of its :attr:`Options` dataclass, kept as ``options``.
+
+    ``round_index`` counts the rounds aggregated so far (methods with a schedule read it).
     """
 
     name: ClassVar[str] = ""
@@ -84,6 +116,8 @@ class Aggregator(ABC):
     # Its globals carry a change of the frozen base (FLoRA, FedEx-LoRA): an ExecuTorch device needs a
     # program with base-delta inputs (``fleetlora export --base-delta``).
     changes_base: ClassVar[bool] = False
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # the method's own options
+    options: MethodOptions
 
     @classmethod
     def client_spec(cls, spec: AdapterSpec) -> AdapterSpec:
@@ -96,6 +130,7 @@ class Aggregator(ABC):
         device: str | torch.device = "auto",
         weighting: Weighting = "examples",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        **options: Any,
     ):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
@@ -108,6 +143,12 @@ class Aggregator(ABC):
         self.weighting = weighting
         self.chunk_bytes = chunk_bytes
         self.metrics: dict[str, float] = {}  # filled by aggregate(): divergence etc.
+        self.options = self.Options.from_params(self.name, options)
+        self.round_index = 0
+        self.setup()
+
+    def setup(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Per-instance state, and checks that need the spec as well as the options (default: none)."""
 
     def init_global(self, initial: State) -> State:
         """The round-0 global adapter, from the freshly attached model's trainable state."""

@@ -11,27 +11,22 @@ by ``chunk_bytes``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from coordinator.aggregators.base import (
-    DEFAULT_CHUNK_BYTES,
-    AggregationError,
-    Aggregator,
-    ClientUpdate,
-    Weighting,
-)
+from coordinator.aggregators.base import AggregationError, Aggregator, ClientUpdate, MethodOptions
 from coordinator.divergence import lora_divergence
 from coordinator.rpca import pcp
-from export.spec import AdapterSpec
 from export.state import State
 
 Beta = float | Callable[[int], float] | Literal["adaptive"]
 
 
-class FedRPCA(Aggregator):
-    """FedRPCA on the coordinator.
+@dataclass(frozen=True)
+class FedRPCAOptions(MethodOptions):
+    """FedRPCA's options.
 
     Parameters
     ----------
@@ -43,34 +38,29 @@ class FedRPCA(Aggregator):
         The default 2 is one point of METHODS.md's grid {1, 2, 4, 8, K}; 1 is FedIT.
     tol, max_iter : float, int
         PCP stopping rule: ``||M - L - S||_F / ||M||_F < tol`` or ``max_iter`` iterations.
-
-    ``round_index`` counts the rounds aggregated so far; a resumed coordinator sets it.
     """
+
+    lam: float | None = None
+    beta: Beta = 2.0
+    tol: float = 1e-7
+    max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.lam is not None and not self.lam > 0:
+            raise ValueError(f"lam must be positive, got {self.lam}")
+        if isinstance(self.beta, str) and self.beta != "adaptive":
+            raise ValueError(f"beta must be a number, a callable or 'adaptive', got {self.beta!r}")
+        if not self.tol > 0 or self.max_iter < 1:
+            raise ValueError(f"need tol > 0 and max_iter >= 1, got {self.tol}, {self.max_iter}")
+
+
+class FedRPCA(Aggregator):
+    """FedRPCA on the coordinator, with :class:`FedRPCAOptions`."""
 
     name = "fedrpca"
     work_copies = 10.0  # M, L, S, W, E and temporaries of the PCP, float64
-
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        *,
-        lam: float | None = None,
-        beta: Beta = 2.0,
-        tol: float = 1e-7,
-        max_iter: int = 1000,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        if lam is not None and not lam > 0:
-            raise ValueError(f"lam must be positive, got {lam}")
-        if isinstance(beta, str) and beta != "adaptive":
-            raise ValueError(f"beta must be a number, a callable or 'adaptive', got {beta!r}")
-        if not tol > 0 or max_iter < 1:
-            raise ValueError(f"need tol > 0 and max_iter >= 1, got {tol}, {max_iter}")
-        self.lam, self.beta, self.tol, self.max_iter = lam, beta, tol, max_iter
-        self.round_index = 0
+    Options = FedRPCAOptions
+    options: FedRPCAOptions
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p, out = self.begin_round(global_state, updates)
@@ -100,7 +90,8 @@ class FedRPCA(Aggregator):
         self, m: torch.Tensor, p: torch.Tensor, iterations: list[float], betas: list[float]
     ) -> torch.Tensor:
         """``sum_u p_u L_u + beta sum_u p_u S_u`` for each (D, K) problem of ``m`` (P, D, K): (P, D)."""
-        result = pcp(m, self.lam, tol=self.tol, max_iter=self.max_iter)
+        opts = self.options
+        result = pcp(m, opts.lam, tol=opts.tol, max_iter=opts.max_iter)
         p64 = p.double()
         low_mean = result.low_rank @ p64
         sparse_mean = result.sparse @ p64
@@ -111,12 +102,13 @@ class FedRPCA(Aggregator):
 
     def _beta(self, sparse: torch.Tensor, sparse_mean: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         n = sparse.shape[0]
-        if self.beta == "adaptive":
+        beta = self.options.beta
+        if beta == "adaptive":
             spread = sparse.square().sum(1) @ p  # sum_u p_u ||S_u||^2
             mean2 = sparse_mean.square().sum(1)
             eps = 1e-12 * spread + torch.finfo(torch.float64).tiny
             return torch.clamp(spread / (mean2 + eps), min=1.0)
-        value = self.beta(self.round_index) if callable(self.beta) else self.beta
+        value = beta(self.round_index) if callable(beta) else beta
         if not isinstance(value, int | float):
             raise AggregationError(f"beta({self.round_index}) returned {value!r}, not a number")
         return torch.full((n,), float(value), dtype=torch.float64, device=sparse.device)

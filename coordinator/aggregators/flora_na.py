@@ -8,22 +8,23 @@ the same download size as FedIT, and never a larger divergence. The solvers are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from coordinator.aggregators.base import DEFAULT_CHUNK_BYTES, Aggregator, ClientUpdate, Weighting
+from coordinator.aggregators.base import Aggregator, ClientUpdate, MethodOptions
 from coordinator.divergence import exact_fro2, lora_divergence
 from coordinator.flora_na_solver import Coefficients, solve_als, solve_dense
-from export.spec import AdapterSpec
 from export.state import State
 
 Solver = Literal["als", "dense"]
 Gauge = Literal["sum_q", "balanced", "none"]
 
 
-class FloraNA(Aggregator):
-    """FLoRA-NA on the coordinator.
+@dataclass(frozen=True)
+class FloraNAOptions(MethodOptions):
+    """FLoRA-NA's options.
 
     Parameters
     ----------
@@ -43,38 +44,43 @@ class FloraNA(Aggregator):
         Adam steps and relative step size of the ``dense`` solver.
     """
 
+    solver: Solver = "als"
+    sweeps: int = 10
+    tol: float = 1e-6
+    ridge: float = 1e-10
+    gauge: Gauge = "sum_q"
+    dense_steps: int = 300
+    dense_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("als", "dense"):
+            raise ValueError(f"solver must be 'als' or 'dense', got {self.solver!r}")
+        if self.gauge not in ("sum_q", "balanced", "none"):
+            raise ValueError(f"gauge must be 'sum_q', 'balanced' or 'none', got {self.gauge!r}")
+        if (
+            self.sweeps < 1
+            or self.dense_steps < 0
+            or not self.tol >= 0
+            or not self.ridge >= 0
+            or not self.dense_lr > 0
+        ):
+            raise ValueError("need sweeps >= 1, dense_steps >= 0, tol >= 0, ridge >= 0, dense_lr > 0")
+
+
+class FloraNA(Aggregator):
+    """FLoRA-NA on the coordinator, with :class:`FloraNAOptions`."""
+
     name = "flora_na"
     work_copies = 4.0
+    Options = FloraNAOptions
+    options: FloraNAOptions
 
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        *,
-        solver: Solver = "als",
-        sweeps: int = 10,
-        tol: float = 1e-6,
-        ridge: float = 1e-10,
-        gauge: Gauge = "sum_q",
-        dense_steps: int = 300,
-        dense_lr: float = 1e-2,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        if solver not in ("als", "dense"):
-            raise ValueError(f"solver must be 'als' or 'dense', got {solver!r}")
-        if gauge not in ("sum_q", "balanced", "none"):
-            raise ValueError(f"gauge must be 'sum_q', 'balanced' or 'none', got {gauge!r}")
-        if sweeps < 1 or dense_steps < 0 or not tol >= 0 or not ridge >= 0 or not dense_lr > 0:
-            raise ValueError("need sweeps >= 1, dense_steps >= 0, tol >= 0, ridge >= 0, dense_lr > 0")
-        self.solver, self.sweeps, self.tol, self.ridge, self.gauge = solver, sweeps, tol, ridge, gauge
-        self.dense_steps, self.dense_lr = dense_steps, dense_lr
+    def setup(self) -> None:
         self.last_coefficients: list[Coefficients] = []  # per batch, for inspection and tests
 
     def extra_scalars_per_layer(self, d: int, k: int) -> int:
         """The dense solver holds the target, the residual and a product, each ``d x k``."""
-        return 3 * d * k if self.solver == "dense" else 0
+        return 3 * d * k if self.options.solver == "dense" else 0
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p, out = self.begin_round(global_state, updates)
@@ -83,10 +89,11 @@ class FloraNA(Aggregator):
         for batch in self.lora_batches(global_state, updates):
             bs, as_, pi = batch.b.double(), batch.a.double(), p.double()
             target2 = exact_fro2(bs, as_, pi)
-            if self.solver == "als":
-                coef = solve_als(bs, as_, pi, target2, sweeps=self.sweeps, tol=self.tol, ridge=self.ridge)
+            opts = self.options
+            if opts.solver == "als":
+                coef = solve_als(bs, as_, pi, target2, sweeps=opts.sweeps, tol=opts.tol, ridge=opts.ridge)
             else:
-                coef = solve_dense(bs, as_, pi, steps=self.dense_steps, lr=self.dense_lr)
+                coef = solve_dense(bs, as_, pi, steps=opts.dense_steps, lr=opts.dense_lr)
             self.last_coefficients.append(coef)
             b_hat, a_hat = self._gauged(coef, bs, as_)
             batch.store(out, a_hat, b_hat)
@@ -103,9 +110,9 @@ class FloraNA(Aggregator):
         """``B_hat, A_hat`` after fixing the free scale ``c`` of ``(c p, q / c)``."""
         b_hat = torch.einsum("lu,ludr->ldr", coef.p, bs)
         a_hat = torch.einsum("lu,lurk->lrk", coef.q, as_)
-        if self.gauge == "none":
+        if self.options.gauge == "none":
             return b_hat, a_hat
-        if self.gauge == "sum_q":
+        if self.options.gauge == "sum_q":
             c = coef.q.sum(-1)
             ok = c.abs() > 1e-12
         else:

@@ -9,16 +9,18 @@ never forms a ``d x k`` matrix. Because ``Delta B`` minimises ``||E - Delta B A_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from coordinator.aggregators.base import DEFAULT_CHUNK_BYTES, Aggregator, ClientUpdate, Weighting
+from coordinator.aggregators.base import Aggregator, ClientUpdate, MethodOptions
 from coordinator.divergence import lora_divergence
-from export.spec import AdapterSpec
 from export.state import State
 
 
-class LoRAFAIR(Aggregator):
-    """LoRA-FAIR on the coordinator.
+@dataclass(frozen=True)
+class LoRAFAIROptions(MethodOptions):
+    """LoRA-FAIR's options.
 
     Parameters
     ----------
@@ -27,21 +29,19 @@ class LoRAFAIR(Aggregator):
         lambda is "small" and not retrieved). 0 is the plain least-squares correction.
     """
 
-    name = "lora_fair"
+    ridge: float = 1e-3
 
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        *,
-        ridge: float = 1e-3,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
-        self.ridge = ridge
+    def __post_init__(self) -> None:
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+
+
+class LoRAFAIR(Aggregator):
+    """LoRA-FAIR on the coordinator, with :class:`LoRAFAIROptions`."""
+
+    name = "lora_fair"
+    Options = LoRAFAIROptions
+    options: LoRAFAIROptions
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p, out = self.begin_round(global_state, updates)
@@ -56,7 +56,7 @@ class LoRAFAIR(Aggregator):
             rank = gram.shape[-1]
             scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
             eye = torch.eye(rank, dtype=torch.float64, device=gram.device)
-            lam = (self.ridge * scale + torch.finfo(torch.float64).eps * scale)[:, None, None]
+            lam = (self.options.ridge * scale + torch.finfo(torch.float64).eps * scale)[:, None, None]
             # Delta B G = E A_bar^T with symmetric G: solve G X = (E A_bar^T)^T.
             delta_b = torch.linalg.solve(gram + lam * eye, e_at.transpose(1, 2)).transpose(1, 2)
             b_new = b_hat + delta_b

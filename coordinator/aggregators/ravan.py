@@ -14,24 +14,19 @@ trained weight ``P_i`` the gap is ``(1 - P_i)(H_i^new - H_i^old)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from coordinator.aggregators.base import (
-    DEFAULT_CHUNK_BYTES,
-    AggregationError,
-    Aggregator,
-    ClientUpdate,
-    Weighting,
-)
+from coordinator.aggregators.base import AggregationError, Aggregator, ClientUpdate, MethodOptions
 from coordinator.divergence import ravan_divergence
 from export.ravan import layer_seed, make_bases
-from export.spec import AdapterSpec
 from export.state import RAVAN_H, RAVAN_HEADS, RAVAN_S, State, layout
 
 
-class Ravan(Aggregator):
-    """Ravan on the coordinator.
+@dataclass(frozen=True)
+class RavanOptions(MethodOptions):
+    """Ravan's options.
 
     Parameters
     ----------
@@ -41,22 +36,21 @@ class Ravan(Aggregator):
         orthonormal, so no shapes are needed.
     """
 
+    layer_dims: Mapping[str, tuple[int, int]] | None = None
+
+
+class Ravan(Aggregator):
+    """Ravan on the coordinator, with :class:`RavanOptions`."""
+
     name = "ravan"
     family = "ravan"
+    Options = RavanOptions
+    options: RavanOptions
 
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        *,
-        layer_dims: Mapping[str, tuple[int, int]] | None = None,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        if spec.basis_init == "normal" and layer_dims is None:
+    def setup(self) -> None:
+        if self.spec.basis_init == "normal" and self.options.layer_dims is None:
             raise ValueError("Ravan with basis_init='normal' needs layer_dims={prefix: (d_out, d_in)}")
-        self.layer_dims = dict(layer_dims or {})
+        self.layer_dims = dict(self.options.layer_dims or {})
         self._grams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:

@@ -13,28 +13,17 @@ tensors (a fresh classifier) are plain FedAvg, as for every method. ``beta = 1``
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from coordinator.aggregators.base import (
-    DEFAULT_CHUNK_BYTES,
-    AggregationError,
-    Aggregator,
-    ClientUpdate,
-    Weighting,
-)
+from coordinator.aggregators.base import AggregationError, Aggregator, ClientUpdate, MethodOptions
 from coordinator.divergence import lora_divergence
-from export.spec import AdapterSpec
 from export.state import State
 
 
 class ScaledAveraging(Aggregator):
-    """``X + beta * sum_u p_u (X_u - X)`` on the LoRA factors; subclasses choose ``beta``.
-
-    ``round_index`` counts the rounds aggregated so far (a resumed coordinator sets it).
-    """
-
-    round_index: int = 0  # per instance once aggregate() counts a round
+    """``X + beta * sum_u p_u (X_u - X)`` on the LoRA factors; subclasses choose ``beta``."""
 
     def beta(self, global_state: State, updates: list[ClientUpdate], p: torch.Tensor) -> float:
         """This round's server step size."""
@@ -55,8 +44,9 @@ class ScaledAveraging(Aggregator):
         return out
 
 
-class TaskArithmetic(ScaledAveraging):
-    """Task-Arithmetic scaled averaging.
+@dataclass(frozen=True)
+class TaskArithmeticOptions(MethodOptions):
+    """Task-Arithmetic's options.
 
     Parameters
     ----------
@@ -64,31 +54,31 @@ class TaskArithmetic(ScaledAveraging):
         A constant, or ``beta(round_index)``. Default 2, one point of METHODS.md's grid {1, 2, 4, 8, K}.
     """
 
-    name = "task_arithmetic"
+    beta: float | Callable[[int], float] = 2.0
 
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        *,
-        beta: float | Callable[[int], float] = 2.0,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        if not callable(beta) and not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta}")
-        self._beta = beta
+    def __post_init__(self) -> None:
+        if not callable(self.beta) and not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+
+
+class TaskArithmetic(ScaledAveraging):
+    """Task-Arithmetic scaled averaging, with :class:`TaskArithmeticOptions`."""
+
+    name = "task_arithmetic"
+    Options = TaskArithmeticOptions
+    options: TaskArithmeticOptions
 
     def beta(self, global_state: State, updates: list[ClientUpdate], p: torch.Tensor) -> float:
-        value = self._beta(self.round_index) if callable(self._beta) else self._beta
+        beta = self.options.beta
+        value = beta(self.round_index) if callable(beta) else beta
         if not isinstance(value, int | float) or not value > 0:
             raise AggregationError(f"beta({self.round_index}) returned {value!r}, not a positive number")
         return float(value)
 
 
-class FedExP(ScaledAveraging):
-    """FedExP's adaptive server step over the adapter update.
+@dataclass(frozen=True)
+class FedExPOptions(MethodOptions):
+    """FedExP's options.
 
     Parameters
     ----------
@@ -96,21 +86,19 @@ class FedExP(ScaledAveraging):
         FedExP's ``epsilon`` (its paper's 1e-3), keeping ``beta`` bounded when the mean update vanishes.
     """
 
-    name = "fedexp"
+    eps: float = 1e-3
 
-    def __init__(
-        self,
-        spec: AdapterSpec,
-        device: str | torch.device = "auto",
-        weighting: Weighting = "examples",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        *,
-        eps: float = 1e-3,
-    ):
-        super().__init__(spec, device, weighting, chunk_bytes)
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        self.eps = eps
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+
+class FedExP(ScaledAveraging):
+    """FedExP's adaptive server step over the adapter update, with :class:`FedExPOptions`."""
+
+    name = "fedexp"
+    Options = FedExPOptions
+    options: FedExPOptions
 
     def beta(self, global_state: State, updates: list[ClientUpdate], p: torch.Tensor) -> float:
         p64 = p.double()
@@ -121,4 +109,4 @@ class FedExP(ScaledAveraging):
                 delta = (x.double() - x_old.double().unsqueeze(1)).flatten(2)  # (L, U, D)
                 spread += (delta.square().sum(-1) @ p64).sum()
                 mean2 += torch.einsum("u,lud->ld", p64, delta).square().sum()
-        return max(1.0, float(spread / (2 * mean2 + self.eps)))
+        return max(1.0, float(spread / (2 * mean2 + self.options.eps)))

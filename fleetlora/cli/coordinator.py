@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import threading
@@ -78,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="aggregation device: auto (CUDA when present), cpu, cuda")
     p.add_argument("--weighting", choices=["examples", "uniform"], default="examples", help="client weights")
     p.add_argument(
+        "--method-params", default="{}",
+        help='the method\'s options, JSON as in fleetlora sim, e.g. \'{"fedrpca": {"beta": 4}}\'',
+    )  # fmt: skip
+    p.add_argument(
         "--clip-norm", type=non_negative_float, default=0.0,
         help="largest L2 norm of an update's change to the global adapter (0 = no limit)",
     )  # fmt: skip
@@ -128,6 +133,28 @@ def evaluator(args: argparse.Namespace, task: Any, tokenizer: Any, model: Any, a
     return GlobalEvaluator(model, task.spec, agg, trainable_state(model), examples)
 
 
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--method-params`` (JSON, or a run config's table): ``{METHOD: {option: value}}`` for --method."""
+    from coordinator import aggregators
+
+    try:
+        raw = args.method_params
+        params = raw if isinstance(raw, dict) else json.loads(raw)
+    except ValueError as e:
+        raise CliError(f"--method-params is not JSON: {e}") from e
+    if not isinstance(params, dict) or any(not isinstance(v, dict) for v in params.values()):
+        raise CliError(f'--method-params must map a method to its options, e.g. {{"{args.method}": {{...}}}}')
+    other = sorted(set(params) - {args.method})
+    if other:
+        raise CliError(f"--method-params names {other[0]!r}, but --method is {args.method!r}")
+    own = params.get(args.method, {})
+    try:
+        aggregators.method_options(args.method, own)
+    except aggregators.OptionsError as e:
+        raise CliError(f"--method-params: {e}") from e
+    return own
+
+
 def run(args: argparse.Namespace) -> int:
     from coordinator import aggregators
     from coordinator.metrics import MetricsLog
@@ -139,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.method not in aggregators.available():
         raise CliError(f"unknown method {args.method!r}; choose from {', '.join(aggregators.available())}")
+    options = method_options(args)
     family = aggregators.get(args.method).family
     task = resolve_task(args, seq_len=None, spec_defaults={"family": family, "seed": args.seed})
     if task.spec.family != family:
@@ -164,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no --coordinator-key: announcements go out unsigned and devices cannot verify them")
     print(task.describe())
     model, tokenizer = task_model(task)
-    agg = aggregators.create(args.method, task.spec, device=args.device, weighting=args.weighting)
+    agg = aggregators.create(args.method, task.spec, device=args.device, weighting=args.weighting, **options)
     metrics = MetricsLog(args.metrics or store.root / "metrics.jsonl")
     service = RoundService(
         config, task.spec, agg, trainable_state(model), store, metrics, device_keys=keys,
