@@ -1,4 +1,4 @@
-"""The Ray transport gives exactly the in-process numbers; ``--backend`` is ``--transport``."""
+"""The Ray transport gives exactly the in-process numbers; ``--backend`` is a deprecated ``--transport``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def test_backend_is_an_alias_of_transport() -> None:
+def test_backend_is_a_deprecated_alias_of_transport(capsys: pytest.CaptureFixture[str]) -> None:
     from fleetlora.cli import sim as sim_cli
 
     parser = argparse.ArgumentParser()
@@ -53,6 +53,8 @@ def test_backend_is_an_alias_of_transport() -> None:
     config = sim_cli.config_from_args(args)
     assert isinstance(config, SimConfig)
     assert (config.transport, config.ray_address, config.ray_actors) == ("ray", "auto", 3)
+    assert "--backend is deprecated, use --transport" in capsys.readouterr().err
+    assert "--backend" not in parser.format_help()  # --backend means the trainer, in fleetlora client
 
 
 @pytest.mark.ray

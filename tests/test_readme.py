@@ -47,3 +47,22 @@ def test_every_readme_command_parses(command: str) -> None:
         from fleetlora.cli.bench import BENCHMARKS
 
         assert args.name in BENCHMARKS
+
+
+def test_the_readme_uses_no_deprecated_spelling_and_old_ones_still_parse_with_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fleetlora.cli import DeprecatedAlias, parse
+
+    _, subparsers = build_parser()
+    old = {
+        name: {o for a in p._actions if isinstance(a, DeprecatedAlias) for o in a.option_strings}
+        for name, p in subparsers.items()
+    }
+    for command in readme_commands():
+        words = shlex.split(command)
+        assert not old.get(words[0], set()) & {w.split("=")[0] for w in words}, command
+    args = parse(["export", "--alpha", "8", "--targets", "query", "--out", "x"])
+    assert (args.lora_alpha, args.target_modules) == (8.0, "query")
+    err = capsys.readouterr().err
+    assert "--alpha is deprecated, use --lora-alpha" in err and "--targets is deprecated" in err

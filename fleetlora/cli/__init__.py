@@ -155,3 +155,31 @@ def as_list(value: Any) -> list[str]:
     """Flags that take several values may come from TOML as a list or from the shell as 'a,b'."""
     out = [str(v) for v in value] if isinstance(value, list | tuple) else str(value).split(",")
     return [v.strip() for v in out if v.strip()]
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag, kept for one release: stores into the new flag's dest and says so once.
+
+    ``add_argument("--old", dest="new", action=DeprecatedAlias, use="--new", why="...")``; hidden from
+    ``--help``, and it never sets a default of its own.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, *, use: str, why: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.use, self.why, self.warned = use, why, False
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if not self.warned:  # the command line is parsed twice (see parse): one warning
+            print(
+                f"{PROG}: warning: {option_string} is deprecated, use {self.use} ({self.why})",
+                file=sys.stderr,
+            )
+            self.warned = True
+        setattr(namespace, self.dest, values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fleetlora.cli import CliError, as_list, positive_int
+from fleetlora.cli import CliError, DeprecatedAlias, as_list, positive_int
 from fleetlora.cli._deploy import label_names
 
 NAME = "export"
@@ -25,9 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="registered model name (minilm, tiny-bert)")
     p.add_argument("--family", default="lora", choices=("lora", "ravan"), help="adapter family")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (Ravan: the budget's rank)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
+    p.add_argument(
+        "--alpha", dest="lora_alpha", type=float, action=DeprecatedAlias,
+        use="--lora-alpha", why="as in fleetlora sim, where --alpha is the Dirichlet alpha",
+    )  # fmt: skip
     p.add_argument("--heads", type=positive_int, default=4, help="Ravan heads")
-    p.add_argument("--targets", default="query,value", help="target modules, comma-separated")
+    p.add_argument("--target-modules", default="query,value", help="target modules, comma-separated")
+    p.add_argument(
+        "--targets",
+        dest="target_modules",
+        action=DeprecatedAlias,
+        use="--target-modules",
+        why="as in fleetlora sim",
+    )
     p.add_argument(
         "--layers", default="",
         help="only adapt these transformer blocks: indices (5 or 4,5), or 'top' for the last one "
@@ -88,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = AdapterSpec(
             family=args.family,
-            target_modules=tuple(as_list(args.targets)),
+            target_modules=tuple(as_list(args.target_modules)),
             layers=adapted_layers(args.model, args.layers),
             rank=args.rank,
-            alpha=args.alpha,
+            alpha=args.lora_alpha,
             heads=args.heads,
             seed=args.seed,
         )

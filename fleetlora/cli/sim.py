@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from fleetlora.cli import CliError, as_list, non_negative_float, positive_int
+from fleetlora.cli import CliError, DeprecatedAlias, as_list, non_negative_float, positive_int
 
 NAME = "sim"
 ORDER = 10
@@ -155,13 +155,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how far the reference trains past the federated budget (epochs)",
     )
     p.add_argument(
-        "--transport",
-        "--backend",
-        dest="transport",
-        choices=["inproc", "mqtt", "ray"],
-        default=d.transport,
-        help="how clients are reached",
+        "--transport", choices=["inproc", "mqtt", "ray"], default=d.transport, help="how clients are reached"
     )
+    p.add_argument(
+        "--backend", dest="transport", choices=["inproc", "mqtt", "ray"], action=DeprecatedAlias,
+        use="--transport", why="--backend is the trainer in fleetlora client; here the trainer is --trainer",
+    )  # fmt: skip
     p.add_argument("--broker", default="", help="mqtt://host:port of an external broker (default: embedded)")
     p.add_argument(
         "--ray-address",
