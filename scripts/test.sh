@@ -9,10 +9,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFL
 .venv/bin/mypy
 # Tests marked slow (the real MiniLM exported to ExecuTorch with XNNPACK, full-size drills) take many
 # minutes on 2 cores: they run when FLEETLORA_SLOW=1, e.g. `FLEETLORA_SLOW=1 bash scripts/test.sh`.
+# --durations=15: the slowest tests are printed every run, so the suite's cost stays visible.
 if [ "${FLEETLORA_SLOW:-0}" = "1" ]; then
-  .venv/bin/python -m pytest -q "$@"
+  .venv/bin/python -m pytest -q --durations=15 "$@"
 else
-  .venv/bin/python -m pytest -q -m "not slow" "$@"
+  .venv/bin/python -m pytest -q --durations=15 -m "not slow" "$@"
 fi
 # The numerical tests again under the CPU code paths below this machine's best (AVX2, plain SSE): a
 # tolerance must hold on any CPU, not only on the one CI runs on.

@@ -34,6 +34,7 @@ from protocol.topics import global_topic, up_topic
 pytestmark = pytest.mark.mqtt
 
 
+@pytest.mark.drill
 def test_coordinator_sigkilled_20_times_ends_with_the_uninterrupted_global(
     mosquitto: Mosquitto, broker_dir: Path
 ) -> None:
@@ -180,6 +181,7 @@ def test_dropouts_close_at_the_deadline_with_the_quorum_and_too_few_extend(
 # ---- hostile input -----------------------------------------------------------------------------------
 
 
+@pytest.mark.drill
 def test_10000_hostile_envelopes_crash_nothing_touch_nothing_and_are_counted_by_reason(
     mosquitto: Mosquitto, broker_dir: Path
 ) -> None:
@@ -197,6 +199,7 @@ def test_10000_hostile_envelopes_crash_nothing_touch_nothing_and_are_counted_by_
 # ---- load ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.drill
 def test_1000_devices_publishing_in_the_same_second_lose_nothing(
     mosquitto: Mosquitto, broker_dir: Path
 ) -> None:
