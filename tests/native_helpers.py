@@ -69,7 +69,7 @@ def flash_native(
 ) -> Path:
     """``fleetlora flash --runtime native`` of ``bundle`` for ``client`` into ``folder`` (a local: target)."""
     argv = [
-        "flash", "--device", "pixel_8", "--bundle", str(bundle.path), "--target", f"local:{folder}",
+        "flash", "--profile", "pixel_8", "--bundle", str(bundle.path), "--target", f"local:{folder}",
         "--broker", broker, "--run-id", RUN, "--client-id", client, "--runtime", "native",
         "--dataset", "trec6", "--shard", shard, "--max-examples", str(examples), "--batch-size", str(BATCH),
         *extra,

@@ -46,7 +46,7 @@ def pki(tmp_path: Path) -> Path:
 
 def flash(bundle: Path, tmp_path: Path, *extra: str) -> int:
     """Flash the Python client (these tests are about its folder; tests/test_native.py has the native one)."""
-    args = ["flash", "--device", "pixel_8", "--run", "demo", "--runtime", "python", "--bundle", str(bundle)]
+    args = ["flash", "--profile", "pixel_8", "--run", "demo", "--runtime", "python", "--bundle", str(bundle)]
     return cli_main([*args, "--target", f"local:{tmp_path / 'dev'}", *extra])
 
 
@@ -103,7 +103,7 @@ def test_a_device_that_is_not_enrolled_is_named_with_the_command_to_enrol_it(
 
 
 def test_profile_names_are_checked(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["flash", "--device", "rpi5", "--run", "demo", "--bundle", str(bundle), "--client-id", "d"]
+    args = ["flash", "--profile", "rpi5", "--run", "demo", "--bundle", str(bundle), "--client-id", "d"]
     assert cli_main([*args, "--dataset", "trec6", "--target", f"local:{tmp_path / 'dev'}"]) == 2
     err = capsys.readouterr().err
     assert "unknown device profile 'rpi5'; known profiles: " in err and "raspberry_pi_5_8gb" in err
@@ -112,7 +112,7 @@ def test_profile_names_are_checked(bundle: Path, tmp_path: Path, capsys: pytest.
 def test_every_example_in_help_names_a_shipped_profile() -> None:
     from fleetlora.cli import flash as flash_cli
 
-    named = re.findall(r"--device (\S+)", flash_cli.EXAMPLES)
+    named = re.findall(r"--profile (\S+)", flash_cli.EXAMPLES)
     assert named and all(n in list_profiles() or n.endswith(".toml") for n in named)
 
 

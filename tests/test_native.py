@@ -211,7 +211,7 @@ def test_flash_dry_run_prints_the_plan_and_writes_nothing(
     dest = tmp_path / "dev"
     argv = [
         "flash",
-        "--device",
+        "--profile",
         "pixel_8",
         "--run",
         "demo",
@@ -230,7 +230,7 @@ def test_flash_dry_run_prints_the_plan_and_writes_nothing(
     assert (
         f"runtime: native, {HOST}" in out and "would copy" in out and "plan.json" in out and not dest.exists()
     )
-    adb = ["flash", "--device", "pixel_8", "--run", "demo", "--client-id", "dev0", "--dataset", "trec6"]
+    adb = ["flash", "--profile", "pixel_8", "--run", "demo", "--client-id", "dev0", "--dataset", "trec6"]
     adb += ["--bundle", str(bundle.path), "--target", "adb:/data/local/tmp/fl"]
     assert cli_main([*adb, "--runtime", "native", "--dry-run"]) == 2
     assert "Android build is not made here" in capsys.readouterr().err

@@ -66,3 +66,5 @@ def test_the_readme_uses_no_deprecated_spelling_and_old_ones_still_parse_with_a_
     assert (args.lora_alpha, args.target_modules) == (8.0, "query")
     err = capsys.readouterr().err
     assert "--alpha is deprecated, use --lora-alpha" in err and "--targets is deprecated" in err
+    args = parse(["flash", "--device", "pixel_8", "--run", "r", "--target", "local:x"])
+    assert args.profile == "pixel_8" and "--device is deprecated, use --profile" in capsys.readouterr().err

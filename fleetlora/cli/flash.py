@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleetlora.cli import CliError, positive_int
+from fleetlora.cli import CliError, DeprecatedAlias, positive_int
 from fleetlora.cli._deploy import broker_url
 
 log = logging.getLogger(__name__)
@@ -22,22 +22,28 @@ log = logging.getLogger(__name__)
 NAME = "flash"
 HELP = "copy a bundle + the device's data + client (native or Python) + config + run-client.sh to a device"
 EXAMPLES = """\
-fleetlora flash --device raspberry_pi_5_8gb --run demo --bundle bundles/r8 --pki pki --keys keys \\
+fleetlora flash --profile raspberry_pi_5_8gb --run demo --bundle bundles/r8 --pki pki --keys keys \\
     --client-id dev1 --data data/dev1.jsonl --target local:devices/dev1
-fleetlora flash --device jetson_orin_nano_8gb --run demo --bundle bundles/r8 --pki pki --keys keys \\
+fleetlora flash --profile jetson_orin_nano_8gb --run demo --bundle bundles/r8 --pki pki --keys keys \\
     --client-id jetson-01 --data my.csv --broker mqtts://10.0.0.5:8883 --target ssh:nvidia@jetson-01:/opt/fl
-fleetlora flash --device raspberry_pi_5_8gb --run demo --bundle bundles/r8 --client-id pi-1 \\
+fleetlora flash --profile raspberry_pi_5_8gb --run demo --bundle bundles/r8 --client-id pi-1 \\
     --dataset reuters8 --shard 0/3 --arch aarch64 --target ssh:pi@10.0.0.7:/opt/fl --dry-run
-fleetlora flash --device pixel_8 --run demo --bundle bundles/r8 --client-id phone-1 --dataset trec6 \\
+fleetlora flash --profile pixel_8 --run demo --bundle bundles/r8 --client-id phone-1 --dataset trec6 \\
     --runtime python --target adb:/data/local/tmp/fleetlora --dry-run
-fleetlora flash --device ./board.toml --run demo --bundle bundles/r8 --client-id b1 --target local:/tmp/b1"""
+fleetlora flash --profile ./board.toml --run demo --bundle bundles/r8 --client-id b1 --target local:/tmp/b1"""
 ORDER = 45
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--device", required=True, help="device profile: a shipped name (fleetlora devices list) or a .toml"
+        "--profile",
+        default="",
+        help="device profile (required): a shipped name (fleetlora devices list) or a .toml",
     )
+    p.add_argument(
+        "--device", dest="profile", action=DeprecatedAlias, use="--profile",
+        why="as in fleetlora client; --device is where the math runs in fleetlora coordinator serve",
+    )  # fmt: skip
     p.add_argument("--target", required=True, help="local:DIR | ssh:user@host:/path | adb:/path")
     p.add_argument(
         "--run", "--run-id", dest="run_id", required=True, help="federated run id (the coordinator's --run)"
@@ -181,9 +187,13 @@ def run(args: argparse.Namespace) -> int:
     from devices.flash import NATIVE_STATE_FILE, ClientConfig, FlashError, Target, flash
     from devices.profiles import ProfileError, load_profile
 
+    if not args.profile:
+        raise CliError(
+            "give --profile: the device's profile, a shipped name (fleetlora devices list) or a .toml"
+        )
     try:
         target = Target.parse(args.target)
-        load_profile(args.device)
+        load_profile(args.profile)
     except (FlashError, ProfileError) as e:
         raise CliError(str(e)) from e
     if bool(args.data) == bool(args.dataset):
@@ -205,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         if native and not args.batch_size:
             args.batch_size = min(16, bundle.info.batch_max)  # type: ignore[attr-defined]
         config = ClientConfig(
-            broker=url, run_id=args.run_id, client_id=cid, device=args.device, backend=args.backend,
+            broker=url, run_id=args.run_id, client_id=cid, device=args.profile, backend=args.backend,
             credentials=creds, data=args.data, dataset=args.dataset, python=python,
             state_file=NATIVE_STATE_FILE if native else "",
             batch_size=args.batch_size if native else 0,
@@ -263,7 +273,7 @@ def _native_files(args: argparse.Namespace, bundle: object, arch: str, client_id
     if args.dry_run:
         print(
             f"would copy {native.build_dir(arch)}/{native.BINARY} and its libraries to bin/, write plan.json "
-            f"(the budget table of {args.device}) and data.safetensors ({args.dataset} shard {args.shard})"
+            f"(the budget table of {args.profile}) and data.safetensors ({args.dataset} shard {args.shard})"
         )
         return NativeFiles(runtime=[], files={})
     try:
@@ -293,7 +303,7 @@ def device_files(args: argparse.Namespace, bundle: Any, client_id: str) -> tuple
     if args.batch_size > info.batch_max:
         raise CliError(f"--batch-size {args.batch_size} exceeds the bundle's largest batch {info.batch_max}")
     try:
-        profile = load_profile(args.device)
+        profile = load_profile(args.profile)
         model, tokenizer = build_model(info.model, info.num_classes, seed=info.model_seed)
         model = attach(model, bundle.spec)
         cost = model_cost(model, bundle.spec, info.seq_len)

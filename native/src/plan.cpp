@@ -24,7 +24,7 @@ Planner::Planner(const std::string& plan_file, const Bundle& bundle, const std::
       max_batch_(max_batch) {
   if (plan_file.empty() || !file_exists(plan_file)) {
     log_warn("no plan table (" + plan_file + "): every round trains " + std::to_string(fixed_steps ? fixed_steps : 5) +
-             " steps of batch " + std::to_string(max_batch) + " (flash with --device to plan from the device's budget)");
+             " steps of batch " + std::to_string(max_batch) + " (flash with --profile to plan from the device's budget)");
     return;
   }
   try {
