@@ -56,6 +56,7 @@ from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
 from coordinator.store import RoundState, RoundStore, StoreError, describe_task
 from edge_client.mqtt_types import Payload
+from edge_client.planner import rank_choices
 from edge_client.topics import parse_up_topic
 from edge_client.wire import (
     DEFAULT_MAX_BYTES,
@@ -335,7 +336,14 @@ class RoundService:
             rank=self.spec.rank if self.spec.family == "lora" else None, final=final,
             key=self.coordinator_key, keep_local=self.agg.local_suffixes,
             model=self.config.model or None, num_classes=self.config.num_classes or None,
+            rank_choices=self._rank_choices(),
         )  # fmt: skip
+
+    def _rank_choices(self) -> tuple[int, ...] | None:
+        """The LoRA ranks devices may train (methods that aggregate heterogeneous ranks), else None."""
+        if self.spec.family != "lora" or not self.agg.heterogeneous_ranks:
+            return None
+        return rank_choices(self.spec.rank)
 
     # ---- receiving --------------------------------------------------------------------------------
 
@@ -348,6 +356,12 @@ class RoundService:
             payload, expected_run=self.config.run, expected_client=client, rounds=round, spec=self.spec,
             template=self.template, key=key, max_bytes=self.config.max_bytes, method=self.config.method,
         )  # fmt: skip
+        rank = decoded.header.rank
+        if rank is not None and rank != self.spec.rank and self._rank_choices() is None:
+            raise EnvelopeError(
+                Reason.SHAPE, f"rank {rank}, but {self.config.method} aggregates the global rank "
+                f"{self.spec.rank} only (it offers devices no lower rank)",
+            )  # fmt: skip
         limit = self.config.clip_norm
         if limit:
             sent = self._sent_payload()

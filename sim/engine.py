@@ -24,6 +24,7 @@ from coordinator.aggregators import ClientInfo, ClientUpdate
 from coordinator.server_optimizer import ServerOptimizer
 from edge_client.backends import make_trainer
 from edge_client.local_round import LocalPlan, start_state
+from edge_client.planner import plan_from_budget
 from edge_client.trainer import OptimizerConfig, Trainer, evaluate
 from export.adapters import attach
 from export.base_delta import applied_base_delta, split_base_delta
@@ -177,22 +178,12 @@ def make_transport(
     return InProcTransport(model, trainer, template, world.train, train_fn=train)
 
 
-def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, seed: tuple[int, ...]) -> LocalPlan:
-    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3).
-
-    ``seed`` seeds the head draw; the generator is made only when heads are drawn (it costs more
-    than the rest of a client's bookkeeping).
-    """
-    budget = client.budgets[spec.family]
-    if spec.family == "ravan":
-        heads = (
-            None
-            if budget.heads >= spec.heads
-            else tuple(sorted(np.random.default_rng(seed).choice(spec.heads, budget.heads, replace=False)))
-        )
-        return LocalPlan(budget.local_steps, heads=heads)
-    rank = budget.rank if hetero_rank and budget.rank < spec.rank else None
-    return LocalPlan(budget.local_steps, rank=rank)
+def plan_for(client: VirtualClient, spec: AdapterSpec, heterogeneous_ranks: bool, round: int) -> LocalPlan:
+    """A client's rank / heads / steps in ``round`` (1-based, as the coordinator counts), from its
+    budget: what the device itself plans (:func:`edge_client.planner.plan_from_budget`)."""
+    return plan_from_budget(
+        client.budgets[spec.family], spec, client.cid, round, heterogeneous_ranks=heterogeneous_ranks
+    )
 
 
 @dataclass
@@ -267,13 +258,14 @@ def run_method(
     try:
         for rnd in range(config.rounds):
             picked, drop_draws = sample_round(config, len(world.clients), rnd)
-            jobs, bytes_down, round_time, dropped, late = [], 0, 0.0, 0, 0
+            jobs, round_time, dropped, late = [], 0.0, 0, 0
+            # One global per round, as the coordinator announces it: each device takes its slice.
+            payload = agg.payload_for(ClientInfo("*"), global_state)
+            bytes_down = num_bytes(payload) * len(picked)
             for i, draw in zip(picked, drop_draws, strict=True):
                 client = world.clients[i]
                 budget = client.budgets[family]
-                plan = plan_for(client, spec, hetero, (config.seed, rnd, i, 1))
-                payload = agg.payload_for(ClientInfo(client.cid, plan.rank, plan.heads), global_state)
-                bytes_down += num_bytes(payload)
+                plan = plan_for(client, spec, hetero, rnd + 1)
                 if draw < client.profile.dropout:  # vanishes mid-round: the server waits to the deadline
                     dropped += 1
                     round_time = world.deadline_s

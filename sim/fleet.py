@@ -12,6 +12,7 @@ import numpy as np
 
 from devices.profiles import load_mix, sample_devices
 from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
+from edge_client.planner import adapter_cost, rank_choices, round_policy
 from sim.config import SimConfig
 from sim.partition import dirichlet_partition, iid_partition
 
@@ -34,29 +35,16 @@ class VirtualClient:
 
 def model_cost(config: SimConfig, n_params: int, hidden: int, layers: int) -> ModelCost:
     """What one training example costs on a device (the whole model runs there: no prefix cache)."""
-    adapted_layers = len(config.layers) or layers
-    per_rank = adapted_layers * len(config.target_modules) * 2 * hidden
-    return ModelCost.estimate(
-        n_params=n_params,
-        seq_len=config.max_len,
-        hidden=hidden,
-        layers=layers,
-        adapted_scalars_per_rank=per_rank,
-        ravan_rank=config.rank,
-        ravan_heads=config.heads,
-    )
+    return adapter_cost(n_params, hidden, layers, config.spec("lora"), config.max_len)
 
 
 def policy(config: SimConfig, family: str, deadline_s: float) -> BudgetPolicy:
-    return BudgetPolicy(
-        max_steps=config.max_steps,
-        max_batch=config.batch_size,
-        max_rank=config.rank,
-        rank_choices=tuple(r for r in (1, 2, 4, 8, 16, 32, 64) if r <= config.rank) or (config.rank,),
-        max_heads=config.heads,
-        target_round_s=deadline_s,
-        family=family,  # type: ignore[arg-type]
-    )
+    """The round's limits for a family's clients: the device's own rule, with the run's deadline and
+    every rank of the ladder (a method that takes heterogeneous ranks offers them)."""
+    return round_policy(
+        config.spec(family), deadline_s=deadline_s, max_steps=config.max_steps,
+        max_batch=config.batch_size, ranks=rank_choices(config.rank),
+    )  # fmt: skip
 
 
 def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple[list[VirtualClient], float]:

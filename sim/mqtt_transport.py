@@ -152,7 +152,7 @@ class MqttTransport:
         announcement = encode_global(
             jobs[0].payload, run=self.run_id, round=self.round, method=METHOD, spec=spec,
             deadline=time.time() + TIMEOUT_S, clients=cids, keep_local=kept,
-            rank=(jobs[0].plan.rank or spec.rank) if spec.family == "lora" else None,  # one payload, one rank
+            rank=spec.rank if spec.family == "lora" else None,  # one global: each client takes its slice
         )  # fmt: skip
         self.collector.publish(global_topic(self.run_id), announcement, qos=1, retain=True)
         deadline = time.monotonic() + TIMEOUT_S

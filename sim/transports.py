@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from torch import nn
 
-from edge_client.local_round import LocalPlan, run_local_round, trained_kept
+from edge_client.local_round import LocalPlan, rank_view, run_local_round, trained_kept
 from edge_client.trainer import Trainer, TrainMetrics
 from export.spec import AdapterSpec
 from export.state import State
@@ -79,7 +79,7 @@ class InProcTransport:
         results = []
         for job in jobs:
             if not self.train_fn:  # `bench sim --no-train`: measure everything but the training
-                results.append(ClientResult(job.client.cid, job.payload))
+                results.append(ClientResult(job.client.cid, rank_view(job.payload, job.plan.rank)))
                 continue
             upload, metrics = train_client(
                 self.trainer,

@@ -7,7 +7,8 @@ import random
 
 from devices.profiles import list_profiles, load_profile
 from edge_client.budget import BudgetError, compute_budget
-from edge_client.plan_table import RESOLUTION_S, device_policy, draw_heads, lookup, model_cost, plan_rows
+from edge_client.plan_table import RESOLUTION_S, lookup, plan_rows
+from edge_client.planner import device_policy, draw_heads, model_cost
 from export.adapters import attach
 from export.models import build_model
 from export.spec import AdapterSpec
