@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
@@ -110,6 +110,16 @@ def draw_heads(client: str, round: int, total: int, n: int) -> tuple[int, ...]:
     return tuple(sorted(ranked[:n]))
 
 
+def with_fixed_steps(budget: Budget, steps: int) -> Budget:
+    """``budget`` with ``steps`` local steps (``--local-steps``; 0 leaves it), its times rescaled."""
+    if not steps:
+        return budget
+    compute = budget.compute_s * steps / max(budget.local_steps, 1)
+    return replace(
+        budget, local_steps=steps, compute_s=compute, round_s=compute + budget.upload_s + budget.download_s
+    )
+
+
 def plan_from_budget(
     budget: Budget, spec: AdapterSpec, client: str, round: int, *, heterogeneous_ranks: bool
 ) -> LocalPlan:
@@ -142,7 +152,7 @@ class DevicePlanner:
     max_batch: int = DEFAULT_MAX_BATCH
 
     def budget(self, deadline: float, ranks: Sequence[int] | None, now: float | None = None) -> Budget:
-        """The budget for a round due at ``deadline`` (Unix time); needs a profile."""
+        """The profile's budget for a round due at ``deadline`` (Unix time), before ``local_steps``."""
         assert self.profile is not None
         now = time.time() if now is None else now
         policy = device_policy(
@@ -156,10 +166,7 @@ class DevicePlanner:
         if self.profile is None:
             return LocalPlan(self.local_steps or 5, batch_size=self.max_batch)
         ranks = header.rank_choices
-        plan = plan_from_budget(
-            self.budget(header.deadline, ranks), self.spec, self.client, header.round,
-            heterogeneous_ranks=ranks is not None,
-        )  # fmt: skip
-        if self.local_steps:
-            plan = LocalPlan(self.local_steps, rank=plan.rank, heads=plan.heads, batch_size=plan.batch_size)
-        return plan
+        budget = with_fixed_steps(self.budget(header.deadline, ranks), self.local_steps)
+        return plan_from_budget(
+            budget, self.spec, self.client, header.round, heterogeneous_ranks=ranks is not None
+        )

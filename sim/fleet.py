@@ -6,13 +6,13 @@ and no tensors, so a fleet of 10,000 costs a few MB. Its adapter exists only whi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from devices.profiles import load_mix, sample_devices
 from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
-from edge_client.planner import adapter_cost, rank_choices, round_policy
+from edge_client.planner import adapter_cost, rank_choices, round_policy, with_fixed_steps
 from sim.config import SimConfig
 from sim.partition import dirichlet_partition, iid_partition
 
@@ -60,11 +60,7 @@ def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple
     deadline = config.deadline_s or default_deadline(profiles, cost, config)
     clients = []
     for i, (profile, idx) in enumerate(zip(profiles, parts, strict=True)):
-        budgets = {
-            fam: compute_budget(profile, cost, policy(config, fam, deadline)) for fam in ("lora", "ravan")
-        }
-        if config.local_steps:
-            budgets = {fam: _fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
+        budgets = client_budgets(config, profile, cost, deadline)
         clients.append(VirtualClient(f"c{i:05d}", profile, np.asarray(idx, dtype=np.int64), budgets))
     fastest = min(min(b.round_s for b in c.budgets.values()) for c in clients)
     if fastest > deadline:
@@ -75,6 +71,16 @@ def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple
     return clients, deadline
 
 
+def client_budgets(
+    config: SimConfig, profile: DeviceProfile, cost: ModelCost, deadline_s: float
+) -> dict[str, Budget]:
+    """A device's budget per adapter family for the run's deadline (``local_steps`` fixes the steps)."""
+    budgets = {
+        fam: compute_budget(profile, cost, policy(config, fam, deadline_s)) for fam in ("lora", "ravan")
+    }
+    return {fam: with_fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
+
+
 def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: SimConfig) -> float:
     """A deadline at which the median device of the mix affords the round's full batches: ``max_steps``
     of them, or ``local_steps`` when those are fixed (sizing it for ``max_steps`` then would leave
@@ -83,11 +89,3 @@ def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: Sim
     steps = config.local_steps or config.max_steps
     compute = steps * config.batch_size * cost.train_flops_per_example / (gflops * 1e9)
     return float(round(compute * 1.5 + 5.0, 1))
-
-
-def _fixed_steps(budget: Budget, steps: int) -> Budget:
-    scale = steps / max(budget.local_steps, 1)
-    compute = budget.compute_s * scale
-    return replace(
-        budget, local_steps=steps, compute_s=compute, round_s=compute + budget.upload_s + budget.download_s
-    )
