@@ -67,6 +67,39 @@ def test_a_method_whose_devices_keep_tensors_neither_sends_nor_takes_them(tmp_pa
     assert service.tally.rejected == {"unknown_key": 1}
 
 
+def test_lower_ranks_are_offered_and_taken_only_by_methods_that_aggregate_them(tmp_path: Path) -> None:
+    """HetLoRA announces the ranks a device may train and takes a lower-rank upload; FedIT offers
+    none and refuses one in words; a rank above the global one is refused by both."""
+    from export.adapters import lora_rank_slice
+    from export.state import LORA_A
+
+    for method, offers in (("hetlora", True), ("fedit", False)):
+        service = make_service(method, tmp_path / method, client_ids(3), rounds=1)
+        service.start()
+        rank = service.spec.rank
+        full = {k: v.cpu() for k, v in service.global_state.items()}
+        header = decode_global(
+            service.announcement, expected_run="t", spec=service.spec, template=template_of(full), key=None
+        ).header
+        assert header.rank_choices == ((1, 2, rank) if offers else None)
+        wide = {
+            k: torch.cat([v, v], dim=0 if k.endswith(LORA_A) else 1) if "lora_" in k else v
+            for k, v in full.items()
+        }
+        for client, state, r in (("dev0", lora_rank_slice(full, 2), 2), ("dev1", wide, 2 * rank)):
+            envelope = encode_update(
+                state, run="t", round=1, client=client, method=method, spec=service.spec, num_examples=1,
+                local_steps=1, compute_s=0.0, rank=r,
+            )  # fmt: skip
+            service.receive([(up_topic("t", client), envelope)])
+        assert set(service.accepted) == ({"dev0"} if offers else set())
+        events = read_metrics(tmp_path / method / "metrics.jsonl")
+        messages = [e["message"] for e in events if e["event"] == "rejected"]
+        assert any(f"rank {2 * rank} above the global rank {rank}" in m for m in messages), messages
+        if not offers:
+            assert any(f"aggregates the global rank {rank} only" in m for m in messages), messages
+
+
 def test_sampling_is_seeded_and_stable() -> None:
     roster = client_ids(10)
     a = sample_clients(roster, 4, seed=1, round=3)
