@@ -41,7 +41,6 @@ device's status message (``refused: <why>``, ``offline``) is logged by device.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -51,7 +50,7 @@ from typing import Any
 
 import torch
 
-from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
+from coordinator.aggregators import Aggregator, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
 from coordinator.store import RoundState, RoundStore, StoreError, describe_task
@@ -67,6 +66,7 @@ from edge_client.wire import (
     decode_update,
     encode_global,
     is_sampled,
+    sample_clients,
     spec_differences,
 )
 from edge_client.wire_tensors import template_of
@@ -140,14 +140,6 @@ class ServiceConfig:
         for ok, message in checks:
             if not ok:
                 raise ServiceError(message)
-
-
-def sample_clients(roster: tuple[str, ...], k: int, seed: int, round: int) -> list[str]:
-    """``k`` clients of ``roster`` for ``round`` (all when ``k`` is 0): a seeded, stable hash draw."""
-    if not k or k >= len(roster):
-        return sorted(roster)
-    ranked = sorted(roster, key=lambda c: hashlib.sha256(f"{seed}:{round}:{c}".encode()).digest())
-    return sorted(ranked[:k])
 
 
 @dataclass
@@ -283,7 +275,7 @@ class RoundService:
 
     def _open_state(self, round: int) -> RoundState:
         cfg = self.config
-        sampled = sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, round) if cfg.clients else None
+        sampled = sample_clients(cfg.seed, round, cfg.clients, cfg.clients_per_round) if cfg.clients else None
         return RoundState(
             run=cfg.run, method=cfg.method, spec=self.spec.digest(), round=round,
             deadline=self.clock() + cfg.deadline_s, sampled=sampled,
@@ -321,7 +313,7 @@ class RoundService:
 
     def _encode_announcement(self) -> bytes:
         assert self.state is not None
-        payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
+        payload = self.agg.announced(self.global_state)
         final = self.state.done
         # The header lists the sampled clients whose update is not in yet: a listed device that
         # already sent its update sends it again (see reannounce), an unlisted one does nothing.
@@ -378,7 +370,7 @@ class RoundService:
         """The adapter the open round's clients received (what an update's delta is measured from)."""
         assert self.state is not None
         if self._sent is None or self._sent[0] != self.state.round:
-            payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
+            payload = self.agg.announced(self.global_state)
             self._sent = (self.state.round, {k: v.detach().to("cpu") for k, v in payload.items()})
         return self._sent[1]
 

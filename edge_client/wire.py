@@ -26,7 +26,7 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +65,14 @@ __all__ = [
     "GlobalHeader",
     "Reason",
     "UpdateHeader",
+    "client_hash",
     "decode_global",
     "decode_update",
     "encode_global",
     "encode_update",
     "is_sampled",
     "pack",
+    "sample_clients",
     "unpack",
 ]
 
@@ -154,13 +156,31 @@ class DecodedGlobal:
     state: State
 
 
+def client_hash(salt: object, round: int, client: str) -> int:
+    """A client's stable 64-bit draw for a round: the first 8 bytes of SHA-256 of
+    ``"{salt}:{round}:{client}"``, big-endian (``edge_client/ENVELOPE.md``, *Sampling*)."""
+    return int.from_bytes(hashlib.sha256(f"{salt}:{round}:{client}".encode()).digest()[:8], "big")
+
+
+def sample_clients(seed: int, round: int, enrolled: Iterable[str], k: int) -> list[str]:
+    """Who takes part in ``round``: the ``k`` enrolled clients with the smallest
+    :func:`client_hash` under ``seed`` (all of them when ``k`` is 0), sorted.
+
+    The one sampler: the coordinator names them in the announcement, the simulator trains them.
+    """
+    roster = sorted(enrolled)
+    if not k or k >= len(roster):
+        return roster
+    return sorted(sorted(roster, key=lambda c: (client_hash(seed, round, c), c))[:k])
+
+
 def is_sampled(header: GlobalHeader, client: str) -> bool:
-    """Whether ``client`` takes part in the announced round (a stable hash draw when no list is given)."""
+    """Whether ``client`` takes part in the announced round: listed (:func:`sample_clients` chose the
+    list), or, in an open fleet, its :func:`client_hash` under the run falls below the fraction."""
     if header.clients is not None:
         return client in header.clients
     assert header.sample_fraction is not None  # the schema requires one of the two
-    digest = hashlib.sha256(f"{header.run}:{header.round}:{client}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < header.sample_fraction
+    return client_hash(header.run, header.round, client) / 2**64 < header.sample_fraction
 
 
 # -- framing and MAC -------------------------------------------------------------------------------

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from coordinator import aggregators
-from coordinator.aggregators import ClientInfo, ClientUpdate
+from coordinator.aggregators import ClientUpdate
 from coordinator.server_optimizer import ServerOptimizer
 from edge_client.backends import make_trainer
 from edge_client.local_round import LocalPlan, start_state
 from edge_client.planner import plan_from_budget
 from edge_client.trainer import OptimizerConfig, Trainer, evaluate
+from edge_client.wire import client_hash, sample_clients
 from export.adapters import attach
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
@@ -214,11 +215,13 @@ class _Best:
     local: dict[str, State] = field(default_factory=dict)
 
 
-def sample_round(config: SimConfig, num_clients: int, rnd: int) -> tuple[list[int], np.ndarray]:
-    """Who is sampled in round ``rnd`` (sorted) and each one's dropout draw: the same for every method."""
-    rng = np.random.default_rng([config.seed, rnd])
-    picked = sorted(int(i) for i in rng.choice(num_clients, config.clients_per_round, replace=False))
-    return picked, rng.random(len(picked))
+def sample_round(config: SimConfig, clients: list[VirtualClient], rnd: int) -> tuple[list[int], list[float]]:
+    """Who is sampled in round ``rnd`` (indices, ascending), by the coordinator's sampler, and each
+    one's dropout draw in [0, 1): the same for every method and every transport."""
+    index = {c.cid: i for i, c in enumerate(clients)}
+    cids = sample_clients(config.seed, rnd + 1, index, config.clients_per_round)
+    picked = sorted(index[c] for c in cids)
+    return picked, [client_hash(f"{config.seed}:dropout", rnd + 1, clients[i].cid) / 2**64 for i in picked]
 
 
 def run_method(
@@ -257,10 +260,10 @@ def run_method(
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
     try:
         for rnd in range(config.rounds):
-            picked, drop_draws = sample_round(config, len(world.clients), rnd)
+            picked, drop_draws = sample_round(config, world.clients, rnd)
             jobs, round_time, dropped, late = [], 0.0, 0, 0
             # One global per round, as the coordinator announces it: each device takes its slice.
-            payload = agg.payload_for(ClientInfo("*"), global_state)
+            payload = agg.announced(global_state)
             bytes_down = num_bytes(payload) * len(picked)
             for i, draw in zip(picked, drop_draws, strict=True):
                 client = world.clients[i]
@@ -418,7 +421,7 @@ def evaluate_global(
 
     A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only.
     """
-    view = {**agg.payload_for(ClientInfo("__eval__"), global_state), **(keep_local or {})}
+    view = {**agg.announced(global_state), **(keep_local or {})}
     with applied_base_delta(model, split_base_delta(view)[1]):
         load_trainable_state(model, start_state(spec, view, template))
         return evaluate(model, test.eval_batches(limit=limit))

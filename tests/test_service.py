@@ -10,10 +10,10 @@ from deploy_helpers import adapted, client_ids, make_service, spec_for
 from tolerances import unit_roundoff
 
 from coordinator.metrics import read_metrics
-from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
+from coordinator.service import RoundService, ServiceConfig, ServiceError
 from coordinator.store import RoundStore, StoreError, _read_segment
 from edge_client.topics import up_topic
-from edge_client.wire import decode_global, encode_update
+from edge_client.wire import decode_global, encode_update, sample_clients
 from edge_client.wire_tensors import template_of
 from export.state import LORA_B, State
 
@@ -102,10 +102,10 @@ def test_lower_ranks_are_offered_and_taken_only_by_methods_that_aggregate_them(t
 
 def test_sampling_is_seeded_and_stable() -> None:
     roster = client_ids(10)
-    a = sample_clients(roster, 4, seed=1, round=3)
-    assert a == sample_clients(roster, 4, seed=1, round=3) and len(a) == 4
-    assert any(sample_clients(roster, 4, seed=1, round=r) != a for r in range(4, 10))
-    assert sample_clients(roster, 0, seed=1, round=3) == sorted(roster)
+    a = sample_clients(1, 3, roster, 4)
+    assert a == sample_clients(1, 3, reversed(roster), 4) and len(a) == 4  # the roster's order is moot
+    assert any(sample_clients(1, r, roster, 4) != a for r in range(4, 10))
+    assert sample_clients(1, 3, roster, 0) == sorted(roster)
 
 
 def test_every_refusal_is_counted_and_never_touches_the_global(service: RoundService) -> None:
