@@ -283,6 +283,20 @@ class RoundService:
             done=round > cfg.rounds, task=self._task(),
         )  # fmt: skip
 
+    def open_round(self, round: int, global_state: State) -> bytes:
+        """Open ``round`` from ``global_state``, aggregated by the caller, and return its announcement.
+
+        For a caller that runs the rounds itself and uses this service for what crosses the network
+        (sampling, the signed announcement, validating updates with :meth:`admit`): the simulator's
+        ``mqtt`` transport, whose engine aggregates with its server optimizer. Nothing is persisted.
+        """
+        self.global_state = global_state
+        self.state = self._open_state(round)
+        self.accepted = {}
+        self.tally = _RoundTally()
+        self._announcement = self._encode_announcement()
+        return self._announcement
+
     @property
     def round(self) -> int:
         assert self.state is not None, "call start() first"

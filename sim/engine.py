@@ -159,9 +159,12 @@ def make_transport(
     spec: AdapterSpec | None = None,
     base_delta: bool = False,
     config: SimConfig | None = None,
+    aggregator: aggregators.Aggregator | None = None,
+    method: str = "",
 ) -> Transport:
     """How this method's clients are reached; ``base_delta``: the method changes the frozen base;
-    ``config``: the method's own settings (default the world's)."""
+    ``config``: the method's own settings (default the world's); ``aggregator`` and ``method``: the
+    run's (the ``mqtt`` transport's coordinator service announces and validates with them)."""
     config = config or world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
@@ -175,7 +178,14 @@ def make_transport(
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport
 
-        return MqttTransport(trainer, template, world.train, broker_url=config.broker)
+        if aggregator is None:
+            raise ValueError("the mqtt transport needs the run's aggregator (its coordinator service)")
+        roster = [c.cid for c in world.clients]
+        return MqttTransport(
+            trainer, template, world.train, aggregator, spec or config.spec(family), roster,
+            method=method or aggregator.name, seed=config.seed, per_round=config.clients_per_round,
+            broker_url=config.broker,
+        )  # fmt: skip
     return InProcTransport(model, trainer, template, world.train, train_fn=train)
 
 
@@ -247,7 +257,9 @@ def run_method(
     )
     server = ServerOptimizer(config.server_lr, config.server_momentum).for_method(agg.changes_base)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train, spec, base_delta=agg.changes_base, config=config)
+    transport = make_transport(
+        world, family, train, spec, base_delta=agg.changes_base, config=config, aggregator=agg, method=method
+    )
     model = world.model(family, spec)
     template = world.initial_state(family, spec)
     global_state = agg.init_global(template)
@@ -281,9 +293,10 @@ def run_method(
                 keep = local_states.get(client.cid, newcomer) if local_keys else None
                 jobs.append(
                     ClientJob(
-                        client, payload, plan, budget.batch_size, (config.seed, rnd, i), keep_local=keep
+                        client, payload, plan, budget.batch_size, (config.seed, rnd, i), keep_local=keep,
+                        round=rnd + 1,
                     )
-                )
+                )  # fmt: skip
             if late and not jobs and not dropped:
                 raise NoTrainingError(
                     f"{method}, round {rnd + 1}: none of the {late} sampled clients can train within the "

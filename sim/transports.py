@@ -29,6 +29,7 @@ class ClientJob:
     batch_size: int
     data_seed: tuple[int, ...]  # seeds this client's batch order this round: same for every method
     keep_local: State | None = None  # tensors the client kept from its last round (FedSA-LoRA's B)
+    round: int = 1  # the coordinator's round (1-based) this job belongs to
 
 
 @dataclass
