@@ -531,6 +531,12 @@ class RoundService:
         self._announcement = self._encode_announcement()
         return self._announcement
 
+    def _shares(self, decoded: list[DecodedUpdate]) -> dict[str, list[int]]:
+        """What each update trained, in ``clients`` order: its LoRA rank, or its number of Ravan heads."""
+        if self.spec.family == "ravan":
+            return {"heads": [len(d.header.heads or range(self.spec.heads)) for d in decoded]}
+        return {"ranks": [d.header.rank or self.spec.rank for d in decoded]}
+
     def _close_round(self) -> None:
         state = self.state
         assert state is not None
@@ -559,7 +565,7 @@ class RoundService:
             bytes_up=sum(a.size for a in self.accepted.values()),
             bytes_down=num_bytes(self.global_state), rejected=dict(self.tally.rejected),
             redelivered=self.tally.redelivered, clipped=self.tally.clipped,
-            deadline_extensions=state.extensions,
+            deadline_extensions=state.extensions, **self._shares(decoded),
             aggregate_s=aggregate_s, round_s=time.time() - self.tally.opened_at,
             device=str(self.agg.device), **device_measurements([d.header for d in decoded]), **evaluation,
             **{k: v for k, v in self.agg.metrics.items() if k == "divergence"},

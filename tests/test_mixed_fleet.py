@@ -170,4 +170,9 @@ def test_a_mixed_fleet_trains_what_each_profile_affords(
         assert sent == {cid: p.heads or tuple(range(HEADS)) for cid, p in expected.items()}
     assert len(set(sent.values())) == len(ids), f"every profile trains its own share: {sent}"
     assert planned == expected  # steps, batch, rank and heads: the device's plan is the simulator's
-    assert service.history[0]["participants"] == len(ids)
+    record = service.history[0]
+    assert record["participants"] == len(ids)
+    shares = record["ranks"] if spec.family == "lora" else record["heads"]  # the round's record says so too
+    assert dict(zip(record["clients"], shares, strict=True)) == {
+        c: len(s) if isinstance(s, tuple) else s for c, s in sent.items()
+    }
