@@ -55,7 +55,6 @@ from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
 from coordinator.store import RoundState, RoundStore, StoreError, describe_task
 from edge_client.mqtt_types import Payload
-from edge_client.planner import rank_choices
 from edge_client.topics import parse_up_topic
 from edge_client.wire import (
     DEFAULT_MAX_BYTES,
@@ -70,7 +69,7 @@ from edge_client.wire import (
     spec_differences,
 )
 from edge_client.wire_tensors import template_of
-from export.spec import AdapterSpec
+from export.spec import AdapterSpec, rank_choices
 from export.state import State, num_bytes, without_kept
 
 log = logging.getLogger(__name__)

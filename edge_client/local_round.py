@@ -1,9 +1,9 @@
 """One client's part of a round, the same code on a real device and in the simulator.
 
-Download -> the client's slice of the global (:func:`rank_view`) -> start state (Ravan: ``s_i = 1``;
-a lower-rank LoRA payload zero-padded to the model's rank) -> train within the budget -> upload
-(Ravan: ``s_i H_i`` of the trained heads only; LoRA: the client's rank slice; FFA-LoRA: B only,
-since A never trains).
+Download -> the client's slice of the global (:func:`export.adapters.rank_view`) -> start state
+(Ravan: ``s_i = 1``; a lower-rank LoRA payload zero-padded to the model's rank) -> train within the
+budget -> upload (Ravan: ``s_i H_i`` of the trained heads only; LoRA: the client's rank slice;
+FFA-LoRA: B only, since A never trains).
 
 A payload may also carry a change of the frozen base (FLoRA, FedEx-LoRA; keys in
 :mod:`export.state`): it is applied for the round through the trainer's ``base_delta`` context and
@@ -17,10 +17,10 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from edge_client.trainer import Batch, Trainer, TrainMetrics
-from export.adapters import lora_pad, lora_rank_slice, ravan_download, ravan_upload
+from export.adapters import lora_pad, lora_rank_slice, rank_view, ravan_download, ravan_upload
 from export.base_delta import split_base_delta
 from export.spec import AdapterSpec
-from export.state import BASE_VERSION, State, layout
+from export.state import BASE_VERSION, State
 
 
 @dataclass(frozen=True)
@@ -32,20 +32,6 @@ class LocalPlan:
     rank: int | None = None
     heads: tuple[int, ...] | None = None
     batch_size: int | None = None
-
-
-def rank_view(global_state: State, rank: int | None) -> State:
-    """The part of the global adapter a rank-``rank`` client trains from: the first ``rank``
-    components of every LoRA pair (HetLoRA's slice, FlexLoRA's truncation); the whole global for
-    ``None`` or a rank no pair exceeds."""
-    if rank is None:
-        return global_state
-    if rank < 1:
-        raise ValueError(f"a client's LoRA rank must be >= 1, got {rank}")
-    ranks = {global_state[a].shape[0] for a, _ in layout(global_state).lora.values() if a in global_state}
-    if all(rank >= r for r in ranks):
-        return global_state
-    return lora_rank_slice(global_state, rank)
 
 
 def start_state(spec: AdapterSpec, payload: State, template: State) -> State:

@@ -13,10 +13,10 @@ rules are :func:`edge_client.budget.compute_budget`; this module turns a budget 
   and plans with the same :func:`plan_from_budget`.
 
 The coordinator sends one global adapter per round (one retained message); each device takes its
-slice of it in :func:`edge_client.local_round.run_local_round` (:func:`rank_view`: the first ``r_k``
-components of every LoRA pair, which is also FlexLoRA's truncation, since its global is ordered by
-singular value; Ravan: the heads it trains), so the simulator and a device train from the same
-tensors bit for bit.
+slice of it in :func:`edge_client.local_round.run_local_round` (:func:`export.adapters.rank_view`:
+the first ``r_k`` components of every LoRA pair, which is also FlexLoRA's truncation, since its
+global is ordered by singular value; Ravan: the heads it trains), so the simulator and a device
+train from the same tensors bit for bit.
 
 Ravan heads are a SHA-256 draw (:func:`draw_heads`), reproducible in any language (``native/``).
 """
@@ -33,16 +33,9 @@ from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, c
 from edge_client.local_round import LocalPlan
 from export.spec import AdapterSpec
 
-#: The LoRA ranks a weaker device may train instead of the global rank (those below it).
-RANK_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 MIN_ROUND_S = 1.0  # a device never plans for less time than this, however late it is
 DEFAULT_MIN_STEPS = 8  # the most local steps a device plans unless told more (--local-steps)
 DEFAULT_MAX_BATCH = 16
-
-
-def rank_choices(max_rank: int) -> tuple[int, ...]:
-    """The ranks a device may train under a global rank of ``max_rank``: the ladder up to it."""
-    return (*(r for r in RANK_LADDER if r < max_rank), max_rank)
 
 
 def round_policy(

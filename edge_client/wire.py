@@ -459,7 +459,7 @@ def encode_global(
     between rounds (they are neither in ``state`` nor in any update). ``model``, ``num_classes``: what
     the coordinator trains (optional), so a device of another model says so. ``rank_choices``: the
     LoRA ranks a device may train instead of ``rank`` (methods that aggregate heterogeneous ranks);
-    each device takes its slice of the one global (:func:`edge_client.local_round.rank_view`).
+    each device takes its slice of the one global (:func:`export.adapters.rank_view`).
     """
     if (clients is None) == (sample_fraction is None):
         raise EnvelopeError(Reason.SCHEMA, "give exactly one of clients and sample_fraction")

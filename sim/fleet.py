@@ -12,7 +12,8 @@ import numpy as np
 
 from devices.profiles import load_mix, sample_devices
 from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
-from edge_client.planner import adapter_cost, rank_choices, round_policy, with_fixed_steps
+from edge_client.planner import adapter_cost, round_policy, with_fixed_steps
+from export.spec import rank_choices
 from sim.config import SimConfig
 from sim.partition import dirichlet_partition, iid_partition
 

@@ -13,8 +13,9 @@ from typing import Protocol
 import numpy as np
 from torch import nn
 
-from edge_client.local_round import LocalPlan, rank_view, run_local_round, trained_kept
+from edge_client.local_round import LocalPlan, run_local_round, trained_kept
 from edge_client.trainer import Trainer, TrainMetrics
+from export.adapters import rank_view
 from export.spec import AdapterSpec
 from export.state import State
 from sim.features import Inputs

@@ -54,7 +54,8 @@ def test_the_head_draw_is_stable_distinct_and_sorted() -> None:
 def test_a_device_trains_a_lower_rank_only_when_the_announcement_offers_it() -> None:
     """The one planner: the rank ladder below the global rank, taken only where the announcement lists
     ``rank_choices``; the rank follows throughput, and fixed steps change the steps only."""
-    from edge_client.planner import DevicePlanner, rank_choices
+    from edge_client.planner import DevicePlanner
+    from export.spec import rank_choices
 
     assert rank_choices(8) == (1, 2, 4, 8) and rank_choices(6) == (1, 2, 4, 6) and rank_choices(1) == (1,)
     spec = AdapterSpec(family="lora", rank=8, heads=4)

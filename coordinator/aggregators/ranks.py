@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.aggregators.base import AggregationError, Aggregator, ClientInfo, ClientUpdate
-from edge_client.local_round import rank_view
+from export.adapters import rank_view
 from export.state import State, layout
 
 
@@ -96,7 +96,7 @@ def native_layers(
 
 def rank_payload(client: ClientInfo, global_state: State) -> State:
     """The global adapter truncated to the client's rank (its first ``rank`` components): the slice
-    the device itself takes of the one announced global (:func:`edge_client.local_round.rank_view`)."""
+    the device itself takes of the one announced global (:func:`export.adapters.rank_view`)."""
     try:
         return rank_view(global_state, client.rank)
     except ValueError as e:
