@@ -79,17 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def device_planner(args: argparse.Namespace, spec: Any, model: Any) -> Any:
     """This device's :class:`edge_client.planner.DevicePlanner`: ``--profile``'s budget each round."""
+    from devices.profiles import load_profile
+    from edge_client.budget import ProfileError
     from edge_client.planner import DevicePlanner, model_cost
 
-    profile = None
-    if args.profile:
-        from devices.profiles import load_profile
-        from edge_client.budget import ProfileError
-
-        try:
-            profile = load_profile(args.profile)
-        except ProfileError as e:
-            raise CliError(str(e)) from e
+    try:
+        profile = load_profile(args.profile) if args.profile else None
+    except ProfileError as e:
+        raise CliError(str(e)) from e
     return DevicePlanner(
         spec, args.id, model_cost(model, spec, args.max_len), profile, local_steps=args.local_steps,
         max_batch=args.batch_size,
