@@ -176,3 +176,55 @@ def test_a_mixed_fleet_trains_what_each_profile_affords(
     assert dict(zip(record["clients"], shares, strict=True)) == {
         c: len(s) if isinstance(s, tuple) else s for c, s in sent.items()
     }
+
+
+def test_fleetlora_coordinator_serve_and_client_profiles_train_their_ranks(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The same through the commands a user runs: ``fleetlora coordinator serve --method hetlora`` and
+    three ``fleetlora client --profile ...`` processes; the round's record names each one's rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    spec = spec_of("hetlora")
+    broker = f"mqtt://127.0.0.1:{mosquitto.port}"
+    task = ["--model", "tiny-bert", "--num-classes", str(NUM_CLASSES), "--spec", spec.to_json()]
+    serve = [
+        sys.executable, "-m", "fleetlora", "coordinator", "serve", "--run", "t", "--method", "hetlora",
+        "--rounds", "1", "--clients", ",".join(FLEET), "--min-clients", str(len(FLEET)),
+        "--deadline", str(DEADLINE_S), *task, "--state-dir", str(tmp_path / "state"), "--broker", broker,
+        "--device", "cpu",
+    ]  # fmt: skip
+    coordinator = subprocess.Popen(serve, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    clients = []
+    for i, (cid, name) in enumerate(FLEET.items()):
+        command = [
+            sys.executable, "-m", "fleetlora", "client", "--run", "t", "--id", cid, "--dataset", "trec6",
+            "--shard", f"{i}/{len(FLEET)}", "--max-examples", str(EXAMPLES), "--profile", name, *task,
+            "--max-len", str(MAX_LEN), "--local-steps", str(STEPS), "--batch-size", str(BATCH),
+            "--optimizer", "sgd", "--broker", broker, "--connect-jitter", "0",
+        ]  # fmt: skip
+        clients.append(
+            subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    try:
+        out, _ = coordinator.communicate(timeout=300)  # it exits after its one round
+        assert coordinator.returncode == 0, out.decode()[-3000:]
+        for c in clients:
+            said = c.communicate(timeout=60)[0]  # each leaves at the final announcement
+            assert c.returncode == 0, said.decode()[-2000:]
+    finally:
+        for p in (coordinator, *clients):
+            if p.poll() is None:
+                p.kill()
+    records = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["event"] == "round"]
+    expected = sim_plans("hetlora", spec, DEADLINE_S)
+    assert dict(zip(record["clients"], record["ranks"], strict=True)) == {
+        cid: p.rank or RANK for cid, p in expected.items()
+    }
+    assert len(set(record["ranks"])) == len(FLEET)
