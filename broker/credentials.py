@@ -27,6 +27,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.files import atomic_write
+
 TOPIC_ROOT = "fleetlora"
 BROKER_USER = "mosquitto"
 ROLES = ("device", "coordinator")
@@ -293,11 +295,11 @@ def render_acl(roster: dict[str, str], topic_root: str = TOPIC_ROOT) -> str:
 
 
 def _write_acl(paths: CredentialPaths, roster: dict[str, str]) -> None:
-    tmp = paths.acl_file.with_suffix(".tmp")
-    tmp.write_text(render_acl(roster))
-    os.chmod(tmp, 0o640)
-    give_to_broker_user(tmp)
-    tmp.replace(paths.acl_file)
+    def readable_by_the_broker(tmp: Path) -> None:
+        os.chmod(tmp, 0o640)
+        give_to_broker_user(tmp)
+
+    atomic_write(paths.acl_file, render_acl(roster).encode(), before_replace=readable_by_the_broker)
 
 
 def add_device(directory: Path | str, name: str, *, role: str = "device") -> DeviceCredentials:

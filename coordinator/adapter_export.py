@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import aggregators
-from coordinator.aggregators import ClientInfo
 from coordinator.store import STATE_FILE, RoundState, RoundStore, StoreError
 from export.adapter_folder import INFER_PTE, AdapterInfo, write_adapter_folder
 from export.adapters import attach, start_state
@@ -65,7 +64,7 @@ def exportable_global(state: RoundState, spec: AdapterSpec, global_state: State)
         raise ExportError(
             f"{state.method} keeps part of the adapter on each device: the global alone is not a model"
         )
-    payload = agg.payload_for(ClientInfo("*"), global_state)
+    payload = agg.announced(global_state)
     adapter, delta = split_base_delta(payload)
     if any(k != BASE_VERSION for k in delta):
         raise ExportError(f"{state.method} changed the frozen base; a PEFT adapter cannot carry that change")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from coordinator.aggregators import Aggregator, ClientInfo
+from coordinator.aggregators import Aggregator
 from export.adapters import start_state
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import TokenizedSplit
@@ -43,7 +43,7 @@ class GlobalEvaluator:
         self.kept = {k: v for k, v in template.items() if suffixes and k.endswith(suffixes)}
 
     def __call__(self, global_state: State) -> dict[str, float]:
-        payload = self.agg.payload_for(ClientInfo("*"), global_state)
+        payload = self.agg.announced(global_state)
         view = {**{k: v.detach().to("cpu") for k, v in payload.items()}, **self.kept}
         with applied_base_delta(self.model, split_base_delta(view)[1]):
             load_trainable_state(self.model, start_state(self.spec, view, self.template))

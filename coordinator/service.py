@@ -41,7 +41,6 @@ device's status message (``refused: <why>``, ``offline``) is logged by device.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -51,7 +50,7 @@ from typing import Any
 
 import torch
 
-from coordinator.aggregators import Aggregator, ClientInfo, ClientUpdate
+from coordinator.aggregators import Aggregator, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
 from coordinator.store import RoundState, RoundStore, StoreError, describe_task
@@ -68,9 +67,12 @@ from protocol.wire import (
     decode_update,
     encode_global,
     is_sampled,
+    sample_clients,
     spec_differences,
 )
 from protocol.wire_tensors import template_of
+from export.spec import AdapterSpec, rank_choices
+from export.state import State, num_bytes, without_kept
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +141,6 @@ class ServiceConfig:
         for ok, message in checks:
             if not ok:
                 raise ServiceError(message)
-
-
-def sample_clients(roster: tuple[str, ...], k: int, seed: int, round: int) -> list[str]:
-    """``k`` clients of ``roster`` for ``round`` (all when ``k`` is 0): a seeded, stable hash draw."""
-    if not k or k >= len(roster):
-        return sorted(roster)
-    ranked = sorted(roster, key=lambda c: hashlib.sha256(f"{seed}:{round}:{c}".encode()).digest())
-    return sorted(ranked[:k])
 
 
 @dataclass
@@ -282,13 +276,27 @@ class RoundService:
 
     def _open_state(self, round: int) -> RoundState:
         cfg = self.config
-        sampled = sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, round) if cfg.clients else None
+        sampled = sample_clients(cfg.seed, round, cfg.clients, cfg.clients_per_round) if cfg.clients else None
         return RoundState(
             run=cfg.run, method=cfg.method, spec=self.spec.digest(), round=round,
             deadline=self.clock() + cfg.deadline_s, sampled=sampled,
             sample_fraction=None if sampled is not None else cfg.sample_fraction,
             done=round > cfg.rounds, task=self._task(),
         )  # fmt: skip
+
+    def open_round(self, round: int, global_state: State) -> bytes:
+        """Open ``round`` from ``global_state``, aggregated by the caller, and return its announcement.
+
+        For a caller that runs the rounds itself and uses this service for what crosses the network
+        (sampling, the signed announcement, validating updates with :meth:`admit`): the simulator's
+        ``mqtt`` transport, whose engine aggregates with its server optimizer. Nothing is persisted.
+        """
+        self.global_state = global_state
+        self.state = self._open_state(round)
+        self.accepted = {}
+        self.tally = _RoundTally()
+        self._announcement = self._encode_announcement()
+        return self._announcement
 
     @property
     def round(self) -> int:
@@ -320,7 +328,7 @@ class RoundService:
 
     def _encode_announcement(self) -> bytes:
         assert self.state is not None
-        payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
+        payload = self.agg.announced(self.global_state)
         final = self.state.done
         # The header lists the sampled clients whose update is not in yet: a listed device that
         # already sent its update sends it again (see reannounce), an unlisted one does nothing.
@@ -335,7 +343,14 @@ class RoundService:
             rank=self.spec.rank if self.spec.family == "lora" else None, final=final,
             key=self.coordinator_key, keep_local=self.agg.local_suffixes,
             model=self.config.model or None, num_classes=self.config.num_classes or None,
+            rank_choices=self._rank_choices(),
         )  # fmt: skip
+
+    def _rank_choices(self) -> tuple[int, ...] | None:
+        """The LoRA ranks devices may train (methods that aggregate heterogeneous ranks), else None."""
+        if self.spec.family != "lora" or not self.agg.heterogeneous_ranks:
+            return None
+        return rank_choices(self.spec.rank)
 
     # ---- receiving --------------------------------------------------------------------------------
 
@@ -348,6 +363,12 @@ class RoundService:
             payload, expected_run=self.config.run, expected_client=client, rounds=round, spec=self.spec,
             template=self.template, key=key, max_bytes=self.config.max_bytes, method=self.config.method,
         )  # fmt: skip
+        rank = decoded.header.rank
+        if rank is not None and rank != self.spec.rank and self._rank_choices() is None:
+            raise EnvelopeError(
+                Reason.SHAPE, f"rank {rank}, but {self.config.method} aggregates the global rank "
+                f"{self.spec.rank} only (it offers devices no lower rank)",
+            )  # fmt: skip
         limit = self.config.clip_norm
         if limit:
             sent = self._sent_payload()
@@ -364,7 +385,7 @@ class RoundService:
         """The adapter the open round's clients received (what an update's delta is measured from)."""
         assert self.state is not None
         if self._sent is None or self._sent[0] != self.state.round:
-            payload = self.agg.payload_for(ClientInfo("*"), self.global_state)
+            payload = self.agg.announced(self.global_state)
             self._sent = (self.state.round, {k: v.detach().to("cpu") for k, v in payload.items()})
         return self._sent[1]
 
@@ -511,6 +532,12 @@ class RoundService:
         self._announcement = self._encode_announcement()
         return self._announcement
 
+    def _shares(self, decoded: list[DecodedUpdate]) -> dict[str, list[int]]:
+        """What each update trained, in ``clients`` order: its LoRA rank, or its number of Ravan heads."""
+        if self.spec.family == "ravan":
+            return {"heads": [len(d.header.heads or range(self.spec.heads)) for d in decoded]}
+        return {"ranks": [d.header.rank or self.spec.rank for d in decoded]}
+
     def _close_round(self) -> None:
         state = self.state
         assert state is not None
@@ -539,7 +566,7 @@ class RoundService:
             bytes_up=sum(a.size for a in self.accepted.values()),
             bytes_down=num_bytes(self.global_state), rejected=dict(self.tally.rejected),
             redelivered=self.tally.redelivered, clipped=self.tally.clipped,
-            deadline_extensions=state.extensions,
+            deadline_extensions=state.extensions, **self._shares(decoded),
             aggregate_s=aggregate_s, round_s=time.time() - self.tally.opened_at,
             device=str(self.agg.device), **device_measurements([d.header for d in decoded]), **evaluation,
             **{k: v for k, v in self.agg.metrics.items() if k == "divergence"},

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -63,6 +62,9 @@ from protocol.wire import (
     is_sampled,
 )
 from protocol.wire_tensors import template_of
+from export.files import atomic_write
+from export.spec import AdapterSpec
+from export.state import State
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +109,6 @@ class Progress:
     last_outcome: str = ""
     last_error: str = ""  # the most recent error (kept after later successes, for the operator)
     refused: list[int] = field(default_factory=list)  # rounds whose update could not be sent
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class EdgeClient:
@@ -229,7 +222,7 @@ class EdgeClient:
 
     def _save(self) -> None:
         if self.config.state_file is not None:
-            _write_atomically(self.config.state_file, json.dumps(asdict(self.progress)).encode())
+            atomic_write(self.config.state_file, json.dumps(asdict(self.progress)).encode())
 
     def _finish(self, outcome: str, error: str = "", round: int = 0) -> str:
         self.progress.last_outcome = outcome
@@ -322,7 +315,7 @@ class EdgeClient:
         if kept:
             self.kept = {k: v.contiguous() for k, v in trained_kept(self.trainer, kept).items()}
             if self._kept_file is not None:
-                _write_atomically(self._kept_file, safetensors.torch.save(self.kept, {"run": cfg.run}))
+                atomic_write(self._kept_file, safetensors.torch.save(self.kept, {"run": cfg.run}))
         if self.on_trained is not None:
             self.on_trained(header, metrics)
         lora = cfg.spec.family == "lora"
@@ -335,7 +328,7 @@ class EdgeClient:
         )  # fmt: skip
         self._pending_envelope, self._answered = envelope, header.msg_id
         if self._pending_file is not None:
-            _write_atomically(self._pending_file, envelope)  # before publishing: a restart resends it
+            atomic_write(self._pending_file, envelope)  # before publishing: a restart resends it
         self.progress.pending_round = header.round
         self.progress.last_round = header.round
         self._save()

@@ -1,8 +1,9 @@
 """One client's part of a round, the same code on a real device and in the simulator.
 
-Download -> start state (Ravan: ``s_i = 1``; a lower-rank LoRA payload zero-padded to the model's
-rank) -> train within the budget -> upload (Ravan: ``s_i H_i`` of the trained heads only; LoRA: the
-client's rank slice; FFA-LoRA: B only, since A never trains).
+Download -> the client's slice of the global (:func:`export.adapters.rank_view`) -> start state
+(Ravan: ``s_i = 1``; a lower-rank LoRA payload zero-padded to the model's rank) -> train within the
+budget -> upload (Ravan: ``s_i H_i`` of the trained heads only; LoRA: the client's rank slice;
+FFA-LoRA: B only, since A never trains).
 
 A payload may also carry a change of the frozen base (FLoRA, FedEx-LoRA; keys in
 :mod:`export.state`): it is applied for the round through the trainer's ``base_delta`` context and
@@ -16,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from edge_client.trainer import Batch, Trainer, TrainMetrics
-from export.adapters import lora_rank_slice, ravan_upload, start_state
+from export.adapters import lora_rank_slice, rank_view, ravan_upload, start_state
 from export.base_delta import split_base_delta
 from export.spec import AdapterSpec
 from export.state import BASE_VERSION, State
@@ -24,11 +25,13 @@ from export.state import BASE_VERSION, State
 
 @dataclass(frozen=True)
 class LocalPlan:
-    """What this client does this round: its LoRA rank and Ravan heads (``None`` = the spec's all)."""
+    """What this client does this round: its local steps, its LoRA rank and Ravan heads (``None`` = the
+    spec's all) and its batch size (``None``: the caller's own; made by :mod:`edge_client.planner`)."""
 
     local_steps: int
     rank: int | None = None
     heads: tuple[int, ...] | None = None
+    batch_size: int | None = None
 
 
 def base_delta_context(trainer: object, payload: State) -> AbstractContextManager[None]:
@@ -75,7 +78,7 @@ def run_local_round(
     ``eval_batches``: the client's validation examples; the received adapter is evaluated on them
     before training (``metrics.evaluation``), by a trainer that can evaluate.
     """
-    state = dict(payload)
+    state = dict(rank_view(payload, plan.rank))  # the device's slice of the one global
     if keep_local:
         state.update(keep_local)
     with base_delta_context(trainer, state):

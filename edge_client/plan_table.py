@@ -1,34 +1,34 @@
 """A device's round plan: the budget policy it trains under, and that policy written out as a table.
 
-The budget rules live in one place, :func:`edge_client.budget.compute_budget`. The Python client
-(``fleetlora client``) evaluates them at the start of each round for the time left to the deadline;
-a client in another language (``native/``) cannot run them, so ``fleetlora flash`` evaluates them
-for its device ahead of time into ``plan.json``: rows ``(min_round_s, local_steps, batch_size, rank,
-heads)`` sorted by ``min_round_s``, where each row is the budget for every time left at or above its
-``min_round_s`` (up to the next row). The budget only ever grows with the time left (its docstring),
-so the table is exact up to the resolution at which the changes are located (:data:`RESOLUTION_S`).
+The budget rules live in one place, :func:`edge_client.budget.compute_budget`, and the plan made of
+a budget in another, :mod:`edge_client.planner`. The Python client (``fleetlora client``) evaluates
+them at the start of each round for the time left to the deadline; a client in another language
+(``native/``) cannot run them, so ``fleetlora flash`` evaluates them for its device ahead of time into
+``plan.json``: rows ``(min_round_s, local_steps, batch_size, rank, heads)`` sorted by
+``min_round_s``, where each row is the budget for every time left at or above its ``min_round_s``
+(up to the next row; at the spec's full rank: a native client trains its bundle's rank). The budget
+only ever grows with the time left (its docstring), so the table is exact up to the resolution at
+which the changes are located (:data:`RESOLUTION_S`).
 
 Two draws a plan needs are SHA-256 rules, reproducible in any language:
 
 - Ravan heads: the ``n`` of ``total`` heads with the smallest ``SHA-256("{client}:{round}:{head}")``,
-  ascending (:func:`draw_heads`).
+  ascending (:func:`edge_client.planner.draw_heads`).
 - The native client's batches: its examples ordered by ``SHA-256("{client}:{round}:{index}")``, taken
   ``batch`` at a time, wrapping around (``native/src/plan.cpp``).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
+from edge_client.budget import Budget, DeviceProfile, ModelCost, compute_budget
+from edge_client.planner import MIN_ROUND_S, device_policy
 
 FORMAT = 1
 RESOLUTION_S = 1e-3  # a row's min_round_s is at most this far above where its budget starts
 SATURATION_S = 1e7  # beyond this much time left, no budget grows any more
-MIN_ROUND_S = 1.0  # the planner never plans for less time than this (as the clients do)
-DEFAULT_MIN_STEPS = 8  # the most local steps a device plans unless told more (--local-steps)
 
 
 @dataclass(frozen=True)
@@ -40,33 +40,6 @@ class PlanRow:
     batch_size: int
     rank: int
     heads: int
-
-
-def device_policy(spec: Any, *, local_steps: int, max_batch: int, target_round_s: float) -> BudgetPolicy:
-    """The policy a device client trains under: the spec's full rank and heads, the deadline's time left.
-
-    ``local_steps`` (``--local-steps``, 0 when not given) raises the step cap above
-    :data:`DEFAULT_MIN_STEPS`; ``max_batch`` is the client's largest batch.
-    """
-    return BudgetPolicy(
-        max_steps=max(local_steps, DEFAULT_MIN_STEPS), max_batch=max_batch, max_rank=spec.rank,
-        rank_choices=(spec.rank,), max_heads=spec.heads, target_round_s=max(MIN_ROUND_S, target_round_s),
-        family=spec.family,
-    )  # fmt: skip
-
-
-def model_cost(model: Any, spec: Any, seq_len: int) -> ModelCost:
-    """The per-example cost of training ``spec``'s adapter on ``model`` (a registered encoder model,
-    peft-wrapped or not) at ``seq_len`` tokens."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps LoRA
-    enc = base.encoder.config
-    layers = len(spec.layers) or enc.num_hidden_layers
-    return ModelCost.estimate(
-        n_params=sum(p.numel() for p in model.parameters()), seq_len=seq_len,
-        hidden=enc.hidden_size, layers=enc.num_hidden_layers,
-        adapted_scalars_per_rank=layers * len(spec.target_modules) * 2 * enc.hidden_size,
-        ravan_rank=spec.rank, ravan_heads=spec.heads,
-    )  # fmt: skip
 
 
 _Key = tuple[int, int, int, int]  # (local_steps, batch_size, rank, heads)
@@ -130,9 +103,3 @@ def plan_table(
         "max_batch": max_batch,
         "rows": [asdict(r) for r in rows],
     }
-
-
-def draw_heads(client: str, round: int, total: int, n: int) -> tuple[int, ...]:
-    """The Ravan heads ``client`` trains in ``round``: a stable SHA-256 draw of ``n`` of ``total``."""
-    ranked = sorted(range(total), key=lambda h: hashlib.sha256(f"{client}:{round}:{h}".encode()).digest())
-    return tuple(sorted(ranked[:n]))

@@ -119,6 +119,20 @@ def lora_rank_slice(state: State, rank: int) -> State:
     return out
 
 
+def rank_view(global_state: State, rank: int | None) -> State:
+    """The part of the global adapter a rank-``rank`` client trains from: the first ``rank``
+    components of every LoRA pair (HetLoRA's slice, FlexLoRA's truncation); the whole global for
+    ``None`` or a rank no pair exceeds."""
+    if rank is None:
+        return global_state
+    if rank < 1:
+        raise ValueError(f"a client's LoRA rank must be >= 1, got {rank}")
+    ranks = {global_state[a].shape[0] for a, _ in layout(global_state).lora.values() if a in global_state}
+    if all(rank >= r for r in ranks):
+        return global_state
+    return lora_rank_slice(global_state, rank)
+
+
 def lora_pad(state: State, template: State) -> State:
     """Zero-pad lower-rank LoRA factors to the template's rank.
 

@@ -14,7 +14,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from export.files import atomic_write
 
 CACHE_ENV = "FLEETLORA_CACHE"
 CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
@@ -294,14 +295,7 @@ def tokenize_texts(tokenizer: Any, texts: list[str], labels: np.ndarray, max_len
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file so that readers see either no file or the whole file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), sync=False)
 
 
 def token_lengths(texts: list[str], tokenizer: Any, cap: int, cache_dir: Path | None = None) -> np.ndarray:

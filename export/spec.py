@@ -20,6 +20,15 @@ BasisInit = Literal["gram_schmidt", "normal"]
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+#: The LoRA ranks a client may train instead of the global rank (those below it; edge_client.planner).
+RANK_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+def rank_choices(max_rank: int) -> tuple[int, ...]:
+    """The ranks a client may train under a global rank of ``max_rank``: the ladder up to it."""
+    return (*(r for r in RANK_LADDER if r < max_rank), max_rank)
+
+
 class SpecError(ValueError):
     """An adapter spec that cannot describe a valid adapter."""
 

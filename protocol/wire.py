@@ -26,7 +26,7 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +65,14 @@ __all__ = [
     "GlobalHeader",
     "Reason",
     "UpdateHeader",
+    "client_hash",
     "decode_global",
     "decode_update",
     "encode_global",
     "encode_update",
     "is_sampled",
     "pack",
+    "sample_clients",
     "unpack",
 ]
 
@@ -138,6 +140,8 @@ class GlobalHeader:
     keep_local: tuple[str, ...] = ()  # suffixes of the tensors clients keep (FedSA-LoRA's B)
     model: str | None = None  # the registered model the coordinator trains (None: not announced)
     num_classes: int | None = None
+    # The LoRA ranks a device may train (edge_client.planner); None: the global rank only.
+    rank_choices: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -152,13 +156,31 @@ class DecodedGlobal:
     state: State
 
 
+def client_hash(salt: object, round: int, client: str) -> int:
+    """A client's stable 64-bit draw for a round: the first 8 bytes of SHA-256 of
+    ``"{salt}:{round}:{client}"``, big-endian (``edge_client/ENVELOPE.md``, *Sampling*)."""
+    return int.from_bytes(hashlib.sha256(f"{salt}:{round}:{client}".encode()).digest()[:8], "big")
+
+
+def sample_clients(seed: int, round: int, enrolled: Iterable[str], k: int) -> list[str]:
+    """Who takes part in ``round``: the ``k`` enrolled clients with the smallest
+    :func:`client_hash` under ``seed`` (all of them when ``k`` is 0), sorted.
+
+    The one sampler: the coordinator names them in the announcement, the simulator trains them.
+    """
+    roster = sorted(enrolled)
+    if not k or k >= len(roster):
+        return roster
+    return sorted(sorted(roster, key=lambda c: (client_hash(seed, round, c), c))[:k])
+
+
 def is_sampled(header: GlobalHeader, client: str) -> bool:
-    """Whether ``client`` takes part in the announced round (a stable hash draw when no list is given)."""
+    """Whether ``client`` takes part in the announced round: listed (:func:`sample_clients` chose the
+    list), or, in an open fleet, its :func:`client_hash` under the run falls below the fraction."""
     if header.clients is not None:
         return client in header.clients
     assert header.sample_fraction is not None  # the schema requires one of the two
-    digest = hashlib.sha256(f"{header.run}:{header.round}:{client}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < header.sample_fraction
+    return client_hash(header.run, header.round, client) / 2**64 < header.sample_fraction
 
 
 # -- framing and MAC -------------------------------------------------------------------------------
@@ -428,13 +450,16 @@ def encode_global(
     keep_local: Sequence[str] = (),
     model: str | None = None,
     num_classes: int | None = None,
+    rank_choices: Sequence[int] | None = None,
 ) -> bytes:
     """The global adapter and the round announcement as one (retained) payload.
 
     Exactly one of ``clients`` (the sampled ids) and ``sample_fraction`` (see :func:`is_sampled`)
     names the round's participants. ``keep_local``: suffixes of the tensors every client keeps
     between rounds (they are neither in ``state`` nor in any update). ``model``, ``num_classes``: what
-    the coordinator trains (optional), so a device of another model says so.
+    the coordinator trains (optional), so a device of another model says so. ``rank_choices``: the
+    LoRA ranks a device may train instead of ``rank`` (methods that aggregate heterogeneous ranks);
+    each device takes its slice of the one global (:func:`export.adapters.rank_view`).
     """
     if (clients is None) == (sample_fraction is None):
         raise EnvelopeError(Reason.SCHEMA, "give exactly one of clients and sample_fraction")
@@ -446,6 +471,10 @@ def encode_global(
         "rank": rank, "final": final, "msg_id": msg_id, "sent_at": sent_at, "keep_local": list(keep_local),
     }  # fmt: skip
     header.update({k: v for k, v in (("model", model), ("num_classes", num_classes)) if v is not None})
+    if rank_choices is not None:
+        if rank is None or any(r > rank for r in rank_choices):
+            raise EnvelopeError(Reason.SCHEMA, f"rank_choices {list(rank_choices)} above the rank {rank}")
+        header["rank_choices"] = [int(r) for r in rank_choices]
     check_schema({**header, "auth": SHA256}, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
     stray = [k for k in state if k.endswith(tuple(keep_local))]
     if stray:
@@ -478,6 +507,8 @@ def decode_global(
     d = check_schema(framed.header, GLOBAL_FIELDS, "global", GLOBAL_OPTIONAL)
     if (d["clients"] is None) == (d["sample_fraction"] is None):
         raise EnvelopeError(Reason.SCHEMA, "exactly one of clients and sample_fraction must be set")
+    if "rank_choices" in d and (d["rank"] is None or max(d["rank_choices"]) > d["rank"]):
+        raise EnvelopeError(Reason.SCHEMA, f"rank_choices {d['rank_choices']} above the rank {d['rank']}")
     try:
         embedded = AdapterSpec.from_dict(d["spec_json"]).digest()
     except (SpecError, TypeError, ArithmeticError) as e:
@@ -510,6 +541,7 @@ def decode_global(
         clients=None if d["clients"] is None else tuple(d["clients"]), final=d["final"],
         msg_id=d["msg_id"], sent_at=float(d["sent_at"]), signed=d["auth"] == HMAC_SHA256, keep_local=kept,
         model=d.get("model"), num_classes=d.get("num_classes"),
+        rank_choices=tuple(d["rank_choices"]) if "rank_choices" in d else None,
     )  # fmt: skip
     return DecodedGlobal(header, state)
 

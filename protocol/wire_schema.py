@@ -104,10 +104,12 @@ GLOBAL_FIELDS: dict[str, Check] = {
 
 
 # Optional announcement fields: the model and class count the coordinator trains, so a device with
-# another bundle can say so in words instead of "unknown_key".
+# another bundle can say so in words instead of "unknown_key"; the LoRA ranks a device may train
+# instead of the global rank (methods that aggregate heterogeneous ranks; absent: the global rank).
 GLOBAL_OPTIONAL: dict[str, Check] = {
     "model": _match(ID_RE),
     "num_classes": _int(1, 10**6),
+    "rank_choices": _unique_list(_int(1, 65536), 64),
 }
 
 

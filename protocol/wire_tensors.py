@@ -221,6 +221,8 @@ def check_against_template(
         need(rank is None, f"header gives rank {rank} but the template has no LoRA layers")
     for layer in groups.lora.values():
         for key, t in layer.items():
+            full = t[0] if key.endswith(LORA_A) else t[1]
+            need(rank is None or rank <= full, f"{key}: rank {rank} above the global rank {full}")
             got = entries[key].shape
             need(len(got) == 2, f"{key}: shape {got} is not 2-D")
             if key.endswith(LORA_A):

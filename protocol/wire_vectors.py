@@ -147,6 +147,7 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
     shared = {k: v for k, v in full.items() if not k.endswith(LORA_B)}
     g_signed = _global(full, COORDINATOR_KEY, clients=["dev-1", "dev-2"])
     g_fedsa = _global(shared, None, method="fedsa_lora", sample_fraction=0.5, keep_local=[LORA_B])
+    g_ranks = _global(full, None, method="hetlora", clients=["dev-1"], rank_choices=[1, 2])
     nan_state = {**full, "classifier.bias": torch.tensor([0.0, float("nan")])}
     (n,) = struct.unpack_from(">I", signed, 4)
     files = {
@@ -155,6 +156,7 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         "update_foreign_json.env": _foreign_update(),
         "global_hmac_clients.env": g_signed,
         "global_sha256_fraction_keep_local.env": g_fedsa,
+        "global_sha256_rank_choices.env": g_ranks,
         "update_schema1.env": _schema_1_update(),
         "update_blob_byte_flipped.env": _flipped(signed, len(signed) - MAC_BYTES - 3),
         "update_header_edited.env": _edited(signed, b'"num_examples":40', b'"num_examples":41'),
@@ -181,6 +183,11 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         {"file": "global_sha256_fraction_keep_local.env", "kind": "global", "key": None, "expect": "ok",
          "header": _header_fields(g_fedsa), "tensors": _tensors(shared),
          "sampled": {c: is_sampled(_decoded_header(g_fedsa), c) for c in fedsa_clients}},
+        # The ranks a device may train instead of the global one (an optional field: a receiver that
+        # trains the global rank only accepts it and may ignore it).
+        {"file": "global_sha256_rank_choices.env", "kind": "global", "key": None, "expect": "ok",
+         "header": {k: v for k, v in _header_fields(g_ranks).items() if k != "rank_choices"},
+         "rank_choices": [1, 2], "tensors": _tensors(full)},
         {"file": "update_schema1.env", "kind": "update", "key": None, "expect": "schema"},
         {"file": "update_blob_byte_flipped.env", "kind": "update", "key": "device", "expect": "bad_mac"},
         {"file": "update_header_edited.env", "kind": "update", "key": "device", "expect": "bad_mac"},

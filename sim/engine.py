@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from coordinator import aggregators
-from coordinator.aggregators import ClientInfo, ClientUpdate
+from coordinator.aggregators import ClientUpdate
 from coordinator.server_optimizer import ServerOptimizer
 from edge_client.local_round import LocalPlan
+from edge_client.planner import plan_from_budget
 from export.adapters import start_state
+from protocol.wire import client_hash, sample_clients
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
 from export.evaluation import evaluate
@@ -128,9 +130,12 @@ def make_transport(
     spec: AdapterSpec | None = None,
     base_delta: bool = False,
     config: SimConfig | None = None,
+    aggregator: aggregators.Aggregator | None = None,
+    method: str = "",
 ) -> Transport:
     """How this method's clients are reached; ``base_delta``: the method changes the frozen base;
-    ``config``: the method's own settings (default the world's)."""
+    ``config``: the method's own settings (default the world's); ``aggregator`` and ``method``: the
+    run's (the ``mqtt`` transport's coordinator service announces and validates with them)."""
     config = config or world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
@@ -144,26 +149,23 @@ def make_transport(
     if config.transport == "mqtt":
         from sim.mqtt_transport import MqttTransport
 
-        return MqttTransport(trainer, template, world.train, broker_url=config.broker)
+        if aggregator is None:
+            raise ValueError("the mqtt transport needs the run's aggregator (its coordinator service)")
+        roster = [c.cid for c in world.clients]
+        return MqttTransport(
+            trainer, template, world.train, aggregator, spec or config.spec(family), roster,
+            method=method or aggregator.name, seed=config.seed, per_round=config.clients_per_round,
+            broker_url=config.broker,
+        )  # fmt: skip
     return InProcTransport(model, trainer, template, world.train, train_fn=train)
 
 
-def plan_for(client: VirtualClient, spec: AdapterSpec, hetero_rank: bool, seed: tuple[int, ...]) -> LocalPlan:
-    """A client's rank / heads / steps this round, from its budget (Ravan: random heads, METHODS 2.3).
-
-    ``seed`` seeds the head draw; the generator is made only when heads are drawn (it costs more
-    than the rest of a client's bookkeeping).
-    """
-    budget = client.budgets[spec.family]
-    if spec.family == "ravan":
-        heads = (
-            None
-            if budget.heads >= spec.heads
-            else tuple(sorted(np.random.default_rng(seed).choice(spec.heads, budget.heads, replace=False)))
-        )
-        return LocalPlan(budget.local_steps, heads=heads)
-    rank = budget.rank if hetero_rank and budget.rank < spec.rank else None
-    return LocalPlan(budget.local_steps, rank=rank)
+def plan_for(client: VirtualClient, spec: AdapterSpec, heterogeneous_ranks: bool, round: int) -> LocalPlan:
+    """A client's rank / heads / steps in ``round`` (1-based, as the coordinator counts), from its
+    budget: what the device itself plans (:func:`edge_client.planner.plan_from_budget`)."""
+    return plan_from_budget(
+        client.budgets[spec.family], spec, client.cid, round, heterogeneous_ranks=heterogeneous_ranks
+    )
 
 
 @dataclass
@@ -194,11 +196,13 @@ class _Best:
     local: dict[str, State] = field(default_factory=dict)
 
 
-def sample_round(config: SimConfig, num_clients: int, rnd: int) -> tuple[list[int], np.ndarray]:
-    """Who is sampled in round ``rnd`` (sorted) and each one's dropout draw: the same for every method."""
-    rng = np.random.default_rng([config.seed, rnd])
-    picked = sorted(int(i) for i in rng.choice(num_clients, config.clients_per_round, replace=False))
-    return picked, rng.random(len(picked))
+def sample_round(config: SimConfig, clients: list[VirtualClient], rnd: int) -> tuple[list[int], list[float]]:
+    """Who is sampled in round ``rnd`` (indices, ascending), by the coordinator's sampler, and each
+    one's dropout draw in [0, 1): the same for every method and every transport."""
+    index = {c.cid: i for i, c in enumerate(clients)}
+    cids = sample_clients(config.seed, rnd + 1, index, config.clients_per_round)
+    picked = sorted(index[c] for c in cids)
+    return picked, [client_hash(f"{config.seed}:dropout", rnd + 1, clients[i].cid) / 2**64 for i in picked]
 
 
 def run_method(
@@ -224,7 +228,9 @@ def run_method(
     )
     server = ServerOptimizer(config.server_lr, config.server_momentum).for_method(agg.changes_base)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train, spec, base_delta=agg.changes_base, config=config)
+    transport = make_transport(
+        world, family, train, spec, base_delta=agg.changes_base, config=config, aggregator=agg, method=method
+    )
     model = world.model(family, spec)
     template = world.initial_state(family, spec)
     global_state = agg.init_global(template)
@@ -237,14 +243,15 @@ def run_method(
     virtual_time, bytes_up_total, bytes_down_total, wall_start = 0.0, 0, 0, time.perf_counter()
     try:
         for rnd in range(config.rounds):
-            picked, drop_draws = sample_round(config, len(world.clients), rnd)
-            jobs, bytes_down, round_time, dropped, late = [], 0, 0.0, 0, 0
+            picked, drop_draws = sample_round(config, world.clients, rnd)
+            jobs, round_time, dropped, late = [], 0.0, 0, 0
+            # One global per round, as the coordinator announces it: each device takes its slice.
+            payload = agg.announced(global_state)
+            bytes_down = num_bytes(payload) * len(picked)
             for i, draw in zip(picked, drop_draws, strict=True):
                 client = world.clients[i]
                 budget = client.budgets[family]
-                plan = plan_for(client, spec, hetero, (config.seed, rnd, i, 1))
-                payload = agg.payload_for(ClientInfo(client.cid, plan.rank, plan.heads), global_state)
-                bytes_down += num_bytes(payload)
+                plan = plan_for(client, spec, hetero, rnd + 1)
                 if draw < client.profile.dropout:  # vanishes mid-round: the server waits to the deadline
                     dropped += 1
                     round_time = world.deadline_s
@@ -257,9 +264,10 @@ def run_method(
                 keep = local_states.get(client.cid, newcomer) if local_keys else None
                 jobs.append(
                     ClientJob(
-                        client, payload, plan, budget.batch_size, (config.seed, rnd, i), keep_local=keep
+                        client, payload, plan, budget.batch_size, (config.seed, rnd, i), keep_local=keep,
+                        round=rnd + 1,
                     )
-                )
+                )  # fmt: skip
             if late and not jobs and not dropped:
                 raise NoTrainingError(
                     f"{method}, round {rnd + 1}: none of the {late} sampled clients can train within the "
@@ -397,7 +405,7 @@ def evaluate_global(
 
     A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only.
     """
-    view = {**agg.payload_for(ClientInfo("__eval__"), global_state), **(keep_local or {})}
+    view = {**agg.announced(global_state), **(keep_local or {})}
     with applied_base_delta(model, split_base_delta(view)[1]):
         load_trainable_state(model, start_state(spec, view, template))
         return evaluate(model, test.eval_batches(limit=limit))

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from edge_client.trainer import Batch
+from export.data import save_atomically
 
 
 @dataclass
@@ -100,7 +101,5 @@ def prefix_inputs(
         chunks.append(base.prefix(input_ids[s : s + 128], attention_mask[s : s + 128], start_layer))
     hidden = torch.cat(chunks).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"hidden": hidden}, tmp)
-    os.replace(tmp, path)
+    save_atomically({"hidden": hidden}, path, {})
     return Inputs(hidden, attention_mask, labels, start_layer)

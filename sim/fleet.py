@@ -6,12 +6,14 @@ and no tensors, so a fleet of 10,000 costs a few MB. Its adapter exists only whi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from devices.profiles import load_mix, sample_devices
 from edge_client.budget import Budget, BudgetPolicy, DeviceProfile, ModelCost, compute_budget
+from edge_client.planner import adapter_cost, round_policy, with_fixed_steps
+from export.spec import rank_choices
 from sim.config import SimConfig
 from sim.partition import dirichlet_partition, iid_partition
 
@@ -34,29 +36,16 @@ class VirtualClient:
 
 def model_cost(config: SimConfig, n_params: int, hidden: int, layers: int) -> ModelCost:
     """What one training example costs on a device (the whole model runs there: no prefix cache)."""
-    adapted_layers = len(config.layers) or layers
-    per_rank = adapted_layers * len(config.target_modules) * 2 * hidden
-    return ModelCost.estimate(
-        n_params=n_params,
-        seq_len=config.max_len,
-        hidden=hidden,
-        layers=layers,
-        adapted_scalars_per_rank=per_rank,
-        ravan_rank=config.rank,
-        ravan_heads=config.heads,
-    )
+    return adapter_cost(n_params, hidden, layers, config.spec("lora"), config.max_len)
 
 
 def policy(config: SimConfig, family: str, deadline_s: float) -> BudgetPolicy:
-    return BudgetPolicy(
-        max_steps=config.max_steps,
-        max_batch=config.batch_size,
-        max_rank=config.rank,
-        rank_choices=tuple(r for r in (1, 2, 4, 8, 16, 32, 64) if r <= config.rank) or (config.rank,),
-        max_heads=config.heads,
-        target_round_s=deadline_s,
-        family=family,  # type: ignore[arg-type]
-    )
+    """The round's limits for a family's clients: the device's own rule, with the run's deadline and
+    every rank of the ladder (a method that takes heterogeneous ranks offers them)."""
+    return round_policy(
+        config.spec(family), deadline_s=deadline_s, max_steps=config.max_steps,
+        max_batch=config.batch_size, ranks=rank_choices(config.rank),
+    )  # fmt: skip
 
 
 def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple[list[VirtualClient], float]:
@@ -72,11 +61,7 @@ def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple
     deadline = config.deadline_s or default_deadline(profiles, cost, config)
     clients = []
     for i, (profile, idx) in enumerate(zip(profiles, parts, strict=True)):
-        budgets = {
-            fam: compute_budget(profile, cost, policy(config, fam, deadline)) for fam in ("lora", "ravan")
-        }
-        if config.local_steps:
-            budgets = {fam: _fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
+        budgets = client_budgets(config, profile, cost, deadline)
         clients.append(VirtualClient(f"c{i:05d}", profile, np.asarray(idx, dtype=np.int64), budgets))
     fastest = min(min(b.round_s for b in c.budgets.values()) for c in clients)
     if fastest > deadline:
@@ -87,6 +72,16 @@ def build_fleet(config: SimConfig, labels: np.ndarray, cost: ModelCost) -> tuple
     return clients, deadline
 
 
+def client_budgets(
+    config: SimConfig, profile: DeviceProfile, cost: ModelCost, deadline_s: float
+) -> dict[str, Budget]:
+    """A device's budget per adapter family for the run's deadline (``local_steps`` fixes the steps)."""
+    budgets = {
+        fam: compute_budget(profile, cost, policy(config, fam, deadline_s)) for fam in ("lora", "ravan")
+    }
+    return {fam: with_fixed_steps(b, config.local_steps) for fam, b in budgets.items()}
+
+
 def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: SimConfig) -> float:
     """A deadline at which the median device of the mix affords the round's full batches: ``max_steps``
     of them, or ``local_steps`` when those are fixed (sizing it for ``max_steps`` then would leave
@@ -95,11 +90,3 @@ def default_deadline(profiles: list[DeviceProfile], cost: ModelCost, config: Sim
     steps = config.local_steps or config.max_steps
     compute = steps * config.batch_size * cost.train_flops_per_example / (gflops * 1e9)
     return float(round(compute * 1.5 + 5.0, 1))
-
-
-def _fixed_steps(budget: Budget, steps: int) -> Budget:
-    scale = steps / max(budget.local_steps, 1)
-    compute = budget.compute_s * scale
-    return replace(
-        budget, local_steps=steps, compute_s=compute, round_s=compute + budget.upload_s + budget.download_s
-    )

@@ -15,6 +15,7 @@ from torch import nn
 
 from edge_client.local_round import LocalPlan, run_local_round, trained_kept
 from edge_client.trainer import Trainer, TrainMetrics
+from export.adapters import rank_view
 from export.spec import AdapterSpec
 from export.state import State
 from sim.features import Inputs
@@ -29,6 +30,7 @@ class ClientJob:
     batch_size: int
     data_seed: tuple[int, ...]  # seeds this client's batch order this round: same for every method
     keep_local: State | None = None  # tensors the client kept from its last round (FedSA-LoRA's B)
+    round: int = 1  # the coordinator's round (1-based) this job belongs to
 
 
 @dataclass
@@ -79,7 +81,7 @@ class InProcTransport:
         results = []
         for job in jobs:
             if not self.train_fn:  # `bench sim --no-train`: measure everything but the training
-                results.append(ClientResult(job.client.cid, job.payload))
+                results.append(ClientResult(job.client.cid, rank_view(job.payload, job.plan.rank)))
                 continue
             upload, metrics = train_client(
                 self.trainer,

@@ -272,7 +272,8 @@ def test_a_bad_client_toml_is_refused_with_the_key_named(edit: dict, message: st
 def test_the_native_plan_is_the_python_rule(tmp_path: Path) -> None:
     """The native client's plan for a round (table lookup, SHA-256 head draw) is what Python computes."""
     from edge_client.budget import DeviceProfile
-    from edge_client.plan_table import draw_heads, lookup, model_cost, plan_table
+    from edge_client.plan_table import lookup, plan_table
+    from edge_client.planner import draw_heads, model_cost
     from export.adapters import attach
     from export.models import build_model
 

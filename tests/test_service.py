@@ -10,11 +10,11 @@ from deploy_helpers import adapted, client_ids, make_service, spec_for
 from tolerances import unit_roundoff
 
 from coordinator.metrics import read_metrics
-from coordinator.service import RoundService, ServiceConfig, ServiceError, sample_clients
+from coordinator.service import RoundService, ServiceConfig, ServiceError
 from coordinator.store import RoundStore, StoreError, _read_segment
 from export.state import LORA_B, State
 from protocol.topics import up_topic
-from protocol.wire import decode_global, encode_update
+from protocol.wire import decode_global, encode_update, sample_clients
 from protocol.wire_tensors import template_of
 
 METHOD = "fedit"
@@ -67,12 +67,45 @@ def test_a_method_whose_devices_keep_tensors_neither_sends_nor_takes_them(tmp_pa
     assert service.tally.rejected == {"unknown_key": 1}
 
 
+def test_lower_ranks_are_offered_and_taken_only_by_methods_that_aggregate_them(tmp_path: Path) -> None:
+    """HetLoRA announces the ranks a device may train and takes a lower-rank upload; FedIT offers
+    none and refuses one in words; a rank above the global one is refused by both."""
+    from export.adapters import lora_rank_slice
+    from export.state import LORA_A
+
+    for method, offers in (("hetlora", True), ("fedit", False)):
+        service = make_service(method, tmp_path / method, client_ids(3), rounds=1)
+        service.start()
+        rank = service.spec.rank
+        full = {k: v.cpu() for k, v in service.global_state.items()}
+        header = decode_global(
+            service.announcement, expected_run="t", spec=service.spec, template=template_of(full), key=None
+        ).header
+        assert header.rank_choices == ((1, 2, rank) if offers else None)
+        wide = {
+            k: torch.cat([v, v], dim=0 if k.endswith(LORA_A) else 1) if "lora_" in k else v
+            for k, v in full.items()
+        }
+        for client, state, r in (("dev0", lora_rank_slice(full, 2), 2), ("dev1", wide, 2 * rank)):
+            envelope = encode_update(
+                state, run="t", round=1, client=client, method=method, spec=service.spec, num_examples=1,
+                local_steps=1, compute_s=0.0, rank=r,
+            )  # fmt: skip
+            service.receive([(up_topic("t", client), envelope)])
+        assert set(service.accepted) == ({"dev0"} if offers else set())
+        events = read_metrics(tmp_path / method / "metrics.jsonl")
+        messages = [e["message"] for e in events if e["event"] == "rejected"]
+        assert any(f"rank {2 * rank} above the global rank {rank}" in m for m in messages), messages
+        if not offers:
+            assert any(f"aggregates the global rank {rank} only" in m for m in messages), messages
+
+
 def test_sampling_is_seeded_and_stable() -> None:
     roster = client_ids(10)
-    a = sample_clients(roster, 4, seed=1, round=3)
-    assert a == sample_clients(roster, 4, seed=1, round=3) and len(a) == 4
-    assert any(sample_clients(roster, 4, seed=1, round=r) != a for r in range(4, 10))
-    assert sample_clients(roster, 0, seed=1, round=3) == sorted(roster)
+    a = sample_clients(1, 3, roster, 4)
+    assert a == sample_clients(1, 3, reversed(roster), 4) and len(a) == 4  # the roster's order is moot
+    assert any(sample_clients(1, r, roster, 4) != a for r in range(4, 10))
+    assert sample_clients(1, 3, roster, 0) == sorted(roster)
 
 
 def test_every_refusal_is_counted_and_never_touches_the_global(service: RoundService) -> None:

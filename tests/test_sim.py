@@ -89,7 +89,8 @@ def test_a_round_without_updates_keeps_the_global_and_a_run_without_any_is_an_er
 
 def test_a_deadline_nobody_meets_is_an_error_not_an_untrained_model(world, tmp_path) -> None:
     w = dataclasses.replace(world, deadline_s=1e-6)
-    with pytest.raises(NoTrainingError, match=r"missed the 0\.0 s deadline"):
+    # (in the first round that samples no drop-out, else at the end of the run)
+    with pytest.raises(NoTrainingError, match=r"(can train within|missed) the 0\.0 s (round )?deadline"):
         run_method(w, "fedit")
     # Said before anything trains when the deadline is set so: the fastest device's round time.
     with pytest.raises(NoTrainingError, match=r"no client can finish a round within the 0\.0 s deadline"):

@@ -64,6 +64,8 @@ def test_each_vector_reaches_its_verdict(case: dict[str, Any]) -> None:
         assert torch.equal(t.flatten(), torch.tensor(want["values"], dtype=torch.float32)), name
     for client, sampled in case.get("sampled", {}).items():
         assert is_sampled(h, client) == sampled, client
+    if "rank_choices" in case:
+        assert list(h.rank_choices or ()) == case["rank_choices"]
 
 
 def test_every_verdict_the_spec_names_is_covered() -> None:

@@ -158,6 +158,11 @@ class Aggregator(ABC):
         """What this client downloads (by default the whole global adapter)."""
         return global_state
 
+    def announced(self, global_state: State) -> State:
+        """The one global a round announces (retained): what every sampled device downloads, the
+        simulator's too; each device takes its own slice of it (its rank: ``run_local_round``)."""
+        return self.payload_for(ClientInfo("*"), global_state)
+
     @abstractmethod
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         """The next global adapter from the current one and this round's updates."""

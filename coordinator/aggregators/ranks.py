@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.aggregators.base import AggregationError, Aggregator, ClientInfo, ClientUpdate
-from export.adapters import lora_rank_slice
+from export.adapters import rank_view
 from export.state import State, layout
 
 
@@ -95,15 +95,12 @@ def native_layers(
 
 
 def rank_payload(client: ClientInfo, global_state: State) -> State:
-    """The global adapter truncated to the client's rank (its first ``rank`` components)."""
-    if client.rank is None:
-        return global_state
-    ranks = {global_state[a].shape[0] for a, _ in layout(global_state).lora.values()}
-    if client.rank < 1:
-        raise ValueError(f"client {client.client_id}: rank must be >= 1, got {client.rank}")
-    if all(client.rank >= r for r in ranks):
-        return global_state
-    return lora_rank_slice(global_state, client.rank)
+    """The global adapter truncated to the client's rank (its first ``rank`` components): the slice
+    the device itself takes of the one announced global (:func:`export.adapters.rank_view`)."""
+    try:
+        return rank_view(global_state, client.rank)
+    except ValueError as e:
+        raise ValueError(f"client {client.client_id}: {e}") from None
 
 
 class HeterogeneousRankAggregator(Aggregator):

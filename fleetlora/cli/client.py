@@ -8,7 +8,6 @@ import logging
 import random
 import signal
 import threading
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -78,56 +77,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-jitter", type=float, default=2.0, help="random delay before connecting (s)")
 
 
-class DevicePlanner:
-    """Each round's plan from the device profile (or fixed steps) and the time left to the deadline."""
+def device_planner(args: argparse.Namespace, spec: Any, model: Any) -> Any:
+    """This device's :class:`edge_client.planner.DevicePlanner`: ``--profile``'s budget each round."""
+    from devices.profiles import load_profile
+    from edge_client.budget import ProfileError
+    from edge_client.planner import DevicePlanner, model_cost
 
-    def __init__(self, args: argparse.Namespace, spec: Any, model: Any, indices: Any, train: Any) -> None:
-        from edge_client.plan_table import model_cost
+    try:
+        profile = load_profile(args.profile) if args.profile else None
+    except ProfileError as e:
+        raise CliError(str(e)) from e
+    return DevicePlanner(
+        spec, args.id, model_cost(model, spec, args.max_len), profile, local_steps=args.local_steps,
+        max_batch=args.batch_size,
+    )  # fmt: skip
 
-        self.args, self.spec, self.indices, self.train = args, spec, indices, train
-        self.profile = None
-        if args.profile:
-            from devices.profiles import load_profile
-            from edge_client.budget import ProfileError
 
-            try:
-                self.profile = load_profile(args.profile)
-            except ProfileError as e:
-                raise CliError(str(e)) from e
-        self.cost = model_cost(model, spec, args.max_len)
-        self.batch_size = args.batch_size
+def local_batches(seed: int, client: str, indices: list[int], train: Any) -> Any:
+    """The plan's batches: ``plan.batch_size`` of this device's examples a step, a seeded draw per round."""
 
-    def plan(self, header: Any) -> Any:
-        # The rules: edge_client.plan_table (a native client reads them as the table flash writes).
-        from edge_client.budget import compute_budget
-        from edge_client.local_round import LocalPlan
-        from edge_client.plan_table import device_policy, draw_heads
-
-        steps, heads_n = self.args.local_steps or 5, self.spec.heads
-        if self.profile is not None:
-            policy = device_policy(
-                self.spec, local_steps=self.args.local_steps, max_batch=self.args.batch_size,
-                target_round_s=header.deadline - time.time(),
-            )  # fmt: skip
-            budget = compute_budget(self.profile, self.cost, policy)
-            steps, heads_n, self.batch_size = budget.local_steps, budget.heads, budget.batch_size
-            steps = self.args.local_steps or steps
-        heads = None
-        if self.spec.family == "ravan" and heads_n < self.spec.heads:
-            heads = draw_heads(self.args.id, header.round, self.spec.heads, heads_n)
-        return LocalPlan(steps, heads=heads)
-
-    def batches(self, header: Any, plan: Any) -> Any:
+    def batches(header: Any, plan: Any) -> Any:
         import torch
 
-        draw = random.Random(f"{self.args.seed}:{self.args.id}:{header.round}")
+        draw = random.Random(f"{seed}:{client}:{header.round}")
         for _ in range(plan.local_steps):
-            idx = torch.tensor(draw.sample(self.indices, min(self.batch_size, len(self.indices))))
+            idx = torch.tensor(draw.sample(indices, min(plan.batch_size, len(indices))))
             yield {
-                "input_ids": self.train.input_ids[idx],
-                "attention_mask": self.train.attention_mask[idx],
-                "labels": self.train.labels[idx],
+                "input_ids": train.input_ids[idx],
+                "attention_mask": train.attention_mask[idx],
+                "labels": train.labels[idx],
             }
+
+    return batches
 
 
 def local_indices(n: int, shard: str, seed: int, limit: int) -> list[int]:
@@ -224,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = task_model(task)
     print(f"{args.id}: {task.describe()}")
     train, indices, validation = device_data(args, task, dataset, tokenizer)
-    planner = DevicePlanner(args, task.spec, model, indices, train)
+    planner = device_planner(args, task.spec, model)
     trainer = local_trainer(args, task.bundle, model)
     eval_batch = min(64, task.bundle.info.batch_max) if task.bundle is not None else 64
     config = EdgeConfig(
@@ -252,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     with MqttLink(link_cfg) as link:
         client = EdgeClient(
-            config, link, trainer, trainer.get_trainable(), planner.plan, planner.batches,
+            config, link, trainer, trainer.get_trainable(), planner.plan,
+            local_batches(args.seed, args.id, indices, train),
             eval_batches=lambda: validation.batches(eval_batch),
         )  # fmt: skip
         progress = run_device(client, stop)

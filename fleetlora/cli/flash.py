@@ -293,7 +293,8 @@ def device_files(args: argparse.Namespace, bundle: Any, client_id: str) -> tuple
 
     from devices.profiles import load_profile
     from edge_client.budget import BudgetError, ProfileError
-    from edge_client.plan_table import model_cost, plan_table
+    from edge_client.plan_table import plan_table
+    from edge_client.planner import model_cost
     from export.adapters import attach
     from export.data import DataError, load_text_dataset, tokenize_cached
     from export.models import ModelError, build_model

@@ -151,6 +151,8 @@ const std::vector<Field>& global_optional() {
   static const std::vector<Field> fields = {
       {"model", id_check},
       {"num_classes", [](const json& x) { return int_in(x, 1, 1000000); }},
+      // The ranks a device may train instead of the global rank: this client trains its bundle's rank.
+      {"rank_choices", [](const json& x) { return unique_list(x, 1, 64, [](const json& i) { return int_in(i, 1, 65536); }); }},
   };
   return fields;
 }
