@@ -54,7 +54,7 @@ from coordinator.aggregators import Aggregator, ClientUpdate
 from coordinator.clipping import CLIP_MODES, ClipMode, delta_norm, scale_delta
 from coordinator.metrics import MetricsLog, device_measurements, open_line, round_line
 from coordinator.store import RoundState, RoundStore, StoreError, describe_task
-from export.spec import AdapterSpec
+from export.spec import AdapterSpec, rank_choices
 from export.state import State, num_bytes, without_kept
 from protocol.mqtt_types import Payload
 from protocol.topics import parse_up_topic
@@ -71,8 +71,6 @@ from protocol.wire import (
     spec_differences,
 )
 from protocol.wire_tensors import template_of
-from export.spec import AdapterSpec, rank_choices
-from export.state import State, num_bytes, without_kept
 
 log = logging.getLogger(__name__)
 

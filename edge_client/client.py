@@ -48,6 +48,7 @@ import torch
 
 from edge_client.local_round import LocalPlan, run_local_round, trained_kept
 from edge_client.trainer import Batch, Trainer, TrainMetrics
+from export.files import atomic_write
 from export.spec import AdapterSpec
 from export.state import State
 from protocol.mqtt_link import Delivery, MqttLink, MqttLinkError, PayloadTooLarge
@@ -62,9 +63,6 @@ from protocol.wire import (
     is_sampled,
 )
 from protocol.wire_tensors import template_of
-from export.files import atomic_write
-from export.spec import AdapterSpec
-from export.state import State
 
 log = logging.getLogger(__name__)
 

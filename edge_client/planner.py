@@ -155,7 +155,7 @@ class DevicePlanner:
         return compute_budget(self.profile, self.cost, policy)
 
     def plan(self, header: Any) -> LocalPlan:
-        """The plan for an announcement (a :class:`~edge_client.wire.GlobalHeader`)."""
+        """The plan for an announcement (a :class:`~protocol.wire.GlobalHeader`)."""
         if self.profile is None:
             return LocalPlan(self.local_steps or 5, batch_size=self.max_batch)
         ranks = header.rank_choices

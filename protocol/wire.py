@@ -158,7 +158,7 @@ class DecodedGlobal:
 
 def client_hash(salt: object, round: int, client: str) -> int:
     """A client's stable 64-bit draw for a round: the first 8 bytes of SHA-256 of
-    ``"{salt}:{round}:{client}"``, big-endian (``edge_client/ENVELOPE.md``, *Sampling*)."""
+    ``"{salt}:{round}:{client}"``, big-endian (``protocol/ENVELOPE.md``, *Sampling*)."""
     return int.from_bytes(hashlib.sha256(f"{salt}:{round}:{client}".encode()).digest()[:8], "big")
 
 

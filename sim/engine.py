@@ -25,13 +25,13 @@ from coordinator.server_optimizer import ServerOptimizer
 from edge_client.local_round import LocalPlan
 from edge_client.planner import plan_from_budget
 from export.adapters import start_state
-from protocol.wire import client_hash, sample_clients
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
 from export.evaluation import evaluate
 from export.models import build_model
 from export.spec import AdapterSpec
 from export.state import State, clone_state, load_trainable_state, num_bytes, trainable_state
+from protocol.wire import client_hash, sample_clients
 from sim.config import SimConfig
 from sim.features import Inputs, prefix_inputs
 from sim.fleet import NoTrainingError, VirtualClient, build_fleet, model_cost

@@ -19,23 +19,23 @@ import pytest
 import torch
 from deploy_helpers import MAX_LEN, MODEL, NUM_CLASSES, DeviceThread, serve_in_thread, train_split
 
+from broker.mosquitto import Mosquitto
 from coordinator import aggregators
-from coordinator.broker import Mosquitto
 from coordinator.metrics import MetricsLog
 from coordinator.service import RoundService, ServiceConfig
 from coordinator.store import RoundStore
 from devices.profiles import load_profile
 from edge_client.client import EdgeClient, EdgeConfig
 from edge_client.local_round import LocalPlan
-from edge_client.mqtt_link import LinkConfig, MqttLink
 from edge_client.planner import DevicePlanner, model_cost
-from edge_client.topics import status_topic, up_subscription
 from edge_client.trainer import Batch, EagerTrainer, OptimizerConfig
-from edge_client.wire import GlobalHeader, unpack
 from export.adapters import attach
 from export.models import build_model
 from export.spec import AdapterSpec
 from export.state import LORA_A, RAVAN_H, trainable_state
+from protocol.mqtt_link import LinkConfig, MqttLink
+from protocol.topics import status_topic, up_subscription
+from protocol.wire import GlobalHeader, unpack
 from sim.config import SimConfig
 from sim.engine import plan_for
 from sim.fleet import VirtualClient, client_budgets
