@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 PUSH_INTERVAL_S = 0.25  # a burst of updates becomes one push per viewer per this many seconds
 KEEPALIVE_S = 15.0
+CLOSE_WAIT_S = 2.0  # how long closing waits for the event streams to send their last snapshot
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
@@ -93,6 +94,8 @@ class Dashboard:
         self.view, self.token, self.metrics, self.state_dir = view, token or None, metrics, state_dir
         self.closing = threading.Event()
         self._export_lock = threading.Lock()
+        self._streams = threading.Condition()
+        self._open_streams = 0
         handler = type("Handler", (_Handler,), {"dashboard": self})
         try:
             self.server = ThreadingHTTPServer(address, handler)
@@ -112,7 +115,10 @@ class Dashboard:
         return self
 
     def close(self) -> None:
+        """Stop serving; open event streams get the last snapshot first (a finished run's last round)."""
         self.closing.set()
+        with self._streams:
+            self._streams.wait_for(lambda: self._open_streams == 0, CLOSE_WAIT_S)
         self.server.shutdown()
         self.server.server_close()
         self._thread.join()
@@ -225,21 +231,38 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        view, closing = self.dashboard.view, self.dashboard.closing
-        seen, quiet = -1, 0.0
+        dashboard = self.dashboard
+        with dashboard._streams:
+            dashboard._open_streams += 1
         try:
-            while not closing.is_set():
-                version = view.wait_change(seen, 1.0)
-                if version == seen:
-                    quiet += 1.0
-                    if quiet >= KEEPALIVE_S:
-                        self.wfile.write(b": keep-alive\n\n")
-                        self.wfile.flush()
-                        quiet = 0.0
-                    continue
-                seen, quiet = version, 0.0
-                self.wfile.write(b"data: " + json.dumps(view.snapshot()).encode() + b"\n\n")
-                self.wfile.flush()
-                closing.wait(PUSH_INTERVAL_S)
+            self._push_changes()
         except (BrokenPipeError, ConnectionResetError):
             log.debug("a dashboard viewer left")
+        finally:
+            with dashboard._streams:
+                dashboard._open_streams -= 1
+                dashboard._streams.notify_all()
+
+    def _push_changes(self) -> None:
+        view, closing = self.dashboard.view, self.dashboard.closing
+        seen, quiet = -1, 0.0
+        while True:
+            if closing.is_set():  # one last snapshot if anything changed since the last one
+                if view.wait_change(seen, 0) != seen:
+                    self._push(view.snapshot())
+                return
+            version = view.wait_change(seen, 1.0)
+            if version == seen:
+                quiet += 1.0
+                if quiet >= KEEPALIVE_S:
+                    self.wfile.write(b": keep-alive\n\n")
+                    self.wfile.flush()
+                    quiet = 0.0
+                continue
+            seen, quiet = version, 0.0
+            self._push(view.snapshot())
+            closing.wait(PUSH_INTERVAL_S)
+
+    def _push(self, snapshot: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+        self.wfile.flush()

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 STATES = ("offline", "idle", "sampled", "training", "uploaded", "refused", "dropped")
-TRAIL = 8  # state changes kept per device (short states like "training" stay visible)
+TRAIL = 12  # state changes kept per device (short states like "training" stay visible)
 REFUSALS = 50  # the last refusals shown
 CURVE_KEYS = (
     "fed_eval_accuracy", "fed_eval_loss", "eval_accuracy", "eval_loss", "train_loss",
@@ -139,7 +139,8 @@ class FleetView:
                 plan = {}
             row.training_round = int(plan.get("round") or 0)
             row.profile = plan.get("profile") or row.profile
-            row.plan = {k: plan.get(k) for k in ("steps", "rank", "heads")}
+            # (a plan without a rank trains the announced one: the rank of its last update stays shown)
+            row.plan = {**row.plan, **{k: plan[k] for k in ("steps", "rank", "heads") if plan.get(k)}}
         self._settle(row, r["ts"])
 
     def _on_deadline_extended(self, r: dict[str, Any]) -> None:
@@ -174,7 +175,7 @@ class FleetView:
             return "uploaded"
         if row.refused_round == current:
             return "refused"
-        if row.status == "training" and row.training_round == current and not self.done:
+        if row.training_round == current and not self.done:  # ("online" again: its upload is on its way)
             return "training"
         if self.sampled is not None and row.client in self.sampled and not self.done:
             return "sampled"
@@ -198,8 +199,9 @@ class FleetView:
             return {
                 "version": self._version, "now": time.time(), "run": self.run, "method": self.method,
                 "started": self.started,
-                "round": {
-                    "number": self.round, "total": self.rounds, "done": self.done,
+                "round": {  # (a finished run shows its last round, not the one after it)
+                    "number": self.round - 1 if self.done else self.round, "total": self.rounds,
+                    "done": self.done,
                     "sampled": len(self.sampled) if self.sampled is not None else None,
                     "received": self.received, "refused": dict(self.round_refused),
                     "extensions": self.extensions, "deadline": self.deadline,

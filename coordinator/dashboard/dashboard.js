@@ -33,13 +33,13 @@ function badge(state) {
 }
 
 // A line chart: series = [{name, points: [[x, y], ...]}]; one <circle class="pt"> per point.
-function lineChart(id, title, series, yFormat = (v) => fmt(v, 3)) {
+function lineChart(id, title, series, yFormat = (v) => fmt(v, 3), empty = "no rounds yet") {
   const el = $(id);
   const W = 400, H = 180, L = 48, R = 8, T = 8, B = 22;
   const all = series.flatMap((s) => s.points);
   let svg = `<svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" role="img" aria-label="${title}">`;
   if (!all.length) {
-    svg += `<text class="empty" x="${W / 2}" y="${H / 2}" text-anchor="middle">no rounds yet</text>`;
+    svg += `<text class="empty" x="${W / 2}" y="${H / 2}" text-anchor="middle">${empty}</text>`;
   } else {
     const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
     let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
@@ -73,6 +73,9 @@ function lineChart(id, title, series, yFormat = (v) => fmt(v, 3)) {
   el.innerHTML = `<h3>${title}</h3>${svg}<div class="legend">${legend.join("")}</div>`;
 }
 
+// "divergence/base_model.model.encoder.layer.0.attention.self.query" -> "layer.0.attention.self.query"
+const layerName = (key) => { const name = key.slice(11); const at = name.indexOf("layer."); return at < 0 ? name : name.slice(at); };
+
 const curve = (curves, key, get = (c) => c[key]) =>
   curves.filter((c) => typeof get(c) === "number").map((c) => [c.round, get(c)]);
 
@@ -94,11 +97,12 @@ function renderCharts(curves) {
   const layers = [...keys].filter((k) => k.startsWith("divergence/")).sort();
   lineChart("chart-divergence", "Divergence from the exact average (mean and per layer)", [
     { name: "mean", points: curve(curves, "divergence", (c) => (c.aggregation || {}).divergence) },
-    ...layers.map((k) => ({ name: k.slice(11), points: curve(curves, k, (c) => (c.aggregation || {})[k]) })),
+    ...layers.map((k) => ({ name: layerName(k), points: curve(curves, k, (c) => (c.aggregation || {})[k]) })),
   ]);
   const method = [...keys].filter((k) => k !== "divergence" && !k.startsWith("divergence/")).sort();
   lineChart("chart-method", "Method diagnostics (FedRPCA, FLoRA-NA, ...)",
-    method.map((k) => ({ name: k, points: curve(curves, k, (c) => (c.aggregation || {})[k]) })));
+    method.map((k) => ({ name: k, points: curve(curves, k, (c) => (c.aggregation || {})[k]) })),
+    (v) => fmt(v, 3), curves.length ? "this method records none" : "no rounds yet");
 }
 
 function render(s) {
