@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 from deploy_helpers import client_ids, device, make_service
 
-from coordinator.broker import BrokerConfig, BrokerError, Mosquitto, find_mosquitto, render_config
+from coordinator.broker import (
+    BrokerConfig,
+    BrokerError,
+    Mosquitto,
+    find_mosquitto,
+    free_port,
+    render_config,
+)
 from coordinator.broker import websockets_available as mosquitto_websockets
 from coordinator.broker_credentials import add_device, make_test_ca
 from coordinator.broker_embedded import EmbeddedBroker, amqtt_available
@@ -140,3 +147,24 @@ def test_a_wss_device_completes_rounds_beside_mqtts_devices_on_the_embedded_brok
     with EmbeddedBroker(broker_dir / "amqtt", ws_port=0, tls=pki) as broker:
         assert broker.ws_url is not None and broker.ws_url.startswith("wss://127.0.0.1:")
         mixed_fleet(broker.port, broker.ws_url, pki / "ca.crt", tmp_path)
+
+
+@pytest.mark.mqtt
+def test_broker_run_wss_port_starts_or_says_why_not(
+    broker_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetlora.cli import main as cli_main
+
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.skip("mosquitto is not installed")
+    assert cli_main(["broker", "run", "--wss-port", "443"]) == 2
+    assert "--wss-port needs --dir" in capsys.readouterr().err
+    if mosquitto_websockets(binary):
+        pytest.skip("this mosquitto has websockets: the fleet test above runs it")
+    pki = broker_dir / "pki"
+    make_test_ca(pki)
+    ports = ["--port", str(free_port()), "--wss-port", str(free_port())]
+    args = ["broker", "run", "--dir", str(pki), *ports, "--workdir", str(broker_dir / "b")]
+    assert cli_main(args) == 2
+    assert "was built without websockets support" in capsys.readouterr().err
