@@ -30,20 +30,20 @@ class _FleetGauges(Collector):
         self.view = view
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.view.snapshot()
+        r = self.view.progress()
         devices = GaugeMetricFamily("fleetlora_devices", "devices by state", labels=["state"])
         for state in STATES:
-            devices.add_metric([state], snap["states"][state])
+            devices.add_metric([state], r["states"].get(state, 0))
         yield devices
-        online = len(snap["devices"]) - snap["states"]["offline"]
+        online = r["devices"] - r["states"].get("offline", 0)
         yield GaugeMetricFamily("fleetlora_devices_online", "devices not offline", value=online)
-        r = snap["round"]
-        yield GaugeMetricFamily("fleetlora_round", "the open round (1-based)", value=r["number"])
+        yield GaugeMetricFamily("fleetlora_round", "the open round (1-based)", value=r["round"])
         yield GaugeMetricFamily("fleetlora_rounds_planned", "rounds of the run", value=r["total"])
         yield GaugeMetricFamily(
-            "fleetlora_round_sampled", "clients sampled in the open round (0: an open fleet)",
-            value=r["sampled"] or 0,
-        )  # fmt: skip
+            "fleetlora_round_sampled",
+            "clients sampled in the open round (0: an open fleet)",
+            value=r["sampled"],
+        )
         yield GaugeMetricFamily(
             "fleetlora_round_received", "updates in for the open round", value=r["received"]
         )

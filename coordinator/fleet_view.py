@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 STATES = ("offline", "idle", "sampled", "training", "uploaded", "refused", "dropped")
@@ -48,6 +48,12 @@ class DeviceRow:
     dropped_round: int = 0
     state: str = "offline"
     trail: list[tuple[float, str]] = field(default_factory=lambda: [(time.time(), "offline")])
+
+    def to_json(self) -> dict[str, Any]:
+        """A copy as plain data (by hand: ``dataclasses.asdict`` deep-copies, 5x slower for a fleet)."""
+        out = dict(self.__dict__)
+        out["plan"], out["trail"] = dict(self.plan), list(self.trail)
+        return out
 
 
 class FleetView:
@@ -191,10 +197,20 @@ class FleetView:
             self._lock.wait_for(lambda: self._version != seen, timeout_s)
             return self._version
 
+    def progress(self) -> dict[str, Any]:
+        """The figures a Prometheus scrape needs, without copying every device row."""
+        with self._lock:
+            return {
+                "states": Counter(row.state for row in self.devices.values()), "devices": len(self.devices),
+                "round": self.round - 1 if self.done else self.round, "total": self.rounds, "done": self.done,
+                "sampled": len(self.sampled) if self.sampled is not None else 0, "received": self.received,
+                "deadline": self.deadline, "extensions": self.extensions,
+            }  # fmt: skip
+
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows, as JSON-ready data (the ``/api/state`` answer)."""
         with self._lock:
-            devices = [asdict(row) for _, row in sorted(self.devices.items())]
+            devices = [row.to_json() for _, row in sorted(self.devices.items())]
             states = Counter(row.state for row in self.devices.values())
             return {
                 "version": self._version, "now": time.time(), "run": self.run, "method": self.method,

@@ -203,3 +203,19 @@ def test_addresses_are_parsed_or_refused_by_value() -> None:
     assert parse_address("[::1]:0") == ("::1", 0)
     with pytest.raises(DashboardError, match="HOST:PORT"):
         parse_address("8080")
+
+
+@pytest.mark.mqtt
+def test_bench_ingest_runs_side_by_side_with_the_dashboard_on(capsys: pytest.CaptureFixture[str]) -> None:
+    from coordinator.bench_ingest import main as bench_ingest
+    from coordinator.broker import mosquitto_available
+
+    if not mosquitto_available():
+        pytest.skip("mosquitto is not installed")
+    assert bench_ingest(["--updates", "5", "--payload", "20000", "--repeat", "1", "--http", "--no-sync"]) == 0
+    out = capsys.readouterr().out
+    assert "pass 1: coordinator + dashboard (no fsync) 5/5" in out and "pushes to the viewer" in out
+    last = out.strip().splitlines()[-1]
+    assert (
+        last.startswith("ingest: ratio_to_raw=") and " ratio_with_http=" in last and last.endswith("lost=0")
+    )

@@ -29,7 +29,9 @@ from edge_client.mqtt_link import LinkConfig, MqttLink
 from edge_client.topics import up_topic
 from edge_client.wire import Reason
 
-pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+# Not marked slow, so CI runs it (the "tests in a real browser"): about 1-3 minutes on 2 cores,
+# most of it the processes importing torch and the last round's deadline.
+pytestmark = [pytest.mark.mqtt]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip(
