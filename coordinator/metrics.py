@@ -1,7 +1,8 @@
 """The coordinator's metrics: one JSON object per line, appended as events happen.
 
 Every line has ``ts`` (Unix time) and ``event``; the events are ``start``, ``round`` (one per aggregated
-round: participants, rejections by reason, redeliveries, divergence, timings; the devices' evaluation
+round: participants, rejections by reason, redeliveries, divergence, ``aggregation`` (every figure the
+method records: divergence per layer, FedRPCA's, FLoRA-NA's), timings; the devices' evaluation
 of the global the round trained from, ``fed_eval_loss``/``fed_eval_accuracy`` over
 ``fed_eval_examples`` validation examples of ``fed_eval_clients`` devices, and their ``train_loss``;
 with ``--eval-data``, ``eval_loss``/``eval_accuracy``/``eval_examples`` of the new global),
