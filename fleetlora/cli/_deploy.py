@@ -8,7 +8,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from fleetlora.cli import CliError, as_list, positive_int
@@ -111,7 +111,7 @@ def broker_url(given: str | None, ca: str | None) -> str:
 
 # scheme -> (TLS, transport, default port); ws(s) is MQTT inside WebSockets, e.g. through an HTTPS-only
 # firewall to the broker's WebSockets listener on 443 (`fleetlora broker run --wss-port 443`).
-BROKER_SCHEMES = {
+BROKER_SCHEMES: dict[str, tuple[bool, Literal["tcp", "websockets"], int]] = {
     "mqtt": (False, "tcp", 1883), "mqtts": (True, "tcp", 8883),
     "ws": (False, "websockets", 80), "wss": (True, "websockets", 443),
 }  # fmt: skip
@@ -122,7 +122,7 @@ class BrokerAddress:
     host: str
     port: int
     tls: bool
-    transport: str = "tcp"
+    transport: Literal["tcp", "websockets"] = "tcp"
     ws_path: str = "/mqtt"
 
 
