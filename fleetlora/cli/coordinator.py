@@ -38,7 +38,8 @@ fleetlora coordinator serve --run demo --bundle bundles/r8 --rounds 3 --clients 
 fleetlora coordinator serve --run demo --bundle bundles/r8 --rounds 5 --clients d1,d2 --http 127.0.0.1:8080
     # then open http://127.0.0.1:8080/ (live fleet, round, curves, refusals, adapter download)
 fleetlora coordinator status --http http://127.0.0.1:8080      # the same as tables in the terminal
-fleetlora coordinator serve ... --http 0.0.0.0:8080 --http-token env:DASH_TOKEN  # other hosts: a token"""
+fleetlora coordinator serve --run demo --bundle bundles/r8 --clients d1,d2 --http 0.0.0.0:8080 \\
+    --http-token env:DASH_TOKEN    # any other address needs a bearer token (16+ characters)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
