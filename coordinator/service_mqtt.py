@@ -148,6 +148,7 @@ def serve(
             poll = PENDING_POLL_S if persister.busy else POLL_S
             batch = _drain(inbox, min(poll, max(service.seconds_to_deadline(), 0.001)))
             if batch:
+                _log_statuses(service, statuses)  # a device's "training" before the update it then sent
                 records = service.admit([(m.topic, m.payload) for m in batch])
                 persister.submit(service.round, records, batch)
             persister.ack_written(wait=service.close_due())  # a round closes on written updates only
