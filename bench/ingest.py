@@ -11,6 +11,13 @@ alternate ``--repeat`` times (a pass on a shared 2-core machine varies by 15%); 
 starts from an empty state folder.
 Last line: ``ingest: ratio_to_raw=<median of coordinator / raw throughput> lost=<updates missing, all
 passes>``.
+
+``--http``: each pass also runs the coordinator with its dashboard on (the FleetView and Prometheus
+listeners, the HTTP server on a loopback port, one viewer reading the server-sent events and one
+Prometheus scrape a second), in alternating order with the plain one; the last line then adds
+``ratio_with_http`` (its median) and ``http_cost`` (the median over passes of how much lower the
+ratio with the dashboard is than the one without, in percent; an even ``--repeat`` runs each order as
+often, since the second coordinator run of a pass tends to be the faster one).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -166,10 +174,55 @@ class _CountingStore(RoundStore):
         self.persisted += len(updates)
 
 
+class _Watched:
+    """The dashboard of ``service`` with one live viewer and a Prometheus scrape a second."""
+
+    def __init__(self, service: RoundService) -> None:
+        from coordinator.dashboard_http import Dashboard
+        from coordinator.fleet_prometheus import FleetMetrics
+        from coordinator.fleet_view import FleetView
+
+        view = FleetView(RUN, "fedit", service.config.clients)
+        prometheus = FleetMetrics(view)
+        service.metrics.listeners += [view.on_event, prometheus.on_event]
+        self.dashboard = Dashboard(view, ("127.0.0.1", 0), metrics=prometheus.exposition).start()
+        self.pushes = self.scrapes = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._view, self._scrape)]
+        for thread in self.threads:
+            thread.start()
+
+    def _view(self) -> None:
+        with urllib.request.urlopen(self.dashboard.url + "api/events", timeout=TIMEOUT_S) as stream:
+            for line in stream:
+                self.pushes += line.startswith(b"data: ")
+
+    def _scrape(self) -> None:
+        while not self.stop.wait(1.0):
+            with urllib.request.urlopen(self.dashboard.url + "metrics", timeout=30) as response:
+                response.read()
+                self.scrapes += 1
+
+    def close(self) -> str:
+        self.stop.set()
+        self.dashboard.close()
+        for thread in self.threads:
+            thread.join(30)
+        return f"{self.pushes} pushes to the viewer, {self.scrapes} scrapes"
+
+
 def _coordinator(
-    port: int, publisher: _Publisher, n: int, payload_bytes: int, state_dir: Path, sync: bool, name: str
-) -> tuple[float, int]:
-    """Seconds until the service persisted and acknowledged all ``n`` updates, and how many it kept."""
+    port: int,
+    publisher: _Publisher,
+    n: int,
+    payload_bytes: int,
+    state_dir: Path,
+    sync: bool,
+    name: str,
+    http: bool = False,
+) -> tuple[float, int, str]:
+    """Seconds until the service persisted and acknowledged all ``n`` updates, how many it kept, and
+    (``http``) what its dashboard served meanwhile."""
     spec = AdapterSpec()
     config = ServiceConfig(
         run=RUN, method="fedit", rounds=1, min_clients=n, deadline_s=TIMEOUT_S, clients=_clients(n)
@@ -177,6 +230,7 @@ def _coordinator(
     agg = aggregators.create("fedit", spec, device="auto")
     store = _CountingStore(state_dir, sync)
     service = RoundService(config, spec, agg, _template(payload_bytes), store, MetricsLog(None))
+    watched = _Watched(service) if http else None
     stop = threading.Event()
     # No session outliving the pass: the broker would queue the next passes' updates for it.
     link = LinkConfig(name, port=port, session_expiry_s=0)
@@ -195,28 +249,36 @@ def _coordinator(
     thread.join(TIMEOUT_S)
     stop.set()
     kept = service.history[0]["participants"] if service.history else len(service.accepted)
-    return elapsed, kept
+    return elapsed, kept, watched.close() if watched is not None else ""
 
 
 def _passes(
     args: argparse.Namespace, port: int, publisher: _Publisher, state_dir: Path
-) -> tuple[list[float], int]:
-    """Alternate raw and coordinator passes; (coordinator / raw throughput per pair, updates lost)."""
+) -> tuple[list[float], list[float], int]:
+    """Alternate raw and coordinator passes; (coordinator / raw throughput per pair, the same with the
+    dashboard on (``--http``, else empty), updates lost)."""
     total_mb, mode = args.updates * args.payload / 1e6, "no fsync" if args.no_sync else "group commit"
-    ratios, lost = [], 0
+    ratios: list[float] = []
+    with_http: list[float] = []
+    lost = 0
     for i in range(1, args.repeat + 1):
         raw_s, raw_got = _raw(port, publisher, args.updates)
         print(f"pass {i}: raw paho subscriber {raw_got}/{args.updates} in {raw_s:.2f} s "
               f"({total_mb / raw_s:.0f} MB/s)", flush=True)  # fmt: skip
-        coord_s, kept = _coordinator(
-            port, publisher, args.updates, args.payload, state_dir / f"pass{i}", not args.no_sync,
-            f"bench-coordinator-{i}",
-        )  # fmt: skip
-        print(f"pass {i}: coordinator ({mode}) {kept}/{args.updates} in {coord_s:.2f} s "
-              f"({total_mb / coord_s:.0f} MB/s)", flush=True)  # fmt: skip
-        ratios.append(raw_s / coord_s)
-        lost += args.updates - kept
-    return ratios, lost
+        # With --http the two coordinator runs alternate which goes first, so neither always follows raw.
+        order = [False, True] if not args.http else ([False, True] if i % 2 else [True, False])
+        for http in order[: 2 if args.http else 1]:
+            coord_s, kept, served = _coordinator(
+                port, publisher, args.updates, args.payload, state_dir / f"pass{i}{'-http' if http else ''}",
+                not args.no_sync, f"bench-coordinator-{i}{'-http' if http else ''}", http=http,
+            )  # fmt: skip
+            label = "coordinator + dashboard" if http else "coordinator"
+            served = f"; {served}" if served else ""
+            print(f"pass {i}: {label} ({mode}) {kept}/{args.updates} in {coord_s:.2f} s "
+                  f"({total_mb / coord_s:.0f} MB/s){served}", flush=True)  # fmt: skip
+            (with_http if http else ratios).append(raw_s / coord_s)
+            lost += args.updates - kept
+    return ratios, with_http, lost
 
 
 def main(argv: list[str]) -> int:
@@ -230,6 +292,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--no-sync", action="store_true", help="persist without fsync (survives kill -9 only)"
     )
+    parser.add_argument(
+        "--http", action="store_true",
+        help="also run each pass with the coordinator's dashboard on (a viewer, /metrics scrapes): its cost",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.updates < 1:
         parser.error("--repeat and --updates must be at least 1")
@@ -242,11 +308,17 @@ def main(argv: list[str]) -> int:
         with Mosquitto(workdir / "broker", broker_config) as broker:
             publisher = _Publisher(broker.port, args.updates, args.payload)
             try:
-                ratios, lost = _passes(args, broker.port, publisher, state_dir)
+                ratios, with_http, lost = _passes(args, broker.port, publisher, state_dir)
             finally:
                 publisher.close()
         print(f"ratio per pass: {' '.join(f'{r:.2f}' for r in ratios)}")
-        print(f"ingest: ratio_to_raw={statistics.median(ratios):.2f} lost={lost}")
+        line = f"ingest: ratio_to_raw={statistics.median(ratios):.2f}"
+        if with_http:
+            print(f"ratio per pass with the dashboard: {' '.join(f'{r:.2f}' for r in with_http)}")
+            # Paired within each pass (same raw pass, same broker state), then the median over passes.
+            cost = 100 * statistics.median(1 - h / p for h, p in zip(with_http, ratios, strict=True))
+            line += f" ratio_with_http={statistics.median(with_http):.2f} http_cost={cost:.1f}%"
+        print(f"{line} lost={lost}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

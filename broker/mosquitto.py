@@ -8,10 +8,15 @@ template (plain and/or TLS listener, passwords, ACL, raised queue limits, a pack
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,6 +39,7 @@ __all__ = [
     "local_broker",
     "mosquitto_available",
     "render_config",
+    "websockets_available",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,10 +57,14 @@ class BrokerConfig:
     made by :func:`~broker.credentials.make_test_ca`; with it anonymous clients are refused,
     passwords and the ACL apply, and the TLS listener uses its server certificate.
     ``require_certificate``: mutual TLS, the certificate CN becomes the username (ACL ``%u``).
+    ``wss_port``: a TLS WebSockets listener too (0 picks a free port; 443 for devices behind firewalls
+    that pass only HTTPS): the same server certificate, passwords and ACL, MQTT inside WebSocket frames
+    (clients connect to ``wss://host:port/mqtt``). Needs a mosquitto built with websockets support.
     """
 
     port: int | None = 0
     tls_port: int | None = None
+    wss_port: int | None = None
     bind: str = LOOPBACK
     credentials: Path | None = None
     require_certificate: bool = False
@@ -69,6 +79,10 @@ class BrokerConfig:
             raise BrokerError("the broker needs at least one listener: give port or tls_port")
         if self.tls_port is not None and self.credentials is None:
             raise BrokerError("a TLS listener needs a credentials directory (fleetlora broker init-ca DIR)")
+        if self.wss_port is not None and self.credentials is None:
+            raise BrokerError(
+                "a WebSockets (wss) listener needs a credentials directory (fleetlora broker init-ca DIR)"
+            )
         if self.require_certificate and self.tls_port is None:
             raise BrokerError("require_certificate needs a TLS listener (tls_port)")
         if not 0 < self.max_packet_size <= MQTT_MAX_PACKET:
@@ -78,15 +92,19 @@ class BrokerConfig:
                 raise BrokerError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def render_config(config: BrokerConfig, workdir: Path, port: int | None, tls_port: int | None) -> str:
+def render_config(
+    config: BrokerConfig, workdir: Path, port: int | None, tls_port: int | None, wss_port: int | None = None
+) -> str:
     """The mosquitto.conf text for ``config`` with its listeners on the resolved ports."""
     listeners = []
     if port is not None:
         listeners.append(f"listener {port} {config.bind}\nprotocol mqtt\n")
     creds = CredentialPaths(config.credentials) if config.credentials else None
-    if tls_port is not None and creds is not None:
+    for protocol, listen in (("mqtt", tls_port), ("websockets", wss_port)):
+        if listen is None or creds is None:
+            continue
         block = (
-            f"listener {tls_port} {config.bind}\nprotocol mqtt\ncafile {creds.ca_cert}\n"
+            f"listener {listen} {config.bind}\nprotocol {protocol}\ncafile {creds.ca_cert}\n"
             f"certfile {creds.server_cert}\nkeyfile {creds.server_key}\ntls_version tlsv1.2\n"
         )
         if config.require_certificate:
@@ -131,6 +149,7 @@ class Mosquitto(ChildBroker):
         host = LOOPBACK if self.config.bind in ("0.0.0.0", "") else self.config.bind
         self.plain_port = self._resolve(self.config.port, host)
         self.tls_port = self._resolve(self.config.tls_port, host)
+        self.wss_port = self._resolve(self.config.wss_port, host)
         primary = self.plain_port if self.plain_port is not None else self.tls_port
         assert primary is not None  # BrokerConfig guarantees one listener
         super().__init__(workdir, host, primary)
@@ -149,13 +168,25 @@ class Mosquitto(ChildBroker):
         scheme = "mqtt" if self.plain_port is not None else "mqtts"
         return f"{scheme}://{self.host}:{self.port}"
 
+    @property
+    def wss_url(self) -> str | None:
+        """``wss://host:port/mqtt`` of the WebSockets listener, if there is one."""
+        return None if self.wss_port is None else f"wss://{self.host}:{self.wss_port}/mqtt"
+
     def _prepare(self) -> None:
+        if self.wss_port is not None and not websockets_available(self.binary):
+            raise BrokerError(
+                f"{self.binary} was built without websockets support (Debian 12's mosquitto 2.0.11 "
+                "package is): the wss listener cannot start. Install a mosquitto built WITH_WEBSOCKETS "
+                "(e.g. mosquitto.org's packages), or put a TLS-terminating WebSocket proxy in front of "
+                "the mqtts listener"
+            )
         check_reachable_by_broker(self.workdir)
         if self.config.credentials is not None:
             check_reachable_by_broker(Path(self.config.credentials))
         give_to_broker_user(self.workdir)
         self.config_file.write_text(
-            render_config(self.config, self.workdir.resolve(), self.plain_port, self.tls_port)
+            render_config(self.config, self.workdir.resolve(), self.plain_port, self.tls_port, self.wss_port)
         )
 
     def _command(self) -> list[str]:
@@ -174,6 +205,41 @@ def find_mosquitto() -> str | None:
     if found is None and Path("/usr/sbin/mosquitto").exists():
         found = "/usr/sbin/mosquitto"
     return found
+
+
+@functools.cache
+def websockets_available(binary: str) -> bool:
+    """Whether ``binary`` can open a WebSockets listener: tried once on a free loopback port."""
+    folder = Path(tempfile.mkdtemp(prefix="fleetlora-ws-probe-"))
+    try:
+        port = free_port()
+        (folder / "probe.conf").write_text(
+            f"listener {port} {LOOPBACK}\nprotocol websockets\nallow_anonymous true\n"
+        )
+        os.chmod(folder, 0o755)
+        proc = subprocess.Popen(
+            [binary, "-c", str(folder / "probe.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with socket.create_connection((LOOPBACK, port), timeout=0.2) as probe:
+                        # (a free ephemeral port can connect to itself: TCP's simultaneous open)
+                        accepted = probe.getsockname() != probe.getpeername()
+                    # A mosquitto without websockets support opens the socket, then exits at once.
+                    if accepted and proc.poll() is None:
+                        time.sleep(0.5)
+                        return proc.poll() is None
+                except OSError:
+                    time.sleep(0.05)
+            return False
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(5)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def mosquitto_available() -> bool:

@@ -1,7 +1,8 @@
 """The coordinator's metrics: one JSON object per line, appended as events happen.
 
 Every line has ``ts`` (Unix time) and ``event``; the events are ``start``, ``round`` (one per aggregated
-round: participants, rejections by reason, redeliveries, divergence, timings; the devices' evaluation
+round: participants, rejections by reason, redeliveries, divergence, ``aggregation`` (every figure the
+method records: divergence per layer, FedRPCA's, FLoRA-NA's), timings; the devices' evaluation
 of the global the round trained from, ``fed_eval_loss``/``fed_eval_accuracy`` over
 ``fed_eval_examples`` validation examples of ``fed_eval_clients`` devices, and their ``train_loss``;
 with ``--eval-data``, ``eval_loss``/``eval_accuracy``/``eval_examples`` of the new global),
@@ -9,20 +10,27 @@ with ``--eval-data``, ``eval_loss``/``eval_accuracy``/``eval_examples`` of the n
 ``device_status`` (a device's status message), ``deadline_extended`` and ``done``. The file is append-only and
 line-buffered, so a plot or ``tail -f`` can read it while the service runs and a killed service leaves
 at most one partial last line.
+
+Listeners (the dashboard, :mod:`coordinator.fleet_view`) get every record as it is written, and also the
+events too frequent or too transient for the file (:meth:`MetricsLog.notify`: ``opened``, ``accepted``,
+``persisted``, ``committed``): one stream of events, so the dashboard keeps no second source of truth.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from coordinator.store import RoundState
 from protocol.wire import UpdateHeader
+
+log = logging.getLogger(__name__)
 
 
 def _clean(value: Any) -> Any:
@@ -48,6 +56,7 @@ class MetricsLog:
     def __init__(self, path: Path | str | None) -> None:
         self.path = Path(path) if path is not None else None
         self.rejections: Counter[str] = Counter()  # reason -> count, over the whole run
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with every record
         self._file: IO[str] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +66,20 @@ class MetricsLog:
         record = _clean({"ts": time.time(), "event": event, **fields})
         if self._file is not None:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._tell(record)
         return record
+
+    def notify(self, event: str, **fields: Any) -> None:
+        """Hand an event to the listeners only (not written to the file); a no-op without listeners."""
+        if self.listeners:
+            self._tell({"ts": time.time(), "event": event, **fields})
+
+    def _tell(self, record: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(record)
+            except Exception:  # an observer's bug must not stop the rounds: logged, with its traceback
+                log.exception("a metrics listener failed on a %r event", record.get("event"))
 
     def rejected(self, reason: str, client: str | None, message: str) -> None:
         self.rejections[reason] += 1

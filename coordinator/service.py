@@ -269,8 +269,14 @@ class RoundService:
             )
 
     def _log_open(self) -> None:
-        assert self.state is not None
-        log.info(open_line(self.state, self.config.rounds, self.config.min_clients))
+        state = self.state
+        assert state is not None
+        log.info(open_line(state, self.config.rounds, self.config.min_clients))
+        self.metrics.notify(
+            "opened", round=state.round, rounds=self.config.rounds, sampled=state.sampled,
+            deadline=state.deadline, done=state.done, accepted=sorted(self.accepted),
+            bytes_down=num_bytes(self.global_state),
+        )  # fmt: skip
 
     def _open_state(self, round: int) -> RoundState:
         cfg = self.config
@@ -456,6 +462,11 @@ class RoundService:
                 continue
             self.accepted[client] = _Accepted(decoded, len(payload))
             fresh.append((client, payload))
+            h = decoded.header
+            self.metrics.notify(
+                "accepted", client=client, round=h.round, bytes=len(payload), steps=h.local_steps,
+                compute_s=h.compute_s, rank=h.rank, heads=h.heads, examples=h.num_examples,
+            )  # fmt: skip
         return fresh
 
     def _aggregated_before(self, client: str, payload: Payload) -> bool:
@@ -568,12 +579,15 @@ class RoundService:
             aggregate_s=aggregate_s, round_s=time.time() - self.tally.opened_at,
             device=str(self.agg.device), **device_measurements([d.header for d in decoded]), **evaluation,
             **{k: v for k, v in self.agg.metrics.items() if k == "divergence"},
+            aggregation=dict(self.agg.metrics),  # per-layer divergence, FedRPCA's, FLoRA-NA's figures
         )  # fmt: skip
         self.history.append(record)
         log.info(round_line(record, self.config.rounds))
         self.state = self._open_state(state.round + 1)
         self.state.closed_msg_ids = {c: d.header.msg_id for c, d in zip(clients, decoded, strict=True)}
+        start = time.perf_counter()
         self.store.commit_round(self.state, self.global_state)
+        self.metrics.notify("committed", seconds=time.perf_counter() - start, round=state.round)
         self.accepted = {}
         self.tally = _RoundTally()
         self._log_open()

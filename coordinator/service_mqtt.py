@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
+from coordinator.metrics import MetricsLog
 from coordinator.service import RoundService
 from coordinator.store import RoundStore
 from protocol.mqtt_link import Delivery, InboundMessage, LinkConfig, MqttLink, MqttLinkError
@@ -69,8 +71,8 @@ class _Persister:
     ones: the broker keeps them for the next start.
     """
 
-    def __init__(self, store: RoundStore, link: MqttLink) -> None:
-        self._store, self._link = store, link
+    def __init__(self, store: RoundStore, link: MqttLink, metrics: MetricsLog) -> None:
+        self._store, self._link, self._metrics = store, link, metrics
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="coordinator-persist")
         self._pending: deque[tuple[Future[None], list[InboundMessage]]] = deque()
 
@@ -79,7 +81,12 @@ class _Persister:
         return bool(self._pending)
 
     def submit(self, round: int, records: list[tuple[str, Payload]], messages: list[InboundMessage]) -> None:
-        self._pending.append((self._pool.submit(self._store.save_updates, round, records), messages))
+        self._pending.append((self._pool.submit(self._save, round, records), messages))
+
+    def _save(self, round: int, records: list[tuple[str, Payload]]) -> None:
+        start = time.perf_counter()
+        self._store.save_updates(round, records)
+        self._metrics.notify("persisted", seconds=time.perf_counter() - start, updates=len(records))
 
     def ack_written(self, *, wait: bool = False) -> None:
         """Acknowledge the batches written so far (``wait``: every batch submitted so far)."""
@@ -113,7 +120,7 @@ def serve(
     announcement = service.start()
     window = link_config.receive_maximum or WINDOW
     link = MqttLink(replace(link_config, manual_ack=True, receive_maximum=window)).start()
-    persister = _Persister(service.store, link)
+    persister = _Persister(service.store, link, service.metrics)
     inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
     link.subscribe_acked(up_subscription(run, share_group), inbox.put)
     statuses: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()  # logged on this thread
@@ -141,6 +148,7 @@ def serve(
             poll = PENDING_POLL_S if persister.busy else POLL_S
             batch = _drain(inbox, min(poll, max(service.seconds_to_deadline(), 0.001)))
             if batch:
+                _log_statuses(service, statuses)  # a device's "training" before the update it then sent
                 records = service.admit([(m.topic, m.payload) for m in batch])
                 persister.submit(service.round, records, batch)
             persister.ack_written(wait=service.close_due())  # a round closes on written updates only

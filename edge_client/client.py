@@ -94,6 +94,10 @@ class EdgeConfig:
     max_bytes: int = DEFAULT_MAX_BYTES
     model: str | None = None
     num_classes: int | None = None
+    # Say on the status topic when a round's training starts (``training {json plan}``) and ends
+    # (``online``), so the coordinator's dashboard shows it; ``profile`` names the device's profile there.
+    report_training: bool = False
+    profile: str | None = None
 
 
 @dataclass
@@ -305,6 +309,8 @@ class EdgeClient:
     def _train_and_publish(self, header: GlobalHeader, payload: State) -> str:
         cfg = self.config
         plan = self.plan_fn(header)
+        if cfg.report_training:
+            self._set_status(training_status(header.round, plan, cfg.profile))
         kept = {k: self.kept.get(k, t) for k, t in self.template.items() if k.endswith(header.keep_local)}
         upload, metrics = run_local_round(
             self.trainer, cfg.spec, payload, self.template, self.batches_fn(header, plan), plan, kept,
@@ -330,7 +336,9 @@ class EdgeClient:
         self.progress.pending_round = header.round
         self.progress.last_round = header.round
         self._save()
-        return self._publish_pending(header.round, resent=False)
+        outcome = self._publish_pending(header.round, resent=False)
+        self._set_status(STATUS_ONLINE)  # (a no-op unless training was reported)
+        return outcome
 
     def _publish_pending(self, round: int, resent: bool) -> str:
         envelope = self._pending_envelope
@@ -367,6 +375,19 @@ class EdgeClient:
             else:
                 log.error("%s: update not delivered: %s", self.config.client_id, delivery.error)
         return self.progress.pending_round == 0
+
+
+def training_status(round: int, plan: LocalPlan, profile: str | None) -> bytes:
+    """The status a device publishes while it trains: ``training`` and its plan as JSON."""
+    heads = sorted(plan.heads) if plan.heads is not None else None
+    fields = {
+        "round": round,
+        "steps": plan.local_steps,
+        "rank": plan.rank,
+        "heads": heads,
+        "profile": profile,
+    }
+    return b"training " + json.dumps(fields).encode()
 
 
 def refusal_words(error: EnvelopeError) -> str:

@@ -151,15 +151,19 @@ class MqttLink:
         cfg = self.config
         if self._mqtt5:
             client = BufferedClient(
-                CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5
-            )
+                CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5,
+                transport=cfg.transport,
+            )  # fmt: skip
         else:
             client = BufferedClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=cfg.client_id,
                 protocol=mqtt.MQTTv311,
                 clean_session=False,
+                transport=cfg.transport,
             )
+        if cfg.transport == "websockets":
+            client.ws_set_options(path=cfg.ws_path)
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:

@@ -92,8 +92,16 @@ class LinkConfig:
     # Give up after this many refusals of our credentials in a row (0: keep trying, e.g. while the
     # operator enrols the device); the link's ``failure`` then says why.
     max_auth_failures: int = 0
+    # MQTT over WebSockets (``ws://`` / ``wss://``: through firewalls that pass only HTTPS, port 443):
+    # the same MQTT session, credentials and ACL, framed in WebSocket messages on ``ws_path``.
+    transport: Literal["tcp", "websockets"] = "tcp"
+    ws_path: str = "/mqtt"
 
     def __post_init__(self) -> None:
+        if self.transport not in ("tcp", "websockets"):
+            raise MqttLinkError(f"transport must be 'tcp' or 'websockets', got {self.transport!r}")
+        if not self.ws_path.startswith("/"):
+            raise MqttLinkError(f"ws_path must start with '/', got {self.ws_path!r}")
         if not self.client_id or any(c in self.client_id for c in "/+#"):
             raise MqttLinkError(f"invalid client_id {self.client_id!r}: non-empty, without '/', '+', '#'")
         if self.protocol not in ("5", "3.1.1"):

@@ -2,7 +2,10 @@
 
 ``fleetlora/{run}/global``          retained: the global adapter and the round announcement (coordinator only)
 ``fleetlora/{run}/up/{client}``     a client's update, QoS 1 (the broker's ACL lets only that client publish)
-``fleetlora/{run}/status/{client}`` retained: ``online`` / ``offline`` (the client's last will)
+``fleetlora/{run}/status/{client}`` retained: ``online`` / ``offline`` (the client's last will), and
+                                    ``refused: <why>`` (an announcement it cannot take) or, from the Python
+                                    client, ``training {"round", "steps", "rank", "heads", "profile"}``
+                                    while it trains a round (the dashboard shows it)
 
 Run and client ids are restricted to a safe charset so they can never inject MQTT wildcards or levels
 (``+``, ``#``, ``/``) and are safe as file names on the coordinator.

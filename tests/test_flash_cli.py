@@ -94,6 +94,18 @@ def test_a_ca_means_mqtts_on_the_port_the_broker_recorded(
     assert "--broker mqtt://127.0.0.1:1883 is plain MQTT but a CA" in capsys.readouterr().err
 
 
+def test_a_wss_broker_is_flashed_as_given_with_the_python_client(
+    bundle: Path, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "wss://broker.example.org/fleet/mqtt"  # a device behind a firewall that passes only HTTPS
+    common = ("--pki", str(pki), "--client-id", "dev7", "--dataset", "trec6", "--broker", url)
+    assert flash(bundle, tmp_path, *common, "--runtime", "auto") == 0
+    assert "runtime: python (MQTT over WebSockets" in capsys.readouterr().out
+    assert client_toml(tmp_path)["broker"] == url and client_toml(tmp_path)["ca"] == "credentials/ca.crt"
+    assert flash(bundle, tmp_path, *common, "--runtime", "native") == 2
+    assert "the native client (libmosquitto) speaks MQTT over TCP only" in capsys.readouterr().err
+
+
 def test_a_device_that_is_not_enrolled_is_named_with_the_command_to_enrol_it(
     bundle: Path, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -64,6 +64,8 @@ class FedRPCA(Aggregator):
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         p, out = self.begin_round(global_state, updates)
+        self._ranks: list[float] = []
+        self._sparsity: list[float] = []
         iterations: list[float] = []
         betas: list[float] = []
         for batch in self.lora_batches(global_state, updates):
@@ -83,6 +85,8 @@ class FedRPCA(Aggregator):
         if iterations:
             self.metrics["rpca/iterations"] = sum(iterations) / len(iterations)
             self.metrics["rpca/beta"] = sum(betas) / len(betas)
+            self.metrics["rpca/rank"] = sum(self._ranks) / len(self._ranks)
+            self.metrics["rpca/sparse_share"] = sum(self._sparsity) / len(self._sparsity)
         self.round_index += 1
         return out
 
@@ -98,6 +102,10 @@ class FedRPCA(Aggregator):
         beta = self._beta(result.sparse, sparse_mean, p64)
         iterations.extend(result.iterations.double().tolist())
         betas.extend(beta.tolist())
+        # The split, for the dashboard: the rank of each L (torch's default tolerance, max(D, K) * eps
+        # * sigma_max) and the share of S's entries that are not zero (soft thresholding zeroes exactly).
+        self._ranks.extend(torch.linalg.matrix_rank(result.low_rank).double().tolist())
+        self._sparsity.extend((result.sparse != 0).double().mean(dim=(1, 2)).tolist())
         return low_mean + beta[:, None] * sparse_mean
 
     def _beta(self, sparse: torch.Tensor, sparse_mean: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from fleetlora.cli import CliError, as_list, positive_int
@@ -31,7 +31,8 @@ AUTH_FAILURES = 5  # refusals of our credentials in a row before a command gives
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--broker",
-        help=f"mqtt://host:port or mqtts://host:port (TLS); default {PLAIN_DEFAULT}, or with --ca the "
+        help="mqtt://host:port, mqtts://host:port (TLS) or wss://host[:port]/path (TLS WebSockets, e.g. "
+        f"through an HTTPS-only firewall on 443); default {PLAIN_DEFAULT}, or with --ca the "
         f"address `fleetlora broker run --dir` recorded beside the CA ({BROKER_JSON}), else {TLS_DEFAULT}",
     )
     p.add_argument("--username", help="broker username (default: the client id)")
@@ -100,7 +101,7 @@ def broker_url(given: str | None, ca: str | None) -> str:
     A plain ``mqtt://`` URL with a CA is refused: the CA would be silently unused.
     """
     url = given or ((recorded_broker(ca) or TLS_DEFAULT) if ca else PLAIN_DEFAULT)
-    if ca and url.startswith("mqtt://"):
+    if ca and url.startswith(("mqtt://", "ws://")):
         raise CliError(
             f"--broker {url} is plain MQTT but a CA ({ca}) is given: use mqtts://HOST:PORT with the "
             "broker's TLS port (`fleetlora broker run --dir` listens on 8883 unless told --port)"
@@ -108,20 +109,44 @@ def broker_url(given: str | None, ca: str | None) -> str:
     return url
 
 
-def parse_broker(url: str) -> tuple[str, int, bool]:
-    """``(host, port, tls)`` of ``mqtt://host:port`` / ``mqtts://host:port``."""
+# scheme -> (TLS, transport, default port); ws(s) is MQTT inside WebSockets, e.g. through an HTTPS-only
+# firewall to the broker's WebSockets listener on 443 (`fleetlora broker run --wss-port 443`).
+BROKER_SCHEMES: dict[str, tuple[bool, Literal["tcp", "websockets"], int]] = {
+    "mqtt": (False, "tcp", 1883), "mqtts": (True, "tcp", 8883),
+    "ws": (False, "websockets", 80), "wss": (True, "websockets", 443),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    transport: Literal["tcp", "websockets"] = "tcp"
+    ws_path: str = "/mqtt"
+
+
+def parse_broker(url: str) -> BrokerAddress:
+    """``mqtt://host:port``, ``mqtts://host:port``, ``ws://host:port/path`` or ``wss://host:port/path``."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise CliError(f"--broker must look like mqtt://host:port or mqtts://host:port, got {url!r}")
-    tls = parsed.scheme == "mqtts"
-    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+    if parsed.scheme not in BROKER_SCHEMES or not parsed.hostname:
+        raise CliError(
+            "--broker must look like mqtt://host:port, mqtts://host:port or wss://host[:port]/path, "
+            f"got {url!r}"
+        )
+    tls, transport, default_port = BROKER_SCHEMES[parsed.scheme]
+    try:
+        port = parsed.port or default_port
+    except ValueError as e:
+        raise CliError(f"--broker {url}: {e}") from e
+    return BrokerAddress(parsed.hostname, port, tls, transport, parsed.path or "/mqtt")
 
 
 def link_config(args: argparse.Namespace, client_id: str, **extra: Any) -> LinkConfig:
     """The MQTT link of this process from the broker flags (secrets read from files)."""
     from protocol.mqtt_link import LinkConfig, MqttLinkError
 
-    host, port, tls = parse_broker(broker_url(args.broker, args.ca))
+    address = parse_broker(broker_url(args.broker, args.ca))
     password = None
     if args.password_file:
         path = Path(args.password_file)
@@ -131,7 +156,8 @@ def link_config(args: argparse.Namespace, client_id: str, **extra: Any) -> LinkC
     username = args.username or (client_id if password is not None else None)
     try:
         return LinkConfig(
-            client_id=client_id, host=host, port=port, username=username, password=password, tls=tls,
+            client_id=client_id, host=address.host, port=address.port, username=username,
+            password=password, tls=address.tls, transport=address.transport, ws_path=address.ws_path,
             ca_cert=Path(args.ca) if args.ca else None, client_cert=Path(args.cert) if args.cert else None,
             client_key=Path(args.key_file) if args.key_file else None,
             password_file=Path(args.password_file) if args.password_file else None,

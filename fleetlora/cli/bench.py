@@ -23,6 +23,7 @@ fleetlora bench client --steps 10             # ExecuTorch runtime vs eager step
 fleetlora bench client --runtime native       # the C++ client vs eager torch, and its memory vs Python's
 fleetlora bench mqtt --clients 300            # one event loop vs a paho thread per client
 fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
+fleetlora bench ingest --updates 300 --repeat 3 --http   # ... and with the dashboard on, side by side
 fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
 fleetlora bench scale --clients 10000          # one in-process round of 10k clients: time and memory
 fleetlora bench load --clients 3000             # 3000 devices publish in the same second: lost, memory

@@ -25,6 +25,7 @@ fleetlora broker init-ca ./pki --hosts 10.0.0.5,broker.lan   # ... for the addre
 fleetlora devices enroll jetson-01 --pki ./pki --keys ./keys # a device (and, the first time, the coordinator)
 fleetlora broker run --dir ./pki                 # the shipped setup: TLS on 8883 + passwords + ACL
 fleetlora broker run --dir ./pki --tls --require-certificate  # mutual TLS: the certificate CN is the username
+fleetlora broker run --dir ./pki --wss-port 443  # + TLS WebSockets for devices that reach only HTTPS
 fleetlora broker run --embedded --port 1883      # no mosquitto: amqtt, MQTT 3.1.1 only (see run --help)"""
 
 
@@ -61,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--plain", dest="tls", action="store_false",
         help="with --dir: passwords and ACL on a plain listener, no TLS (a trusted network only)",
+    )  # fmt: skip
+    run.add_argument(
+        "--wss-port", type=_port,
+        help="with --dir: a TLS WebSockets listener too (443 for devices that reach only HTTPS; "
+        "same certificate, passwords and ACL; devices use wss://HOST:PORT/mqtt)",
     )  # fmt: skip
     run.add_argument(
         "--require-certificate",
@@ -132,6 +138,8 @@ def _run_broker(args: argparse.Namespace) -> int:
         log.warning("anonymous broker without TLS: for local development only (give --dir for a fleet)")
         if args.bind != "127.0.0.1":
             raise CliError("an anonymous broker listens on loopback only: give --dir for --bind")
+    if args.wss_port is not None and (not args.dir or args.embedded):
+        raise CliError("--wss-port needs --dir (TLS with its certificate, passwords, ACL) and mosquitto")
     if args.require_certificate and not args.tls:
         raise CliError("--require-certificate needs --tls")
     port = args.port or (8883 if args.tls else 1883)
@@ -146,6 +154,7 @@ def _run_broker(args: argparse.Namespace) -> int:
         config = BrokerConfig(
             port=None if args.tls else port,
             tls_port=port if args.tls else None,
+            wss_port=args.wss_port,
             credentials=Path(args.dir) if args.dir else None,
             require_certificate=args.require_certificate,
             max_packet_size=args.max_packet_size,
@@ -165,8 +174,10 @@ def _run_broker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    wss = getattr(broker, "wss_url", None)
     print(
-        f"broker on {broker.host}:{broker.port} (pid {broker.pid}); config and log in {broker.workdir}; "
+        f"broker on {broker.host}:{broker.port}{f' and {wss}' if wss else ''} (pid {broker.pid}); "
+        f"config and log in {broker.workdir}; "
         "Ctrl-C to stop",
         flush=True,
     )

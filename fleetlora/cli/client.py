@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
         run=args.run, client_id=args.id, spec=task.spec, num_examples=len(indices),
         key=read_secret_key(args.key), coordinator_key=read_secret_key(args.coordinator_key),
         state_file=Path(args.state_file) if args.state_file else None, model=task.model,
-        num_classes=task.num_classes,
+        num_classes=task.num_classes, report_training=True,
+        profile=Path(args.profile).stem if args.profile else None,
     )  # fmt: skip
     link_cfg = link_config(
         args, args.id, status_topic=status_topic(args.run, args.id), max_packet_size=args.max_packet_size,

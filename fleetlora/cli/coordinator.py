@@ -12,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 from fleetlora.cli import CliError, as_list, non_negative_float, positive_int
+from fleetlora.cli._dashboard import add_serve_arguments, add_status_arguments, start_dashboard, status
 from fleetlora.cli._deploy import (
     add_broker_arguments,
     add_model_arguments,
@@ -34,7 +35,12 @@ fleetlora coordinator serve --run demo --model tiny-bert --num-classes 6 --metho
     --clients c0,c1,c2 --min-clients 2 --clip-norm 5    # a plain local broker, no bundle
 fleetlora coordinator serve --run demo --bundle bundles/r8 --rounds 3 --clients c0,c1 \\
     --broker mqtts://10.0.0.5:8883 --ca pki/ca.crt --password-file pki/clients/coordinator.password \\
-    --coordinator-key pki/clients/coordinator.announce.key --keys keys/ --state-dir state/"""
+    --coordinator-key pki/clients/coordinator.announce.key --keys keys/ --state-dir state/
+fleetlora coordinator serve --run demo --bundle bundles/r8 --rounds 5 --clients d1,d2 --http 127.0.0.1:8080
+    # then open http://127.0.0.1:8080/ (live fleet, round, curves, refusals, adapter download)
+fleetlora coordinator status --http http://127.0.0.1:8080      # the same as tables in the terminal
+fleetlora coordinator serve --run demo --bundle bundles/r8 --clients d1,d2 --http 0.0.0.0:8080 \\
+    --http-token env:DASH_TOKEN    # any other address needs a bearer token (16+ characters)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clip-mode", choices=["scale", "reject"], default="scale",
         help="an update above --clip-norm: scaled down to it, or rejected as 'outsized' (%(default)s)",
     )  # fmt: skip
+    add_serve_arguments(p)
+    status = actions.add_parser(
+        "status", help="print a serving coordinator's dashboard (--http) as tables: round, fleet, curves"
+    )
+    add_status_arguments(status)
 
 
 def apply_pki(args: argparse.Namespace) -> None:
@@ -156,6 +167,8 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return status(args)
     from coordinator import aggregators
     from coordinator.metrics import MetricsLog
     from coordinator.service import RoundService, ServiceConfig, ServiceError
@@ -198,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         config, task.spec, agg, trainable_state(model), store, metrics, device_keys=keys,
         coordinator_key=coordinator_key, evaluate=evaluator(args, task, tokenizer, model, agg),
     )  # fmt: skip
+    dashboard = start_dashboard(args, service, store)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -210,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
     except (StoreError, LinkFailed) as e:
         raise CliError(str(e)) from e
     finally:
+        if dashboard is not None:
+            dashboard.close()
         metrics.close()
     if not service.finished:
         print(f"stopped in round {service.round} (state in {store.root}; serve again to resume)")

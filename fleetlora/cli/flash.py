@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--broker",
-        help="broker URL the client connects to (default: the one `broker run --dir` recorded beside the CA, "
+        help="broker URL the client connects to: mqtts://HOST:PORT, or wss://HOST[:PORT]/PATH through an "
+        "HTTPS-only network (default: the one `broker run --dir` recorded beside the CA, "
         "else mqtts://127.0.0.1:8883 with a CA and mqtt://127.0.0.1:1883 without)",
     )
     p.add_argument(
@@ -204,13 +205,23 @@ def run(args: argparse.Namespace) -> int:
     cid = client_id(args, creds)
     ca = creds.get("ca_file")
     url = broker_url(args.broker, ca)
-    if url.startswith("mqtts://") and "coordinator_key_file" not in creds:
+    if url.startswith(("mqtts://", "wss://")) and "coordinator_key_file" not in creds:
         log.warning(
             "%s: no --coordinator-key-file: the device will not verify the coordinator's announcements", cid
         )
     python = args.python or (sys.executable if target.kind == "local" else "python3")
     try:
         bundle = _bundle(args)
+        if url.startswith(("ws://", "wss://")):  # libmosquitto (the native client) speaks TCP only
+            if args.runtime == "native":
+                raise CliError(
+                    f"--broker {url}: the native client (libmosquitto) speaks MQTT over TCP only; flash "
+                    "the Python client (--runtime python) for WebSockets, or give the broker's mqtts:// "
+                    "address"
+                )
+            if args.runtime == "auto":
+                print("runtime: python (MQTT over WebSockets: the native client speaks TCP only)")
+                args.runtime = "python"
         native = _native_runtime(args, target)
         if native and not args.batch_size:
             args.batch_size = min(16, bundle.info.batch_max)  # type: ignore[attr-defined]
