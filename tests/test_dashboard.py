@@ -19,8 +19,6 @@ from deploy_helpers import client_ids, make_service
 
 pytest.importorskip("prometheus_client", reason="the dashboard extra: pip install 'fleetlora[dashboard]'")
 
-from edge_client.wire import encode_update
-
 from coordinator.dashboard_http import Dashboard, DashboardError, parse_address
 from coordinator.fleet_prometheus import FleetMetrics
 from coordinator.fleet_view import FleetView
@@ -29,6 +27,7 @@ from edge_client.client import training_status
 from edge_client.local_round import LocalPlan
 from fleetlora.cli import main as cli_main
 from protocol.topics import up_topic
+from protocol.wire import encode_update
 
 TOKEN = "s3cret-token-0123456789"
 

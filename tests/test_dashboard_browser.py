@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 from deploy_helpers import spec_for
-from edge_client.wire import Reason
 
 from broker.child import free_port
 from broker.mosquitto import Mosquitto
 from protocol.mqtt_link import LinkConfig, MqttLink
 from protocol.topics import up_topic
+from protocol.wire import Reason
 
 # Not marked slow, so CI runs it (the "tests in a real browser"): about 1-3 minutes on 2 cores,
 # most of it the processes importing torch and the last round's deadline.
