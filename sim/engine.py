@@ -53,13 +53,14 @@ class World:
     models: dict[str, nn.Module] = field(default_factory=dict)  # adapter spec (JSON) -> adapted model
     # spec (JSON) -> the fresh adapter: every method starts from it, not from the last method's global
     initial: dict[str, State] = field(default_factory=dict)
+    device: str = "cpu"  # where the models train and score (the inputs live there too)
 
     def model(self, family: str, spec: AdapterSpec | None = None) -> nn.Module:
         """The one shared adapted model of a spec (default: the family's), built on first use."""
         spec = spec or self.config.spec(family)
         key = spec.to_json()
         if key not in self.models:
-            self.models[key] = adapted_model(self.config, len(self.classes), family, spec)
+            self.models[key] = adapted_model(self.config, len(self.classes), family, spec).to(self.device)
             self.initial[key] = trainable_state(self.models[key])
         return self.models[key]
 
@@ -143,7 +144,25 @@ def assemble_world(
     n_params = sum(p.numel() for p in base.parameters())
     cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
     clients, deadline = build_fleet(config, pool.labels.numpy(), cost)
-    return World(config, classes, pool, val, test, clients, deadline)
+    device = world_device(config)
+    pool, val, test = pool.to(device), val.to(device), test.to(device)
+    return World(config, classes, pool, val, test, clients, deadline, device=device)
+
+
+def world_device(config: SimConfig) -> str:
+    """Where this config's models train and score: ``--device``; the MQTT transport and the
+    ExecuTorch trainer hand tensors to code that runs on the host, so they stay on the CPU."""
+    from sim.threads import choose_device
+
+    device, _ = choose_device(config.device)
+    return "cpu" if config.transport == "mqtt" or config.trainer == "executorch" else device
+
+
+def wants_batched(config: SimConfig, device: str) -> bool:
+    """``--batched``: on, off, or auto (see sim/batched.py for where it is faster)."""
+    from sim.batched import batched_by_default
+
+    return config.batched == "on" or (config.batched == "auto" and batched_by_default(config, device))
 
 
 def method_family(method: str) -> str:
@@ -157,9 +176,10 @@ def make_transport(
     spec: AdapterSpec | None = None,
     base_delta: bool = False,
     config: SimConfig | None = None,
+    label: str = "",
 ) -> Transport:
     """How this method's clients are reached; ``base_delta``: the method changes the frozen base;
-    ``config``: the method's own settings (default the world's)."""
+    ``config``: the method's own settings (default the world's); ``label``: the method, for logs."""
     config = config or world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
@@ -174,6 +194,10 @@ def make_transport(
         from sim.mqtt_transport import MqttTransport
 
         return MqttTransport(trainer, template, world.train, broker_url=config.broker)
+    if wants_batched(config, world.device):
+        from sim.batched import BatchedTransport
+
+        return BatchedTransport(model, trainer, template, world.train, train_fn=train, label=label)
     return InProcTransport(model, trainer, template, world.train, train_fn=train)
 
 
@@ -253,7 +277,9 @@ def run_method(
     )
     server = ServerOptimizer(config.server_lr, config.server_momentum).for_method(agg.changes_base)
     hetero = bool(getattr(agg, "heterogeneous_ranks", False))
-    transport = make_transport(world, family, train, spec, base_delta=agg.changes_base, config=config)
+    transport = make_transport(
+        world, family, train, spec, base_delta=agg.changes_base, config=config, label=method
+    )
     model = world.model(family, spec)
     template = world.initial_state(family, spec)
     global_state = agg.init_global(template)

@@ -36,12 +36,18 @@ class Inputs:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: str | torch.device) -> Inputs:
+        """The same inputs on ``device`` (the simulator's training device)."""
+        return Inputs(
+            self.x.to(device), self.attention_mask.to(device), self.labels.to(device), self.start_layer
+        )
+
     def subset(self, idx: np.ndarray) -> Inputs:
-        i = torch.as_tensor(idx, dtype=torch.int64)
+        i = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
         return Inputs(self.x[i], self.attention_mask[i], self.labels[i], self.start_layer)
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        idx_t = torch.as_tensor(idx, dtype=torch.int64)
+        idx_t = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
         out: Batch = {"attention_mask": self.attention_mask[idx_t], "labels": self.labels[idx_t]}
         if self.start_layer:
             out["hidden"] = self.x[idx_t]
