@@ -125,7 +125,7 @@ def batched_forward(model: nn.Module, leaves: Leaves) -> Iterator[None]:
                 fn = _ravan_forward(owner, by_leaf.get("ravan_H"), by_leaf.get("ravan_s"), leaves)
             else:
                 fn = _linear_forward(owner, by_leaf["weight"], by_leaf.get("bias"), leaves)  # type: ignore[arg-type]
-            owner.forward = fn  # type: ignore[method-assign]  # an instance attribute, deleted below
+            owner.forward = fn  # an instance attribute, deleted below
             patched.append(owner)
         yield
     finally:

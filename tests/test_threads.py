@@ -22,3 +22,24 @@ def test_explicit_then_environment_then_idle_cores(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
     n, why = threads.choose_threads(0)
     assert n == 1 and "load 7.0" in why  # never fewer than one, and the reason is printed
+
+
+def test_device_auto_takes_cuda_only_when_torch_sees_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert threads.choose_device("auto")[0] == "cpu"
+    assert threads.choose_device("cpu") == ("cpu", "--device cpu")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        threads.choose_device("cuda")  # a CPU run would be a wrong measurement: refused
+
+
+def test_sim_with_cuda_asked_and_none_present_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from fleetlora.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["sim", "--model", "tiny-bert", "--device", "cuda", "--out", "/nonexistent"]) != 0
+    assert "--device cuda" in capsys.readouterr().err
