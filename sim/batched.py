@@ -294,4 +294,4 @@ class BatchedTransport(InProcTransport):
 
 def batched_by_default(config: SimConfig, device: str) -> bool:
     """``--batched auto``: on the GPU, and for adapters on every block (no frozen-prefix cache)."""
-    return device == "cuda" or not config.layers
+    return config.trainer == "eager" and (device == "cuda" or not config.layers)

@@ -37,6 +37,7 @@ from sim.fleet import NoTrainingError, VirtualClient, build_fleet, model_cost
 from sim.transports import ClientJob, InProcTransport, Transport
 
 RoundCallback = Callable[[dict[str, Any]], None]
+JobsCallback = Callable[[int, list[ClientJob]], None]  # (round index, the jobs it trains)
 
 
 @dataclass
@@ -261,11 +262,13 @@ def run_method(
     train: bool = True,
     aggregator: aggregators.Aggregator | None = None,
     read_test: bool = True,
+    on_jobs: JobsCallback | None = None,
 ) -> MethodRun:
     """Run one method round by round, scoring each round on validation; test the chosen round once.
 
     ``aggregator`` replaces the method's registered one (``bench sim`` passes a no-op); ``read_test``
-    False (tuning) leaves the test split unread: the test record then holds validation only. Raises
+    False (tuning) leaves the test split unread: the test record then holds validation only;
+    ``on_jobs`` sees each round's jobs before they train (``bench sim --train`` replays them). Raises
     :class:`NoTrainingError` when a round's sampled clients all miss the deadline or the whole run
     aggregates nothing.
     """
@@ -320,6 +323,8 @@ def run_method(
                     f"{method}, round {rnd + 1}: none of the {late} sampled clients can train within the "
                     f"{world.deadline_s:.1f} s round deadline; raise --deadline or lower --local-steps"
                 )
+            if on_jobs:
+                on_jobs(rnd, jobs)
             results = transport.run(spec, jobs)
             local_states.update({r.cid: r.local for r in results if r.local})
             updates = [
