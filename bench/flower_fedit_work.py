@@ -66,7 +66,7 @@ class FeditWork:
             loss.backward()
             opt.step()
             examples += len(rows)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return {n: p.detach().clone() for n, p in self.params.items()}, examples, sum(losses) / len(losses)
 
     @torch.no_grad()
