@@ -238,8 +238,10 @@ def train_batched(
             if bad:
                 step = metrics[active[0]].steps
                 raise FloatingPointError(f"non-finite loss {bad[0][1]} at local step {step} ({bad[0][0]})")
-            grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names])
+            grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names], allow_unused=True)
             for k, grad in zip(names, grads, strict=True):
+                if grad is None:  # not in the graph: torch.optim.SGD skips it too (no weight decay)
+                    continue
                 if k in masks:
                     grad = grad * masks[k][idx]
                 param = leaves[k].detach()
