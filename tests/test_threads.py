@@ -43,3 +43,17 @@ def test_sim_with_cuda_asked_and_none_present_fails_clearly(capsys: pytest.Captu
         pytest.skip("this machine has a CUDA device")
     assert main(["sim", "--model", "tiny-bert", "--device", "cuda", "--out", "/nonexistent"]) != 0
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_ray_actors_split_the_clusters_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = pytest.importorskip("ray")
+    from sim.config import SimConfig
+    from sim.ray_transport import gpu_share
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    assert gpu_share(SimConfig(), 4) == 0.25  # four actors share the one GPU
+    assert gpu_share(SimConfig(device="cpu"), 4) == 0.0  # --device cpu: no GPU asked for
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})
+    assert gpu_share(SimConfig(), 4) == 1.0  # at most one whole GPU per actor
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert gpu_share(SimConfig(), 2) == 0.0  # no GPU in the cluster
