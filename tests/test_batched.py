@@ -46,24 +46,20 @@ OPTIMIZER = OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=0.01)
 TOL = OPTIMIZER.lr * max(STEPS) / (1 - OPTIMIZER.momentum) * TINY_BERT_TRAIN_TOL
 
 
+def tiny_config(**changes: object) -> SimConfig:
+    """Four tiny-bert clients, all sampled, 12 tokens (``changes``: other settings)."""
+    base = SimConfig(
+        methods=("fedit",), model="tiny-bert", clients=4, clients_per_round=4, max_len=12, partition="iid"
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def worlds():
-    cached, full = (
-        synthetic_world(
-            SimConfig(
-                methods=("fedit",),
-                model="tiny-bert",
-                clients=4,
-                clients_per_round=4,
-                layers=layers,
-                max_len=12,
-                partition="iid",
-            ),
-            examples_per_client=6,
-        )
-        for layers in ((1,), ())
-    )
-    return {"prefix": cached, "all-blocks": full}
+    return {
+        name: synthetic_world(tiny_config(layers=layers), examples_per_client=6)
+        for name, layers in (("prefix", (1,)), ("all-blocks", ()))
+    }
 
 
 def one_by_one(model, spec, template, inputs, jobs) -> list[ClientResult]:
@@ -172,18 +168,7 @@ def test_what_cannot_be_batched_trains_one_by_one_and_says_why_once(worlds, capl
 
 
 def test_the_engine_gives_the_same_run_batched_or_not():
-    config = SimConfig(
-        methods=("fedit",),
-        model="tiny-bert",
-        clients=6,
-        clients_per_round=4,
-        rounds=2,
-        layers=(),
-        max_len=12,
-        partition="iid",
-        local_steps=2,
-        patience=0,
-    )
+    config = tiny_config(clients=6, rounds=2, layers=(), local_steps=2, patience=0)
     runs = {}
     for mode in ("on", "off"):
         world = synthetic_world(dataclasses.replace(config, batched=mode))

@@ -21,6 +21,19 @@ from export.models import build_model
 from export.spec import AdapterSpec
 from fleetlora.cli import main
 
+# The command at a tiny size: tiny-bert on TREC-6, 3 clients, 16 tokens, the adapter on its top block.
+TINY_ARGS = [
+    "--model",
+    "tiny-bert",
+    "--dataset",
+    "trec6",
+    "--clients",
+    "3",
+    "--max-len",
+    "16",
+    "--layers",
+    "1",
+]
 TINY = dict(model="tiny-bert", dataset="trec6", clients=4, clients_per_round=3, max_len=16, layers=(1,))
 
 
@@ -73,22 +86,7 @@ def test_the_flower_apps_work_replays_fleetloras_run(tmp_path: Path) -> None:
 
 
 def test_the_command_runs_fleetloras_side_and_prints_its_line(capsys: pytest.CaptureFixture[str]) -> None:
-    args = [
-        "--no-flower",
-        "--rounds",
-        "1",
-        "--model",
-        "tiny-bert",
-        "--dataset",
-        "trec6",
-        "--clients",
-        "3",
-        "--max-len",
-        "16",
-        "--layers",
-        "1",
-    ]
-    assert main(["bench", "sim", "--train", *args]) == 0
+    assert main(["bench", "sim", "--train", "--no-flower", "--rounds", "1", *TINY_ARGS]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("sim_train: fleetlora_over_flower=not_measured acc_fleetlora=")
     assert "gflops=" in last and "gemm_peak_gflops=" in last
@@ -111,21 +109,7 @@ def test_the_train_benchmark_has_its_own_help_and_example(capsys: pytest.Capture
     reason="needs .venv-flower (built by `fleetlora bench sim --flower` or `--train` on first use)",
 )
 def test_side_by_side_with_flower_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
-    args = [
-        "--rounds",
-        "2",
-        "--model",
-        "tiny-bert",
-        "--dataset",
-        "trec6",
-        "--clients",
-        "3",
-        "--max-len",
-        "16",
-        "--layers",
-        "1",
-    ]
-    assert main(["bench", "sim", "--train", *args]) == 0
+    assert main(["bench", "sim", "--train", "--rounds", "2", *TINY_ARGS]) == 0
     out = capsys.readouterr().out
     assert "validation accuracy equal in 2 of 2 rounds" in out
     last = out.strip().splitlines()[-1]

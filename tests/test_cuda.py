@@ -68,27 +68,16 @@ def test_the_simulator_trains_on_cuda_what_it_trains_on_the_cpu():
     Same function, another device: only the products' summation order differs (cuBLAS float32, TF32
     off by torch's default), so test_batched's bound applies (its derivation: TOL there).
     """
-    from test_batched import OPTIMIZER, assert_same_results, one_by_one, round_jobs
+    from test_batched import OPTIMIZER, assert_same_results, one_by_one, round_jobs, tiny_config
 
     from edge_client.trainer import EagerTrainer
     from sim.batched import train_batched
-    from sim.config import SimConfig
     from sim.synthetic import synthetic_world
 
     assert not torch.backends.cuda.matmul.allow_tf32, "TF32 products would need a looser bound"
     results = {}
     for device in ("cpu", "cuda"):
-        config = SimConfig(
-            methods=("fedit",),
-            model="tiny-bert",
-            clients=4,
-            clients_per_round=4,
-            layers=(),
-            max_len=12,
-            partition="iid",
-            device=device,
-        )
-        world = synthetic_world(config, examples_per_client=6)
+        world = synthetic_world(tiny_config(layers=(), device=device), examples_per_client=6)
         assert world.train.x.device.type == device
         for method in ("fedit", "ravan", "hetlora"):
             spec, model, template, jobs = round_jobs(world, method)
@@ -111,26 +100,15 @@ def test_the_simulator_trains_on_cuda_what_it_trains_on_the_cpu():
 
 
 def test_a_simulated_run_on_cuda_scores_as_on_the_cpu():
+    from test_batched import tiny_config
     from tolerances import TINY_BERT_TRAIN_TOL
 
-    from sim.config import SimConfig
     from sim.engine import run_method
     from sim.synthetic import synthetic_world
 
     runs = {}
     for device in ("cpu", "cuda"):
-        config = SimConfig(
-            methods=("fedit",),
-            model="tiny-bert",
-            clients=6,
-            clients_per_round=4,
-            rounds=1,
-            layers=(1,),
-            max_len=12,
-            partition="iid",
-            local_steps=2,
-            device=device,
-        )
+        config = tiny_config(clients=6, rounds=1, layers=(1,), local_steps=2, device=device)
         runs[device] = run_method(synthetic_world(config), "fedit").rounds[0]
     # One round of 2 steps from the fresh adapter (test_batched's growth factor, 2 steps, no momentum).
     assert runs["cuda"]["train_loss"] == pytest.approx(runs["cpu"]["train_loss"], abs=2 * TINY_BERT_TRAIN_TOL)
