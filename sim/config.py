@@ -76,6 +76,8 @@ class SimConfig:
     ray_actors: int = 0  # Ray actors (one model each); 0 = one per CPU of the cluster
     trainer: str = "eager"
     threads: int = 0  # torch intra-op threads; 0 = the idle cores (sim/threads.py)
+    device: str = "auto"  # where clients train and rounds are scored: auto = cuda when available
+    batched: str = "auto"  # a round's clients as one batch (sim/batched.py): auto | on | off
     weighting: str = "work"
     eval_examples: int = 0  # the test split is read once per reported model: all of it (0), or a subset
     val_fraction: float = 0.1  # of the training split, stratified, held out from every client
@@ -116,6 +118,8 @@ class SimConfig:
             ),
             (self.ray_actors >= 0, f"ray_actors must be >= 0, got {self.ray_actors}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda: {self.device!r}"),
+            (self.batched in ("auto", "on", "off"), f"batched must be auto, on or off: {self.batched!r}"),
             (self.max_len == 0 or self.max_len >= 8, f"max_len must be 0 (auto) or >= 8, got {self.max_len}"),
             (self.max_len_cap >= 32, f"max_len_cap must be >= 32, got {self.max_len_cap}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),

@@ -35,10 +35,11 @@ from protocol.wire import client_hash, sample_clients
 from sim.config import SimConfig
 from sim.features import Inputs, prefix_inputs
 from sim.fleet import NoTrainingError, VirtualClient, build_fleet, model_cost
-from sim.trainers import adapted_model, client_trainer
+from sim.trainers import adapted_model, client_trainer, world_device
 from sim.transports import ClientJob, InProcTransport, Transport
 
 RoundCallback = Callable[[dict[str, Any]], None]
+JobsCallback = Callable[[int, list[ClientJob]], None]  # (round index, the jobs it trains)
 
 
 @dataclass
@@ -55,13 +56,14 @@ class World:
     models: dict[str, nn.Module] = field(default_factory=dict)  # adapter spec (JSON) -> adapted model
     # spec (JSON) -> the fresh adapter: every method starts from it, not from the last method's global
     initial: dict[str, State] = field(default_factory=dict)
+    device: str = "cpu"  # where the models train and score (the inputs live there too)
 
     def model(self, family: str, spec: AdapterSpec | None = None) -> nn.Module:
         """The one shared adapted model of a spec (default: the family's), built on first use."""
         spec = spec or self.config.spec(family)
         key = spec.to_json()
         if key not in self.models:
-            self.models[key] = adapted_model(self.config, len(self.classes), family, spec)
+            self.models[key] = adapted_model(self.config, len(self.classes), family, spec).to(self.device)
             self.initial[key] = trainable_state(self.models[key])
         return self.models[key]
 
@@ -116,7 +118,16 @@ def assemble_world(
     n_params = sum(p.numel() for p in base.parameters())
     cost = model_cost(config, n_params, enc.hidden_size, enc.num_hidden_layers)
     clients, deadline = build_fleet(config, pool.labels.numpy(), cost)
-    return World(config, classes, pool, val, test, clients, deadline)
+    device = world_device(config)
+    pool, val, test = pool.to(device), val.to(device), test.to(device)
+    return World(config, classes, pool, val, test, clients, deadline, device=device)
+
+
+def wants_batched(config: SimConfig, device: str) -> bool:
+    """``--batched``: on, off, or auto (see sim/batched.py for where it is faster)."""
+    from sim.batched import batched_by_default
+
+    return config.batched == "on" or (config.batched == "auto" and batched_by_default(config, device))
 
 
 def method_family(method: str) -> str:
@@ -135,7 +146,8 @@ def make_transport(
 ) -> Transport:
     """How this method's clients are reached; ``base_delta``: the method changes the frozen base;
     ``config``: the method's own settings (default the world's); ``aggregator`` and ``method``: the
-    run's (the ``mqtt`` transport's coordinator service announces and validates with them)."""
+    run's (the ``mqtt`` transport's coordinator service announces and validates with them; ``method``
+    also names the run in the batched transport's logs)."""
     config = config or world.config
     if config.transport == "ray":
         from sim.ray_transport import RayTransport
@@ -157,6 +169,10 @@ def make_transport(
             method=method or aggregator.name, seed=config.seed, per_round=config.clients_per_round,
             broker_url=config.broker,
         )  # fmt: skip
+    if wants_batched(config, world.device):
+        from sim.batched import BatchedTransport
+
+        return BatchedTransport(model, trainer, template, world.train, train_fn=train, label=method)
     return InProcTransport(model, trainer, template, world.train, train_fn=train)
 
 
@@ -212,11 +228,13 @@ def run_method(
     train: bool = True,
     aggregator: aggregators.Aggregator | None = None,
     read_test: bool = True,
+    on_jobs: JobsCallback | None = None,
 ) -> MethodRun:
     """Run one method round by round, scoring each round on validation; test the chosen round once.
 
     ``aggregator`` replaces the method's registered one (``bench sim`` passes a no-op); ``read_test``
-    False (tuning) leaves the test split unread: the test record then holds validation only. Raises
+    False (tuning) leaves the test split unread: the test record then holds validation only;
+    ``on_jobs`` sees each round's jobs before they train (``bench sim --train`` replays them). Raises
     :class:`NoTrainingError` when a round's sampled clients all miss the deadline or the whole run
     aggregates nothing.
     """
@@ -273,6 +291,8 @@ def run_method(
                     f"{method}, round {rnd + 1}: none of the {late} sampled clients can train within the "
                     f"{world.deadline_s:.1f} s round deadline; raise --deadline or lower --local-steps"
                 )
+            if on_jobs:
+                on_jobs(rnd, jobs)
             results = transport.run(spec, jobs)
             local_states.update({r.cid: r.local for r in results if r.local})
             updates = [

@@ -37,12 +37,18 @@ class Inputs:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: str | torch.device) -> Inputs:
+        """The same inputs on ``device`` (the simulator's training device)."""
+        return Inputs(
+            self.x.to(device), self.attention_mask.to(device), self.labels.to(device), self.start_layer
+        )
+
     def subset(self, idx: np.ndarray) -> Inputs:
-        i = torch.as_tensor(idx, dtype=torch.int64)
+        i = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
         return Inputs(self.x[i], self.attention_mask[i], self.labels[i], self.start_layer)
 
     def batch(self, idx: np.ndarray | torch.Tensor) -> Batch:
-        idx_t = torch.as_tensor(idx, dtype=torch.int64)
+        idx_t = torch.as_tensor(idx, dtype=torch.int64, device=self.x.device)
         out: Batch = {"attention_mask": self.attention_mask[idx_t], "labels": self.labels[idx_t]}
         if self.start_layer:
             out["hidden"] = self.x[idx_t]
@@ -55,20 +61,28 @@ class Inputs:
         self, indices: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator
     ) -> Iterator[Batch]:
         """``steps`` shuffled mini-batches from a client's indices, reshuffling at each epoch."""
-        if len(indices) == 0:
-            return
-        order = rng.permutation(indices)
-        pos = 0
-        for _ in range(steps):
-            if pos + batch_size > len(order):
-                order, pos = rng.permutation(indices), 0
-            yield self.batch(order[pos : pos + batch_size])
-            pos += batch_size
+        for rows in client_batch_indices(indices, batch_size, steps, rng):
+            yield self.batch(rows)
 
     def eval_batches(self, batch_size: int = 256, limit: int = 0) -> Iterator[Batch]:
         n = min(len(self), limit) if limit else len(self)
         for start in range(0, n, batch_size):
             yield self.batch(np.arange(start, min(start + batch_size, n)))
+
+
+def client_batch_indices(
+    indices: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """The rows of a client's ``steps`` mini-batches (see :meth:`Inputs.client_batches`)."""
+    if len(indices) == 0:
+        return
+    order = rng.permutation(indices)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = rng.permutation(indices), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
 
 
 def cache_dir() -> Path:

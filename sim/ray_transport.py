@@ -31,7 +31,7 @@ from export.spec import AdapterSpec
 from export.state import State
 from sim.config import SimConfig
 from sim.features import Inputs
-from sim.trainers import adapted_model, client_trainer
+from sim.trainers import adapted_model, client_trainer, world_device
 from sim.transports import ClientJob, ClientResult, train_client
 
 # Without these, Ray binds the machine's external address and phones home (NOTES.md, "Ray").
@@ -130,7 +130,9 @@ class ClientWorker:
     ):
         config = config_from_json(config_json)
         self.spec = config.spec(family)
-        model = adapted_model(config, num_classes, family)
+        # Ray shows an actor only the GPUs it was given (CUDA_VISIBLE_DEVICES): auto finds them or not.
+        device = world_device(config)
+        model = adapted_model(config, num_classes, family).to(device)
         self.trainer = client_trainer(config, model, family, num_classes, base_delta)
         self.template = self.trainer.get_trainable()
         with warnings.catch_warnings():  # read-only shared memory: the inputs are only ever indexed
@@ -138,7 +140,7 @@ class ClientWorker:
             tensors = {k: torch.from_numpy(v) for k, v in inputs.items() if k != "start_layer"}
         self.inputs = Inputs(
             tensors["x"], tensors["attention_mask"], tensors["labels"], int(inputs["start_layer"])
-        )
+        ).to(device)
         self.train_fn = train
 
     def train(
@@ -171,6 +173,15 @@ class ClientWorker:
         )
         local = to_bytes(trained_kept(self.trainer, keep_local)) if keep_local else b""
         return index, to_bytes(upload), metrics_to_json(metrics), local
+
+
+def gpu_share(config: SimConfig, actors: int) -> float:
+    """Each actor's share of the cluster's GPUs (0 without GPUs or with ``--device cpu``): the actors
+    split them evenly, so several models share one GPU when there are more actors than GPUs."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    return 0.0 if config.device == "cpu" or gpus == 0 else min(1.0, gpus / actors)
 
 
 class RayTransport:
@@ -208,14 +219,14 @@ class RayTransport:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = config.ray_actors or max(1, min(cpus, config.clients_per_round))
         inputs = {
-            "x": train_inputs.x.numpy(),
-            "attention_mask": train_inputs.attention_mask.numpy(),
-            "labels": train_inputs.labels.numpy(),
+            "x": train_inputs.x.cpu().numpy(),
+            "attention_mask": train_inputs.attention_mask.cpu().numpy(),
+            "labels": train_inputs.labels.cpu().numpy(),
             "start_layer": np.asarray(train_inputs.start_layer),
         }
         inputs_ref = ray.put(inputs)
         # A fractional CPU lets more actors than cores share a machine (more models, not more speed).
-        worker = ray.remote(num_cpus=min(1.0, cpus / n))(ClientWorker)
+        worker = ray.remote(num_cpus=min(1.0, cpus / n), num_gpus=gpu_share(config, n))(ClientWorker)
         config_json = json.dumps(config.to_dict())
         self.actors: list[Any] = [
             worker.remote(config_json, family, num_classes, inputs_ref, train, base_delta) for _ in range(n)

@@ -36,3 +36,21 @@ def apply_threads(requested: int = 0) -> str:
     threads, why = choose_threads(requested)
     torch.set_num_threads(threads)
     return f"torch threads: {threads} ({why})"
+
+
+def choose_device(requested: str = "auto") -> tuple[str, str]:
+    """(device, why) where the simulator trains and scores: ``auto`` takes CUDA when torch sees it.
+
+    ``cuda`` without a CUDA device is an error (a silent CPU run would be a wrong measurement).
+    """
+    import torch
+
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, not {requested!r}")
+    if requested == "auto":
+        device = "cuda" if available else "cpu"
+        return device, "auto: " + (torch.cuda.get_device_name(0) if available else "no CUDA device")
+    return requested, f"--device {requested}"

@@ -14,6 +14,7 @@ from export.adapters import attach
 from export.models import build_model
 from export.spec import AdapterSpec
 from sim.config import SimConfig
+from sim.threads import choose_device
 
 
 def adapted_model(
@@ -43,3 +44,10 @@ def client_trainer(
             batch_range=(2, max(2, config.batch_size)), model_seed=config.seed, base_delta=base_delta,
         )  # fmt: skip
     return make_trainer(config.trainer, bundle=bundle, model=model, optimizer=optimizer)
+
+
+def world_device(config: SimConfig) -> str:
+    """Where this config's models train and score: ``--device``; the MQTT transport and the
+    ExecuTorch trainer hand tensors to code that runs on the host, so they stay on the CPU."""
+    device, _ = choose_device(config.device)
+    return "cpu" if config.transport == "mqtt" or config.trainer == "executorch" else device

@@ -60,3 +60,56 @@ def test_a_base_delta_from_a_cuda_coordinator_applies_to_a_cpu_model():
     want = layer(x) + x @ (b @ a).T.float()
     with applied_base_delta(layer, {"0" + BASE_DELTA_B: b.cuda(), "0" + BASE_DELTA_A: a.cuda()}):
         torch.testing.assert_close(layer(x), want)
+
+
+def test_the_simulator_trains_on_cuda_what_it_trains_on_the_cpu():
+    """``--device cuda``: the clients' uploads of one round, one by one and batched, against the CPU's.
+
+    Same function, another device: only the products' summation order differs (cuBLAS float32, TF32
+    off by torch's default), so test_batched's bound applies (its derivation: TOL there).
+    """
+    from test_batched import OPTIMIZER, assert_same_results, one_by_one, round_jobs, tiny_config
+
+    from edge_client.trainer import EagerTrainer
+    from sim.batched import train_batched
+    from sim.synthetic import synthetic_world
+
+    assert not torch.backends.cuda.matmul.allow_tf32, "TF32 products would need a looser bound"
+    results = {}
+    for device in ("cpu", "cuda"):
+        world = synthetic_world(tiny_config(layers=(), device=device), examples_per_client=6)
+        assert world.train.x.device.type == device
+        for method in ("fedit", "ravan", "hetlora"):
+            spec, model, template, jobs = round_jobs(world, method)
+            assert next(model.parameters()).device.type == device
+            results[device, method, "one"] = one_by_one(model, spec, template, world.train, jobs)
+            trainer = EagerTrainer(model, OPTIMIZER)
+            results[device, method, "batched"] = train_batched(trainer, spec, template, world.train, jobs)
+    for (device, method, _mode), got in results.items():
+        if device == "cuda":
+            on_host = [
+                type(r)(
+                    r.cid,
+                    {k: v.cpu() for k, v in r.upload.items()},
+                    r.metrics,
+                    {k: v.cpu() for k, v in r.local.items()},
+                )
+                for r in got
+            ]
+            assert_same_results(on_host, results["cpu", method, "one"])
+
+
+def test_a_simulated_run_on_cuda_scores_as_on_the_cpu():
+    from test_batched import tiny_config
+    from tolerances import TINY_BERT_TRAIN_TOL
+
+    from sim.engine import run_method
+    from sim.synthetic import synthetic_world
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        config = tiny_config(clients=6, rounds=1, layers=(1,), local_steps=2, device=device)
+        runs[device] = run_method(synthetic_world(config), "fedit").rounds[0]
+    # One round of 2 steps from the fresh adapter (test_batched's growth factor, 2 steps, no momentum).
+    assert runs["cuda"]["train_loss"] == pytest.approx(runs["cpu"]["train_loss"], abs=2 * TINY_BERT_TRAIN_TOL)
+    assert runs["cuda"]["val_loss"] == pytest.approx(runs["cpu"]["val_loss"], abs=2 * TINY_BERT_TRAIN_TOL)

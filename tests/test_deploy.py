@@ -305,6 +305,7 @@ def test_sim_mqtt_transport_matches_inproc(method: str) -> None:
     config = SimConfig(
         methods=(method,), model="tiny-bert", dataset="trec6", clients=5, clients_per_round=3, rounds=3,
         max_len=16, layers=(), local_steps=2, batch_size=8, eval_examples=64,
+        batched="off",  # bit for bit against one-by-one clients (batched: tests/test_batched.py)
     )  # fmt: skip
     inproc = run_method(build_world(config), method).records
     mqtt = run_method(build_world(dataclasses.replace(config, transport="mqtt")), method).records

@@ -25,6 +25,7 @@ fleetlora bench mqtt --clients 300            # one event loop vs a paho thread 
 fleetlora bench ingest --updates 1000 --payload 1000000   # coordinator service vs bare paho subscriber
 fleetlora bench ingest --updates 300 --repeat 3 --http   # ... and with the dashboard on, side by side
 fleetlora bench sim --no-train --flower        # the simulator's own cost per client round, and Flower's
+fleetlora bench sim --train                     # the README's fedit experiment: fleetlora vs a Flower app
 fleetlora bench scale --clients 10000          # one in-process round of 10k clients: time and memory
 fleetlora bench load --clients 3000             # 3000 devices publish in the same second: lost, memory
 fleetlora bench crash --kills 20                # coordinator SIGKILLed 20 times: final global unchanged
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ``bench client --runtime native``: the C++ client, run through devices/native.py.
 NATIVE_CLIENT = "bench.native:main"
+# ``bench sim --train``: the README's fedit experiment against a Flower app doing the same work.
+SIM_TRAIN = "bench.sim_train:main"
 
 
 def _native(argv: list[str]) -> list[str] | None:
@@ -72,17 +75,23 @@ def run(args: argparse.Namespace) -> int:
     native_argv = _native(list(args.args)) if args.name == "client" else None
     if native_argv is not None:
         target, args.args = NATIVE_CLIENT, native_argv
+    train_argv = [a for a in args.args if a != "--train"]
+    if args.name == "sim" and len(train_argv) < len(args.args):
+        target, args.args = SIM_TRAIN, train_argv
     module_name, _, func = target.partition(":")
     main = getattr(importlib.import_module(module_name), func or "main")
     try:
         return int(main(list(args.args)))
     except SystemExit as e:  # argparse's --help of the benchmark's own parser: add its example
         if e.code == 0 and {"-h", "--help"} & set(args.args):
-            print(f"\nexample:\n  {example(args.name, native_argv is not None)}")
+            print(f"\nexample:\n  {example(args.name, native_argv is not None, target == SIM_TRAIN)}")
         raise
 
 
-def example(name: str, native: bool = False) -> str:
-    """The line of :data:`EXAMPLES` that runs benchmark ``name`` (``native``: its --runtime native form)."""
+def example(name: str, native: bool = False, train: bool = False) -> str:
+    """The line of :data:`EXAMPLES` that runs benchmark ``name`` (``native``: its --runtime native form;
+    ``train``: ``sim --train``)."""
     lines = [line for line in EXAMPLES.splitlines() if line.startswith(f"fleetlora bench {name} ")]
-    return next(line for line in lines if native == ("--runtime native" in line))
+    return next(
+        line for line in lines if native == ("--runtime native" in line) and train == ("--train" in line)
+    )

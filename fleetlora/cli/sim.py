@@ -17,7 +17,8 @@ fleetlora sim --dataset trec6 --partition iid --local-steps 5 --out runs/trec
 fleetlora sim --method all --config experiment.toml   # TOML keys match the flags
 fleetlora sim --transport ray --ray-actors 4    # clients spread over Ray actors (same numbers)
 fleetlora sim --method fedit,fedrpca --seeds 0,1,2,3,4   # mean +- std, paired differences with 95% CI
-fleetlora sim --config runs/tune/tuned.toml     # the settings `fleetlora tune` chose on validation"""
+fleetlora sim --config runs/tune/tuned.toml     # the settings `fleetlora tune` chose on validation
+fleetlora sim --method fedit --layers '' --batched on   # adapters on every block, clients batched"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,6 +183,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.threads,
         help="torch threads; 0 = the cores not already busy (printed at start)",
     )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=d.device,
+        help="where clients train and rounds are scored; auto = cuda when torch sees one (printed)",
+    )
+    p.add_argument(
+        "--batched",
+        choices=["auto", "on", "off"],
+        default=d.batched,
+        help="train a round's clients as one batch; auto = on a GPU or with adapters on every block",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed: the same seed repeats the numbers exactly")
     p.add_argument("--out", default=d.out, help="run folder (default: %(default)s)")
     p.add_argument("--method-params", default="{}", help='JSON per method, e.g. \'{"fedrpca": {"beta": 2}}\'')
@@ -219,6 +232,21 @@ def config_from_args(args: argparse.Namespace) -> object:
         raise CliError(str(e)) from e
 
 
+def device_line(config: object) -> str:
+    """The device and batching choice, printed at start (``--device cuda`` without one: a clear error)."""
+    from sim.engine import wants_batched
+    from sim.threads import choose_device
+    from sim.trainers import world_device
+
+    try:
+        _, why = choose_device(config.device)  # type: ignore[attr-defined]
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    device = world_device(config)  # type: ignore[arg-type]
+    batched = "on" if wants_batched(config, device) else "off"  # type: ignore[arg-type]
+    return f"device: {device} ({why}); batched clients: {batched} (--batched {config.batched})"  # type: ignore[attr-defined]
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from sim.fleet import NoTrainingError
@@ -226,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     from sim.threads import apply_threads
 
     say(apply_threads(config.threads))  # type: ignore[attr-defined]
+    say(device_line(config))
     try:
         run_experiment(config)  # type: ignore[arg-type]
     except NoTrainingError as e:
