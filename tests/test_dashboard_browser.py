@@ -48,7 +48,7 @@ RUN, ROUNDS = "t", 3
 # Round 1 opens when the coordinator starts, with the devices still starting: its deadline leaves them
 # time. The last round waits this long for the killed device, then closes with the other two.
 DEADLINE_S = 30
-SLOW_STEPS = 300  # dev2's local steps: about a second or more of training a round
+SLOW_STEPS = 1500  # dev2's local steps: ~5 s a round idle, so the page (one push a second) sees it training
 CLIENTS = ("dev0", "dev1", "dev2")
 STARTUP_S = 180.0  # a Python process importing torch and transformers on a loaded 2-core machine
 
