@@ -125,12 +125,21 @@ def device_measurements(headers: Sequence[UpdateHeader]) -> dict[str, Any]:
     return out
 
 
+NAMED_IN_LOG = 8  # a round of thousands of clients stays one readable line
+
+
+def _some(names: list[str]) -> str:
+    """The first few names, and how many more (the dashboard and /api/state list them all)."""
+    shown = ", ".join(names[:NAMED_IN_LOG])
+    return shown if len(names) <= NAMED_IN_LOG else f"{shown} and {len(names) - NAMED_IN_LOG} more"
+
+
 def open_line(state: RoundState, rounds: int, min_clients: int) -> str:
     """One line for a round that opens: whom it waits for, until when."""
     if state.done:
         return f"all {rounds} rounds are aggregated"
     waiting = (
-        f"{len(state.sampled)} sampled clients ({', '.join(state.sampled)})"
+        f"{len(state.sampled)} sampled clients ({_some(state.sampled)})"
         if state.sampled is not None
         else f"every client drawn at fraction {state.sample_fraction:g}"
     )

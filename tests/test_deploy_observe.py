@@ -107,3 +107,13 @@ def test_a_device_of_another_class_count_refuses_in_words_and_the_coordinator_lo
         r for r in read_metrics(tmp_path / "state" / "metrics.jsonl") if r["event"] == "device_status"
     ]
     assert any(r["client"] == "dev0" and r["status"].startswith(f"refused: {words}") for r in statuses)
+
+
+def test_a_round_of_many_clients_opens_with_one_short_line() -> None:
+    from coordinator.metrics import NAMED_IN_LOG, open_line
+    from coordinator.store import RoundState
+
+    sampled = [f"c{i:05d}" for i in range(500)]
+    line = open_line(RoundState("r", "fedit", "{}", 1, 0.0, sampled, None), rounds=3, min_clients=400)
+    assert line.startswith("round 1/3 open: waiting for 500 sampled clients (c00000, c00001")
+    assert f"and {500 - NAMED_IN_LOG} more)" in line and "c00499" not in line and len(line) < 200
