@@ -133,7 +133,9 @@ def run_flower(folder: Path, clients: int, actors: int) -> dict[str, Any]:
     from bench.sim import FLOWER_ENV
 
     python = flower_python()
-    env = {**os.environ, **FLOWER_ENV, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    # Each Ray actor is one CPU: one torch thread each, whatever fleetlora's side was given (an
+    # OMP_NUM_THREADS=2 meant for fleetlora made two actors thrash two cores: 407 s instead of 259).
+    env = {**os.environ, **FLOWER_ENV, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(python), str(APP), str(folder), "--clients", str(clients), "--actors", str(actors)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
