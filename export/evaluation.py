@@ -47,6 +47,13 @@ class EvalTally:
         self.correct += int((logits.argmax(-1) == labels).sum())
         self.total += int(labels.shape[0])
 
+    def merge(self, other: EvalTally) -> None:
+        """Adds ``other``'s sums: merging per-batch tallies in batch order gives the very numbers
+        :meth:`add` gives batch by batch."""
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.total += other.total
+
     def result(self) -> EvalMetrics:
         if self.total == 0:
             raise ValueError("cannot evaluate on zero examples")
@@ -60,6 +67,17 @@ def evaluate_metrics(model: nn.Module, batches: Iterable[Batch]) -> EvalMetrics:
     for batch in batches:
         tally.add(model(**model_inputs(batch)), batch["labels"])
     return tally.result()
+
+
+@torch.no_grad()
+def batch_tallies(model: nn.Module, batches: Iterable[Batch]) -> list[EvalTally]:
+    """One tally per batch (for scoring shares of the batches on several threads)."""
+    tallies = []
+    for batch in batches:
+        tally = EvalTally()
+        tally.add(model(**model_inputs(batch)), batch["labels"])
+        tallies.append(tally)
+    return tallies
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
