@@ -76,6 +76,7 @@ class SimConfig:
     ray_actors: int = 0  # Ray actors (one model each); 0 = one per CPU of the cluster
     trainer: str = "eager"
     threads: int = 0  # torch intra-op threads; 0 = the idle cores (sim/threads.py)
+    workers: int = 0  # client worker threads of one torch thread each; 0 = one per core (sim/pool.py)
     device: str = "auto"  # where clients train and rounds are scored: auto = cuda when available
     batched: str = "auto"  # a round's clients as one batch (sim/batched.py): auto | on | off
     weighting: str = "work"
@@ -118,6 +119,7 @@ class SimConfig:
             ),
             (self.ray_actors >= 0, f"ray_actors must be >= 0, got {self.ray_actors}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda: {self.device!r}"),
             (self.batched in ("auto", "on", "off"), f"batched must be auto, on or off: {self.batched!r}"),
             (self.max_len == 0 or self.max_len >= 8, f"max_len must be 0 (auto) or >= 8, got {self.max_len}"),

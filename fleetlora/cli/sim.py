@@ -184,6 +184,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch threads; 0 = the cores not already busy (printed at start)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="clients trained at once, each on its own thread and model copy with one torch thread; "
+        "0 = one per core (printed at start)",
+    )
+    p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default=d.device,
@@ -193,7 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batched",
         choices=["auto", "on", "off"],
         default=d.batched,
-        help="train a round's clients as one batch; auto = on a GPU or with adapters on every block",
+        help="train a round's clients as one batch; auto = on a GPU",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed: the same seed repeats the numbers exactly")
     p.add_argument("--out", default=d.out, help="run folder (default: %(default)s)")
@@ -234,7 +241,7 @@ def config_from_args(args: argparse.Namespace) -> object:
 
 def device_line(config: object) -> str:
     """The device and batching choice, printed at start (``--device cuda`` without one: a clear error)."""
-    from sim.engine import wants_batched
+    from sim.engine import wants_batched, world_workers
     from sim.threads import choose_device
     from sim.trainers import world_device
 
@@ -244,7 +251,11 @@ def device_line(config: object) -> str:
         raise CliError(str(e)) from e
     device = world_device(config)  # type: ignore[arg-type]
     batched = "on" if wants_batched(config, device) else "off"  # type: ignore[arg-type]
-    return f"device: {device} ({why}); batched clients: {batched} (--batched {config.batched})"  # type: ignore[attr-defined]
+    workers, how = world_workers(config, device)  # type: ignore[arg-type]
+    return (
+        f"device: {device} ({why}); batched clients: {batched} (--batched {config.batched}); "  # type: ignore[attr-defined]
+        f"client workers: {workers} ({how}{', one torch thread each' if workers > 1 else ''})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
