@@ -62,7 +62,7 @@ def time_engine(config: SimConfig, train: bool, profile: bool = False) -> float:
     from sim.synthetic import synthetic_world
 
     world = synthetic_world(config, examples_per_client=2)
-    world.model("lora")  # built before the clock starts, like the shared model of a real run
+    world.pool("lora")  # built before the clock starts, like the shared models of a real run
     agg = None if train else NoOpAggregator(config.spec("lora"))
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()

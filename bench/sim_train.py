@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from bench.flops import BertShape, example_flops, gemm_peak_gflops
 from sim.config import SimConfig
-from sim.engine import World, build_world, run_method
+from sim.engine import World, build_world, run_method, world_workers
 from sim.features import client_batch_indices
 from sim.transports import ClientJob
 
@@ -60,7 +60,9 @@ def run_fleetlora(config: SimConfig) -> tuple[World, dict[str, Any], list[list[d
     print(apply_threads(config.threads), flush=True)
     t0 = time.perf_counter()
     world = build_world(config)
-    world.model("lora")  # built before the rounds start, like the Flower actors' first message
+    world.pool("lora")  # built before the rounds start, like the Flower actors' first message
+    workers, why = world_workers(config, world.device)
+    print(f"client workers: {workers} ({why})", flush=True)
     setup_s = time.perf_counter() - t0
     cids = {c.cid: i for i, c in enumerate(world.clients)}
     schedule: list[list[dict[str, Any]]] = []
@@ -72,7 +74,7 @@ def run_fleetlora(config: SimConfig) -> tuple[World, dict[str, Any], list[list[d
         "setup_s": setup_s,
         "val_accuracy": [r["val_accuracy"] for r in run.rounds],
         "test_accuracy": run.test["test_accuracy"],
-        "threads": torch.get_num_threads(),
+        "threads": world.workers if world.workers > 1 else torch.get_num_threads(),  # cores it computes on
     }
     return world, summary, schedule
 

@@ -295,12 +295,12 @@ class BatchedTransport(InProcTransport):
 
 
 def batched_by_default(config: SimConfig, device: str) -> bool:
-    """``--batched auto``: on the GPU (one large product instead of many small kernel launches), and
-    for adapters on every block with the eager trainer.
+    """``--batched auto``: on the GPU only (one large product instead of many small kernel launches).
 
-    Measured on this 2-core CPU at load ~5 (MiniLM, 10 clients x 8 steps x 16 examples of 32 tokens,
-    2 rounds, one thread): adapters on every block 68 s batched against 74 s one by one; on the top
-    block from the prefix cache 9.7 and 13.2 s against 14.2 and 12.9 s, no lead beyond the noise of a
-    loaded machine, so the cached default stays one by one (``--batched on`` forces it).
+    On the CPU the client workers (sim/pool.py) are faster. Measured on this 2-core CPU, idle
+    (MiniLM, one round of 10 clients x <= 8 steps x 16 examples of 64 tokens, adapters on every
+    block): 2 workers x 1 thread 18.7 s, one by one with 2 threads 19.5 s, batched with 2 threads
+    24.7 s. Earlier, at load ~5 and one thread, batched had led one by one 68 s to 74 s (all blocks,
+    32 tokens), inside the noise of a loaded machine. ``--batched on`` forces it.
     """
-    return config.trainer == "eager" and (device == "cuda" or not config.layers)
+    return config.trainer == "eager" and device == "cuda"

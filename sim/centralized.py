@@ -45,6 +45,7 @@ def run_centralized(
         raise ValueError("the centralized reference needs the examples a federated run processed per round")
     spec = config.spec("lora")
     model = world.model("lora", spec)
+    workers = world.pool("lora", spec)  # score each chunk on the client workers (models[0] is model)
     template = world.initial_state("lora", spec)
     agg = aggregators.create("fedit", spec, device="cpu")  # evaluation only: its payload is the state
     # The momentum the federated run applies, on the clients or at the server (FedAvgM): with local
@@ -75,7 +76,7 @@ def run_centralized(
         metrics = trainer.train(itertools.islice(batches, steps), LocalPlan(steps))
         seen += metrics.examples
         state = trainer.get_trainable()
-        val_accuracy, val_loss = evaluate_global(model, spec, agg, state, template, world.val, 0)
+        val_accuracy, val_loss = evaluate_global(workers, spec, agg, state, template, world.val, 0)
         record = {
             "kind": "round",
             "method": CENTRALIZED,
@@ -98,7 +99,7 @@ def run_centralized(
                 matched = ceiling
     runs = []
     for name, best in ((CENTRALIZED, matched), (CEILING, ceiling)):
-        test = test_record(world, name, model, spec, agg, template, {}, best, history)
+        test = test_record(world, name, workers, spec, agg, template, {}, best, history)
         test.update(bytes_up_total=0, bytes_down_total=0, epochs=history[best.round - 1]["epochs"])
         runs.append(MethodRun(name, history if name == CENTRALIZED else [], test))
     return runs[0], runs[1]

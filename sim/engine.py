@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from coordinator import aggregators
@@ -27,7 +26,7 @@ from edge_client.planner import plan_from_budget
 from export.adapters import start_state
 from export.base_delta import applied_base_delta, split_base_delta
 from export.data import load_text_dataset, stratified_split, token_lengths, tokenize_cached
-from export.evaluation import evaluate
+from export.evaluation import Batch, EvalTally, batch_tallies
 from export.models import build_model
 from export.spec import AdapterSpec
 from export.state import State, clone_state, load_trainable_state, num_bytes, trainable_state
@@ -35,6 +34,8 @@ from protocol.wire import client_hash, sample_clients
 from sim.config import SimConfig
 from sim.features import Inputs, prefix_inputs
 from sim.fleet import NoTrainingError, VirtualClient, build_fleet, model_cost
+from sim.pool import ReplicaPool
+from sim.threads import choose_workers
 from sim.trainers import adapted_model, client_trainer, world_device
 from sim.transports import ClientJob, InProcTransport, Transport
 
@@ -57,6 +58,8 @@ class World:
     # spec (JSON) -> the fresh adapter: every method starts from it, not from the last method's global
     initial: dict[str, State] = field(default_factory=dict)
     device: str = "cpu"  # where the models train and score (the inputs live there too)
+    workers: int = 1  # clients trained at once, each by its own thread on its own model (sim/pool.py)
+    replicas: dict[str, list[nn.Module]] = field(default_factory=dict)  # spec (JSON) -> extra models
 
     def model(self, family: str, spec: AdapterSpec | None = None) -> nn.Module:
         """The one shared adapted model of a spec (default: the family's), built on first use."""
@@ -66,6 +69,15 @@ class World:
             self.models[key] = adapted_model(self.config, len(self.classes), family, spec).to(self.device)
             self.initial[key] = trainable_state(self.models[key])
         return self.models[key]
+
+    def pool(self, family: str, spec: AdapterSpec | None = None) -> ReplicaPool:
+        """The spec's model and ``workers - 1`` bit-identical copies, one per client worker."""
+        first = self.model(family, spec)
+        key = (spec or self.config.spec(family)).to_json()
+        extra = self.replicas.setdefault(key, [])
+        while len(extra) < self.workers - 1:
+            extra.append(adapted_model(self.config, len(self.classes), family, spec).to(self.device))
+        return ReplicaPool([first, *extra])
 
     def initial_state(self, family: str, spec: AdapterSpec | None = None) -> State:
         """The adapter every method of a spec starts from (the model itself moves on as methods run)."""
@@ -120,7 +132,15 @@ def assemble_world(
     clients, deadline = build_fleet(config, pool.labels.numpy(), cost)
     device = world_device(config)
     pool, val, test = pool.to(device), val.to(device), test.to(device)
-    return World(config, classes, pool, val, test, clients, deadline, device=device)
+    workers, _ = world_workers(config, device)
+    return World(config, classes, pool, val, test, clients, deadline, device=device, workers=workers)
+
+
+def world_workers(config: SimConfig, device: str) -> tuple[int, str]:
+    """(client workers, why): pooled only where clients train in this process one by one, eagerly."""
+    poolable = config.transport == "inproc" and config.trainer == "eager"
+    poolable = poolable and not wants_batched(config, device)
+    return choose_workers(config.workers, config.threads, device, poolable, config.clients_per_round)
 
 
 def wants_batched(config: SimConfig, device: str) -> bool:
@@ -173,7 +193,11 @@ def make_transport(
         from sim.batched import BatchedTransport
 
         return BatchedTransport(model, trainer, template, world.train, train_fn=train, label=method)
-    return InProcTransport(model, trainer, template, world.train, train_fn=train)
+    # One trainer per client worker: each holds its own optimizer state.
+    models = world.pool(family, spec).models
+    more = [client_trainer(config, m, family, len(world.classes), base_delta) for m in models[1:]]
+    workers = ReplicaPool(models, [trainer, *more])
+    return InProcTransport(model, trainer, template, world.train, train_fn=train, pool=workers)
 
 
 def plan_for(client: VirtualClient, spec: AdapterSpec, heterogeneous_ranks: bool, round: int) -> LocalPlan:
@@ -249,7 +273,7 @@ def run_method(
     transport = make_transport(
         world, family, train, spec, base_delta=agg.changes_base, config=config, aggregator=agg, method=method
     )
-    model = world.model(family, spec)
+    pool = world.pool(family, spec)  # the client workers' models: they also score the rounds
     template = world.initial_state(family, spec)
     global_state = agg.init_global(template)
     # Tensors each client keeps between rounds (FedSA-LoRA's B): a newcomer starts from the template's.
@@ -307,12 +331,10 @@ def run_method(
             if updates:  # never aggregate from nothing: a round without updates keeps the global
                 global_state = server.step(global_state, agg.aggregate(global_state, updates))
             val_accuracy, val_loss = evaluate_global(
-                model, spec, agg, global_state, template, world.val, 0, newcomer
+                pool, spec, agg, global_state, template, world.val, 0, newcomer
             )
             local_acc = [
-                evaluate_global(model, spec, agg, global_state, template, world.val, 0, local_states[r.cid])[
-                    0
-                ]
+                evaluate_global(pool, spec, agg, global_state, template, world.val, 0, local_states[r.cid])[0]
                 for r in results
                 if r.cid in local_states
             ]
@@ -366,14 +388,14 @@ def run_method(
             f"sampled: {late} missed the {world.deadline_s:.1f} s deadline, {dropped} dropped out); "
             f"raise --deadline or lower --local-steps"
         )
-    test = test_record(world, method, model, spec, agg, template, newcomer, best, history, read_test)
+    test = test_record(world, method, pool, spec, agg, template, newcomer, best, history, read_test)
     return MethodRun(method, history, test)
 
 
 def test_record(
     world: World,
     method: str,
-    model: nn.Module,
+    pool: ReplicaPool,
     spec: AdapterSpec,
     agg: aggregators.Aggregator,
     template: State,
@@ -386,9 +408,9 @@ def test_record(
     limit = world.config.eval_examples
     accuracy, loss, local = math.nan, math.nan, []
     if read_test:
-        accuracy, loss = evaluate_global(model, spec, agg, best.state, template, world.test, limit, newcomer)
+        accuracy, loss = evaluate_global(pool, spec, agg, best.state, template, world.test, limit, newcomer)
         local = [
-            evaluate_global(model, spec, agg, best.state, template, world.test, limit, kept)[0]
+            evaluate_global(pool, spec, agg, best.state, template, world.test, limit, kept)[0]
             for kept in best.local.values()
         ]
     chosen = history[best.round - 1]
@@ -409,9 +431,8 @@ def test_record(
     }
 
 
-@torch.no_grad()
 def evaluate_global(
-    model: nn.Module,
+    pool: ReplicaPool,
     spec: AdapterSpec,
     agg: aggregators.Aggregator,
     global_state: State,
@@ -421,11 +442,26 @@ def evaluate_global(
     keep_local: State | None = None,
 ) -> tuple[float, float]:
     """Accuracy and loss of the global adapter (with a client's kept tensors) on ``test`` (validation
-    every round, the test split once).
+    every round, the test split once), its batches shared out over the pool's workers.
 
-    A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only.
+    A base change the method made (FLoRA, FedEx-LoRA) is applied for the evaluation only. The
+    per-batch tallies are summed in batch order: the same numbers with any number of workers.
     """
     view = {**agg.announced(global_state), **(keep_local or {})}
-    with applied_base_delta(model, split_base_delta(view)[1]):
-        load_trainable_state(model, start_state(spec, view, template))
-        return evaluate(model, test.eval_batches(limit=limit))
+    delta = split_base_delta(view)[1]
+    start = start_state(spec, view, template)
+    batches = list(test.eval_batches(limit=limit))
+    shares = [batches[w :: len(pool)] for w in range(min(len(pool), len(batches)))]
+
+    def score(worker: int, share: list[Batch]) -> list[EvalTally]:
+        model = pool.models[worker]
+        with applied_base_delta(model, delta):
+            load_trainable_state(model, start)
+            return batch_tallies(model, share)
+
+    scored = pool.map(score, shares)
+    tally = EvalTally()
+    for i in range(len(batches)):
+        tally.merge(scored[i % len(shares)][i // len(shares)])
+    metrics = tally.result()
+    return metrics.accuracy, metrics.loss

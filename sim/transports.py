@@ -20,6 +20,7 @@ from export.spec import AdapterSpec
 from export.state import State
 from sim.features import Inputs
 from sim.fleet import VirtualClient
+from sim.pool import ReplicaPool
 
 
 @dataclass
@@ -66,38 +67,40 @@ class Transport(Protocol):
 
 
 class InProcTransport:
-    """Every client trains in this process, one after another, on the one shared base model.
+    """Every client trains in this process on the shared base model: one after another, or with a
+    ``pool`` of client workers (sim/pool.py) as many at once, the longest first.
 
     A client costs its payload and its upload while it runs, nothing afterwards.
     """
 
     def __init__(
-        self, model: nn.Module, trainer: Trainer, template: State, train: Inputs, train_fn: bool = True
+        self,
+        model: nn.Module,
+        trainer: Trainer,
+        template: State,
+        train: Inputs,
+        train_fn: bool = True,
+        pool: ReplicaPool | None = None,
     ):
         self.model, self.trainer, self.template, self.train_inputs = model, trainer, template, train
         self.train_fn = train_fn
+        self.pool = pool or ReplicaPool([model], [trainer])
 
     def run(self, spec: AdapterSpec, jobs: list[ClientJob]) -> list[ClientResult]:
-        results = []
-        for job in jobs:
-            if not self.train_fn:  # `bench sim --no-train`: measure everything but the training
-                results.append(ClientResult(job.client.cid, rank_view(job.payload, job.plan.rank)))
-                continue
-            upload, metrics = train_client(
-                self.trainer,
-                spec,
-                self.template,
-                self.train_inputs,
-                job.client.indices,
-                job.plan,
-                job.batch_size,
-                job.data_seed,
-                job.payload,
-                job.keep_local,
-            )
-            local = trained_kept(self.trainer, job.keep_local)
-            results.append(ClientResult(job.client.cid, upload, metrics, local))
-        return results
+        if not self.train_fn:  # `bench sim --no-train`: measure everything but the training
+            return [ClientResult(job.client.cid, rank_view(job.payload, job.plan.rank)) for job in jobs]
+        return self.pool.map(
+            lambda worker, job: self._train(self.pool.trainers[worker], spec, job),
+            jobs,
+            cost=lambda job: job.plan.local_steps * job.batch_size,
+        )
+
+    def _train(self, trainer: Trainer, spec: AdapterSpec, job: ClientJob) -> ClientResult:
+        upload, metrics = train_client(
+            trainer, spec, self.template, self.train_inputs, job.client.indices, job.plan,
+            job.batch_size, job.data_seed, job.payload, job.keep_local,
+        )  # fmt: skip
+        return ClientResult(job.client.cid, upload, metrics, trained_kept(trainer, job.keep_local))
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
