@@ -9,17 +9,22 @@ the model run whole by each client (transformers + peft) on Ray actors of one CP
 wall time is compared (start-up excluded on both sides; printed apart), and so is the test accuracy
 of the round validation chose. ``gflops`` is the useful work (bench/flops.py) of the fleetlora run
 per second of its rounds; ``gemm_peak_gflops`` this machine's float32 matrix-product rate with the
-same threads. ``--all-blocks`` puts the adapters on every block (no prefix cache).
+same threads. ``--all-blocks`` puts the adapters on every block (no prefix cache). ``--load N`` runs
+both sides under N busy-loop processes (a machine shared with other jobs, reproducibly), stopped by
+PID when the bench ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,7 @@ def run_fleetlora(config: SimConfig) -> tuple[World, dict[str, Any], list[list[d
     world = build_world(config)
     world.pool("lora")  # built before the rounds start, like the Flower actors' first message
     workers, why = world_workers(config, world.device)
-    print(f"client workers: {workers} ({why})", flush=True)
+    print(f"client workers: {workers} ({why}{', one torch thread each' if workers > 1 else ''})", flush=True)
     setup_s = time.perf_counter() - t0
     cids = {c.cid: i for i, c in enumerate(world.clients)}
     schedule: list[list[dict[str, Any]]] = []
@@ -162,20 +167,36 @@ def useful_gflop(world: World, schedule: list[list[dict[str, Any]]]) -> float:
     return (trained * train_flops + scored * eval_flops) / 1e9
 
 
+@contextlib.contextmanager
+def busy_load(processes: int) -> Iterator[None]:
+    """``processes`` busy loops (one core's worth of load each) while the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    if spinners:
+        pids = " ".join(str(s.pid) for s in spinners)
+        print(f"background load: {processes} busy-loop processes (pids {pids})", flush=True)
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fleetlora bench sim --train", description=__doc__)
     p.add_argument("--all-blocks", action="store_true", help="adapters on every block (no prefix cache)")
     p.add_argument("--rounds", type=int, default=0, help="at most this many rounds (0 = the README's 12)")
     p.add_argument("--actors", type=int, default=2, help="the Flower app's Ray actors, one CPU each")
     p.add_argument("--no-flower", action="store_true", help="fleetlora's side only (no .venv-flower)")
+    p.add_argument("--load", type=int, default=0, help="busy-loop processes running beside both sides")
     p.add_argument("--model", default=SimConfig.model, help="registered model (default: %(default)s)")
     p.add_argument("--dataset", default=SimConfig.dataset, help="data set (default: %(default)s)")
     p.add_argument("--clients", type=int, default=SimConfig.clients, help="virtual clients")
     p.add_argument("--layers", default=",".join(map(str, SimConfig.layers)), help="adapted blocks")
     p.add_argument("--max-len", type=int, default=SimConfig.max_len, help="tokens per example (0 = auto)")
     args = p.parse_args(argv)
-    if args.rounds < 0 or args.actors < 1 or args.clients < 1:
-        p.error("--rounds must be >= 0, --actors and --clients >= 1")
+    if args.rounds < 0 or args.actors < 1 or args.clients < 1 or args.load < 0:
+        p.error("--rounds and --load must be >= 0, --actors and --clients >= 1")
     config = experiment_config(
         args.all_blocks, args.rounds, model=args.model, dataset=args.dataset, max_len=args.max_len,
         clients=args.clients, clients_per_round=min(args.clients, SimConfig.clients_per_round),
@@ -186,6 +207,12 @@ def main(argv: list[str]) -> int:
         f"sim train bench: fedit, {config.model} on {config.dataset}, adapters on {blocks}, "
         f"up to {config.rounds} rounds"
     )
+    with busy_load(args.load):
+        return compare(config, args.actors, args.no_flower)
+
+
+def compare(config: SimConfig, actors: int, no_flower: bool) -> int:
+    """Run fleetlora, then the Flower app on the schedule fleetlora trained; print the summary line."""
     world, ours, schedule = run_fleetlora(config)
     print(
         f"fleetlora: {ours['rounds_s']:.1f} s of rounds ({ours['setup_s']:.1f} s to build the world), "
@@ -200,13 +227,14 @@ def main(argv: list[str]) -> int:
     )
     summary = f"acc_fleetlora={ours['test_accuracy']:.4f}"
     rates = f"gflops={gflops:.2f} gemm_peak_gflops={peak:.1f}"
-    if args.no_flower:
+    if no_flower:
         print(f"sim_train: fleetlora_over_flower=not_measured {summary} {rates}")
         return 0
     with tempfile.TemporaryDirectory(prefix="fleetlora-bench-") as tmp:
         write_experiment(world, schedule, Path(tmp))
+        print(f"flower: starting its rounds (1-minute load {os.getloadavg()[0]:.1f})", flush=True)
         try:
-            theirs = run_flower(Path(tmp), len(world.clients), args.actors)
+            theirs = run_flower(Path(tmp), len(world.clients), actors)
         except RuntimeError as e:
             print(f"flower: not measured: {e}")
             print(f"sim_train: fleetlora_over_flower=not_measured {summary} {rates}")

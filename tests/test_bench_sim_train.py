@@ -7,6 +7,7 @@ fleetlora's schedule, it scores every round as fleetlora did.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,10 +87,16 @@ def test_the_flower_apps_work_replays_fleetloras_run(tmp_path: Path) -> None:
 
 
 def test_the_command_runs_fleetloras_side_and_prints_its_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "sim", "--train", "--no-flower", "--rounds", "1", *TINY_ARGS]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["bench", "sim", "--train", "--no-flower", "--rounds", "1", "--load", "1", *TINY_ARGS]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    last = lines[-1]
     assert last.startswith("sim_train: fleetlora_over_flower=not_measured acc_fleetlora=")
     assert "gflops=" in last and "gemm_peak_gflops=" in last
+    # --load: the busy loop ran beside the run and is gone after it (stopped by PID)
+    (started,) = [line for line in lines if line.startswith("background load: 1 busy-loop processes")]
+    pid = int(started.rsplit("pids ", 1)[1].rstrip(")"))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_the_train_benchmark_has_its_own_help_and_example(capsys: pytest.CaptureFixture[str]) -> None:
