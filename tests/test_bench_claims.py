@@ -15,6 +15,8 @@ def test_the_quick_grid_is_r8_two_splits_three_seeds_plus_the_right_skewed_run(t
     skewed = [c for c in configs if c.device_mix == "right_skewed"]
     assert len(skewed) == 3 and all(c.methods == ("ravan", "hetlora", "flexlora") for c in skewed)
     assert all(c.centralized and c.clients >= 20 for c in configs if c not in skewed)
+    # the protocol every cell shares, over whatever the data set's TOML says
+    assert {(c.rounds, c.patience, c.server_momentum) for c in configs} == {(24, 8, 0.7)}
 
 
 def records(seed: int, accs: dict[str, float], central: float = 0.9) -> list[dict]:
