@@ -101,11 +101,12 @@ def build_world(config: SimConfig) -> World:
     # sits on ``layers`` only; the frozen lower blocks are just run every step).
     start = min(config.layers) if config.layers and config.trainer == "eager" else 0
     key = f"{config.model}:{config.dataset}:{config.max_len}"
+    workers, _ = world_workers(config, world_device(config))  # the clients' workers compute it
     train = prefix_inputs(
-        base, train_tok.input_ids, train_tok.attention_mask, train_tok.labels, start, key + ":train"
+        base, train_tok.input_ids, train_tok.attention_mask, train_tok.labels, start, key + ":train", workers
     )
     test = prefix_inputs(
-        base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test"
+        base, test_tok.input_ids, test_tok.attention_mask, test_tok.labels, start, key + ":test", workers
     )
     return assemble_world(config, dataset.classes, base, train, test)
 

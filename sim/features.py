@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from edge_client.trainer import Batch
 from export.data import save_atomically
+from sim.pool import ReplicaPool
 
 
 @dataclass
@@ -89,7 +90,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLEETLORA_CACHE", Path.home() / ".cache" / "fleetlora"))
 
 
-@torch.no_grad()
 def prefix_inputs(
     base: Any,
     input_ids: torch.Tensor,
@@ -97,8 +97,12 @@ def prefix_inputs(
     labels: torch.Tensor,
     start_layer: int,
     key: str,
+    workers: int = 1,
 ) -> Inputs:
-    """Inputs entering ``start_layer``: computed with the frozen ``base`` once, then read from disk."""
+    """Inputs entering ``start_layer``: computed with the frozen ``base`` once, then read from disk.
+
+    ``workers`` threads of one torch thread each share the chunks (sim/pool.py); the frozen base is
+    only read, so one copy serves them all."""
     if start_layer == 0:
         return Inputs(input_ids, attention_mask, labels, 0)
     digest = hashlib.sha256(f"{key}:{start_layer}:{tuple(input_ids.shape)}".encode()).hexdigest()[:20]
@@ -107,13 +111,19 @@ def prefix_inputs(
     if path.is_file():
         t = load_file(path)
         return Inputs(t["hidden"], attention_mask, labels, start_layer)
-    chunks = []
     starts = range(0, input_ids.shape[0], 128)
     # Minutes for a large split on a CPU, once per data set and length: say what is happening.
-    bar = tqdm(starts, desc=f"frozen blocks 0-{start_layer - 1} ({key}, once)", unit="batch", file=sys.stderr)
-    for s in bar:
-        chunks.append(base.prefix(input_ids[s : s + 128], attention_mask[s : s + 128], start_layer))
-    hidden = torch.cat(chunks).contiguous()
+    desc = f"frozen blocks 0-{start_layer - 1} ({key}, once, {workers} worker(s))"
+    bar = tqdm(total=len(starts), desc=desc, unit="batch", file=sys.stderr)
+
+    def chunk(_worker: int, s: int) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            hidden = base.prefix(input_ids[s : s + 128], attention_mask[s : s + 128], start_layer)
+        bar.update(1)
+        return hidden
+
+    hidden = torch.cat(ReplicaPool([base] * workers).map(chunk, list(starts))).contiguous()
+    bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomically({"hidden": hidden}, path, {})
     return Inputs(hidden, attention_mask, labels, start_layer)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from export.models import build_model
 from sim.config import SimConfig
 from sim.engine import run_method, world_workers
+from sim.features import prefix_inputs
 from sim.pool import ReplicaPool
 from sim.synthetic import synthetic_world
 
@@ -99,3 +102,23 @@ def test_worker_policy_one_per_core_only_where_clients_train_here(monkeypatch: p
     assert world_workers(SimConfig(batched="on"), "cpu")[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert world_workers(SimConfig(), "cpu")[0] == 1
+
+
+def test_the_frozen_prefix_is_the_same_computed_by_two_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, _ = build_model("tiny-bert", 3, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (300, 12), generator=gen)  # 3 chunks of up to 128
+    mask = (torch.arange(12) < torch.randint(3, 13, (300, 1), generator=gen)).long()
+    labels = torch.zeros(300, dtype=torch.long)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one worker computes in the caller's thread: give it a worker's thread
+    try:
+        got = []
+        for workers in (1, 2):
+            monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / f"w{workers}"))
+            got.append(prefix_inputs(base, ids, mask, labels, 1, "test:prefix", workers).x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1])  # the same products, one chunk per thread: bit for bit
