@@ -29,6 +29,9 @@ FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's workers run at nice 15 by default: beside other jobs at nice 0 (the loaded runs) Flower's
+    # actors got about 2% of a core each, which would measure the scheduler, not Flower.
+    "RAY_worker_niceness": "0",
 }
 
 

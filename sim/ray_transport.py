@@ -34,8 +34,14 @@ from sim.features import Inputs
 from sim.trainers import adapted_model, client_trainer, world_device
 from sim.transports import ClientJob, ClientResult, train_client
 
-# Without these, Ray binds the machine's external address and phones home (NOTES.md, "Ray").
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Without the first two, Ray binds the machine's external address and phones home (NOTES.md, "Ray").
+# Ray starts its workers at nice 15: on a machine shared with other jobs the actors, which do all of
+# the simulation's work, then get a few percent of a core (measured: 2% each beside four busy loops).
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_worker_niceness": "0",
+}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

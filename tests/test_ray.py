@@ -133,3 +133,18 @@ def test_ray_results_come_back_in_job_order(one_thread: None) -> None:
         assert e.metrics.losses == g.metrics.losses
         assert e.upload.keys() == g.upload.keys()
         assert all(np.array_equal(e.upload[k].numpy(), g.upload[k].numpy()) for k in e.upload)
+
+
+@pytest.mark.ray
+def test_ray_workers_run_at_the_callers_priority() -> None:
+    """Ray's default nice 15 starves the actors beside other jobs (they do all the work)."""
+    ray = pytest.importorskip("ray")
+    from sim.ray_transport import connect
+
+    connect(num_cpus=1)
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
