@@ -1,7 +1,7 @@
 """``fleetlora bench sim --train``: the README's fedit experiment, fleetlora against a plain Flower app.
 
 Both run the same experiment side by side in one run: fleetlora as ``fleetlora sim --method fedit``
-runs it by default (its thread policy, the frozen-prefix cache, ``--batched auto``), then a Flower
+runs it by default (its client workers, the frozen-prefix cache, ``--batched auto``), then a Flower
 1.42 app (bench/flower_fedit_app.py, in the ``.venv-flower`` that ``bench sim --flower`` builds)
 replays it: the same clients each round (the ones fleetlora trained: the same sampling, dropouts and
 deadline), the same mini-batches, the same starting adapter and optimizer, the same FedAvgM server,
