@@ -44,10 +44,6 @@ class ReplicaPool:
     def __len__(self) -> int:
         return len(self.models)
 
-    def with_trainers(self, make: Callable[[nn.Module], Trainer]) -> ReplicaPool:
-        """The same models, each with its own trainer (optimizer state is per worker)."""
-        return ReplicaPool(self.models, [make(m) for m in self.models])
-
     def map(
         self, fn: Callable[[int, T], R], items: Sequence[T], cost: Callable[[T], float] | None = None
     ) -> list[R]:
