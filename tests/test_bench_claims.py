@@ -4,8 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.all import KEPT_MARKER
-from bench.claims import END, QUICK, START, cell_configs, claim_rows, rounds_to_reach, write_section
+from bench.claims import (
+    END,
+    FULL,
+    QUICK,
+    START,
+    cell_configs,
+    claim_rows,
+    override,
+    rounds_to_reach,
+    write_section,
+)
+from sim.config import SimConfig
+
+QUICK_ALPHA = SimConfig().alpha  # the right-skewed run keeps the data set's default split
 
 
 def test_the_quick_grid_is_r8_two_splits_three_seeds_plus_the_right_skewed_run(tmp_path: Path) -> None:
@@ -71,3 +86,22 @@ def test_the_section_is_replaced_in_place_and_the_hand_written_tail_survives(tmp
     text = path.read_text()
     assert "second" in text and "first" not in text and text.count(START) == 1
     assert text.index(END) < text.index(KEPT_MARKER) and text.endswith("by hand\n")
+
+
+def test_the_command_line_slices_the_full_grid(tmp_path: Path) -> None:
+    configs = cell_configs(override(FULL, "0", "20news", "iid"), {}, tmp_path)
+    assert [(c.dataset, c.partition, c.seed) for c in configs] == [("20news", "iid", 0)]
+    sliced = cell_configs(override(QUICK, "1,2", "", "0.1,skewed"), {}, tmp_path)
+    assert [(c.alpha, c.device_mix, c.seed) for c in sliced] == [
+        (0.1, "default", 1),
+        (QUICK_ALPHA, "right_skewed", 1),
+        (0.1, "default", 2),
+        (QUICK_ALPHA, "right_skewed", 2),
+    ]
+    for args, flag in (
+        (("x", "", ""), "--seeds"),
+        (("", "nosuchdata", ""), "--datasets"),
+        (("", "", "-0.3"), "--splits"),
+    ):
+        with pytest.raises(ValueError, match=flag):
+            override(FULL, *args)
