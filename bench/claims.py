@@ -263,7 +263,7 @@ def section(
         f"{grid.max_len or 'the data-derived number of'} tokens per example, at most {grid.rounds} rounds",
         f"(stopping after {grid.patience} without a better validation accuracy), server momentum",
         f"{grid.server_momentum:g}. The difference is paired by seed with its 95% t interval; 'holds' means",
-        "the interval lies above 0.",
+        "the interval lies above 0 (a verdict needs 3 seeds at least).",
         "",
         markdown_table(rows) if rows else "(no run finished yet)",
         "",

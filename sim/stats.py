@@ -18,6 +18,9 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}  # fmt: skip
 
 
+MIN_SEEDS_FOR_VERDICT = 3
+
+
 def t95(df: int) -> float:
     if df < 1:
         raise ValueError(f"a t interval needs at least 1 degree of freedom, got {df}")
@@ -48,9 +51,17 @@ class Paired:
         return self.mean + self.half_width
 
     def verdict(self, better: str = "higher", worse: str = "lower") -> str:
-        """In words: ``higher`` / ``lower`` when the interval excludes 0, else ``within noise``."""
+        """In words: ``higher`` / ``lower`` when the interval excludes 0, else ``within noise``.
+
+        Two seeds give no verdict: with one degree of freedom the interval rests on a single
+        difference of differences, and test accuracies move in steps of one test example, so two
+        seeds often differ by exactly the same count and the interval collapses to a point (seen in
+        the claims grid: +9 examples on both seeds read as "holds").
+        """
         if self.n < 2 or math.isnan(self.half_width):
             return "one seed: no verdict"
+        if self.n < MIN_SEEDS_FOR_VERDICT:
+            return f"{self.n} seeds: no verdict ({MIN_SEEDS_FOR_VERDICT} needed)"
         if self.low > 0:
             return better
         if self.high < 0:

@@ -146,8 +146,12 @@ def test_seed_statistics_and_the_paired_interval() -> None:
     assert d.mean == pytest.approx(np.mean(diffs)) and d.half_width == pytest.approx(
         t95(2) * sd / math.sqrt(3)
     )
-    assert d.verdict() == "higher" and paired({0: 0.1, 1: 0.2}, {0: 0.2, 1: 0.1}).verdict() == "within noise"
+    assert d.verdict() == "higher"
+    assert paired({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.2, 1: 0.1, 2: 0.3}).verdict() == "within noise"
     assert paired({0: 0.1}, {0: 0.2}).verdict() == "one seed: no verdict"
+    # two seeds that differ by the same count collapse the interval to a point: no verdict from that
+    same = paired({0: 0.9397, 1: 0.9443}, {0: 0.9356, 1: 0.9402})
+    assert same.verdict() == "2 seeds: no verdict (3 needed)"
 
 
 def test_summary_rows_report_test_accuracy_over_seeds_and_the_gap_to_the_reference() -> None:
