@@ -116,7 +116,7 @@ def cell_configs(grid: Grid, tuned: dict[str, Path], runs: Path) -> list[SimConf
                         centralized=True,
                     )
                 )
-        for dataset in grid.datasets[: 1 if grid.skewed else 0]:  # compute heterogeneity: mostly weak devices
+        for dataset in grid.datasets[:1] if grid.skewed else ():  # compute heterogeneity: mostly weak devices
             base = base_config(dataset, tuned)
             out.append(
                 with_grid(
@@ -340,31 +340,33 @@ def estimate_hours(configs: list[SimConfig], done: int) -> float:
 def override(grid: Grid, seeds: str, datasets: str, splits: str) -> Grid:
     """A slice of ``grid`` from the command line's comma-separated lists (empty = the grid's own)."""
     from export.data import DATASETS
+    from fleetlora.cli import as_list
 
     if seeds:
         try:
-            grid = replace(grid, seeds=tuple(int(s) for s in seeds.split(",")))
+            grid = replace(grid, seeds=tuple(int(s) for s in as_list(seeds)))
         except ValueError:
             raise ValueError(f"--seeds {seeds!r}: expected integers, e.g. 0,1,2") from None
     if datasets:
-        names = tuple(datasets.split(","))
+        names = tuple(as_list(datasets))
         unknown = [n for n in names if n not in DATASETS]
         if unknown:
             raise ValueError(f"--datasets: unknown data set(s) {unknown}; known: {sorted(DATASETS)}")
         grid = replace(grid, datasets=names)
     if splits:
-        items = splits.split(",")
+        items = as_list(splits)
         for item in items:
-            if item not in ("iid", "skewed"):
-                try:
-                    if float(item) <= 0:
-                        raise ValueError
-                except ValueError:
-                    raise ValueError(
-                        f"--splits: {item!r} is neither iid, skewed nor a Dirichlet alpha > 0"
-                    ) from None
+            if item not in ("iid", "skewed") and not _is_alpha(item):
+                raise ValueError(f"--splits: {item!r} is neither iid, skewed nor a Dirichlet alpha > 0")
         grid = replace(grid, splits=tuple(i for i in items if i != "skewed"), skewed="skewed" in items)
     return grid
+
+
+def _is_alpha(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def main(argv: list[str]) -> int:
